@@ -1,0 +1,150 @@
+"""The `sft` command.
+
+    sft run [--config-path DIR] [--config-name NAME] [key=value ...]   run the pipeline
+    sft server stop                                                     stop the local Prefect server
+
+Overrides are Hydra's: `sft run +experiment=smoke sft_train.training_args.learning_rate=1e-4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.runtime import ensure_server, set_local_defaults, stop_server
+from sft_core.config import SFTConfig, check_fits_cluster
+from sft_core.config_loader import load_config
+from sft_core.errors import UserError
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind `exc`, also when Ray or Prefect wrapped it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError(UserError) keeps the original
+            return cause if isinstance(cause, UserError) else exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+class _NoUserTracebacks(logging.Filter):
+    """Prefect logs every failed task with its traceback; for a user's mistake the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and _user_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _install_log_filter() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoUserTracebacks())
+
+
+def _preflight(cfg: SFTConfig) -> None:
+    """Cheap checks before any server or cluster starts: paths that must exist."""
+    from sft_core.data.sources import read_rows
+    from sft_core.errors import DataError, ModelError
+
+    for key, files in (
+        ("sft_train.data_args.file_name", cfg.sft_train.data_args.files()),
+        ("validation.data_args.file_name", cfg.validation_files),
+    ):
+        for f in files:
+            if not Path(f).is_file():
+                next(read_rows(f, key), None)  # raises the DataError naming file and key
+    p = cfg.pretrain
+    if not p.startswith("embedded:") and p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():
+        raise ModelError(f"config key 'pretrain': '{p}' does not exist.")
+    if cfg.template.endswith(".jinja") and not Path(cfg.template).is_file():
+        raise DataError(
+            f"config key 'global_template' / 'sft_train.data_args.template': '{cfg.template}' does not exist."
+        )
+
+
+def run(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
+    set_local_defaults()
+    cfg = load_config(config_name, overrides, config_path)
+    check_fits_cluster(cfg)
+    _preflight(cfg)
+    t0 = time.perf_counter()
+    api_url, started = ensure_server()
+    print(
+        f"Prefect server: {api_url} ({'started' if started else 'reused'} in {time.perf_counter() - t0:.1f}s)"
+    )
+    from flows.sft_pipeline import sft_pipeline
+
+    _install_log_filter()
+    return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)
+
+
+def print_summary(result: dict[str, Any], wall: float) -> None:
+    ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
+    uri = result["mlflow_tracking_uri"]
+    print(
+        textwrap.dedent(f"""
+        ==== sft-pipeline: '{result["exp_name"]}' finished in {wall:.0f}s ({result["total_steps"]} steps)
+        Checkpoint (Hugging Face folder):
+          {result["final_checkpoint"]}
+          load it: AutoModelForCausalLM.from_pretrained("{result["final_checkpoint"]}")
+        MLflow:
+          tracking URI      {uri}
+          run               {result["mlflow_run_id"]} (experiment {result["mlflow_experiment_id"]})
+          registered model  {result["registered_model"]} version {result["model_version"]} (models:/{result["registered_model"]}@latest)
+          open the UI       mlflow ui --backend-store-uri '{uri}' --port 5000   then http://127.0.0.1:5000
+        Prefect:
+          flow run          {ui}/runs/flow-run/{result["flow_run_id"]}
+          the server keeps running for the UI; stop it with `sft server stop`
+        TensorBoard:
+          tensorboard --logdir {result["tensorboard_dir"]}
+    """)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sft", description="Supervised fine-tuning pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the SFT pipeline flow")
+    run_p.add_argument(
+        "--config-path",
+        "--config_path",
+        dest="config_path",
+        default=None,
+        help="config directory (default: the repo's conf/)",
+    )
+    run_p.add_argument("--config-name", "--config_name", dest="config_name", default="sft_config")
+    run_p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. sft_train.training_args.max_steps=5"
+    )
+    server_p = sub.add_parser("server", help="manage the local Prefect server")
+    server_p.add_argument("action", choices=["stop"])
+    args = parser.parse_args(argv)
+
+    if args.command == "server":
+        set_local_defaults()
+        print("stopped" if stop_server() else "no server started by sft is running")
+        return 0
+    t0 = time.perf_counter()
+    try:
+        result = run(args.config_name, args.overrides, args.config_path)
+    except Exception as exc:
+        user = _user_error(exc)
+        if user is None:
+            raise
+        print(f"\nsft: error: {user}", file=sys.stderr)
+        return user.exit_code
+    print_summary(result, time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Process environment for a run: local defaults, and one Prefect server shared by every process.
+
+Without PREFECT_API_URL every process that touches Prefect starts its own temporary server, Ray
+workers included (STACK.md). So before Ray starts we make sure a server is up and export its URL;
+workers inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from sft_core.model.resolve import sft_home
+
+DEFAULT_PORT = 4200
+
+
+def set_local_defaults() -> None:
+    """Environment defaults for a local run; anything the user already set wins."""
+    home = sft_home()
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DEDUP_LOGS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, subprocess.Popen]:
+    """Start `prefect server start` on loopback in its own session; returns (api_url, process)."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "ab")  # noqa: SIM115 - stays open for the server's lifetime
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the Prefect server exited early (code {proc.returncode}); see {home / 'server.log'}"
+            )
+        if _healthy(api_url):
+            (home / "server.pid").write_text(str(proc.pid))
+            return api_url, proc
+        time.sleep(0.5)
+    stop_process_group(proc.pid)
+    raise RuntimeError(
+        f"the Prefect server did not become healthy in {wait_s:.0f}s; see {home / 'server.log'}"
+    )
+
+
+def ensure_server() -> tuple[str, bool]:
+    """Use PREFECT_API_URL if set; else reuse or start a local server. Returns (api_url, started)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"], False
+    home = Path(os.environ["PREFECT_HOME"])
+    api_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
+    if _healthy(api_url):
+        os.environ["PREFECT_API_URL"] = api_url
+        return api_url, False
+    port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+    api_url, _ = start_server(home, port)
+    os.environ["PREFECT_API_URL"] = api_url
+    return api_url, True
+
+
+def stop_process_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(50):
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_server() -> bool:
+    pid_file = Path(os.environ["PREFECT_HOME"]) / "server.pid"
+    if not pid_file.exists():
+        return False
+    stop_process_group(int(pid_file.read_text()))
+    pid_file.unlink()
+    return True

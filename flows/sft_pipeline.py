@@ -1,0 +1,192 @@
+"""The SFT pipeline flow: resolve model -> tokenizer -> encode -> pack -> train on Ray
+(validate every eval_steps, checkpoint every save_steps and at the end) -> register in MLflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+from prefect_ray import RayTaskRunner
+
+from flows.validate import validate
+from sft_core.config import SFTConfig, check_fits_cluster
+from sft_core.config_loader import load_config
+from sft_core.tracking import Trackers
+from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
+from sft_core.tracking.tensorboard import TensorBoardTracker
+from tasks.data import encode_dataset, pack_dataset
+from tasks.model import prepare_tokenizer, resolve_model
+from tasks.train import register_model, save_checkpoint, start_cluster, train_steps
+
+
+def ray_task_runner() -> RayTaskRunner:
+    """Join RAY_ADDRESS when set (multi-node), else start a local Ray on loopback."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        return RayTaskRunner(address=address)
+    return RayTaskRunner(
+        init_kwargs={
+            "num_cpus": max(2, os.cpu_count() or 2),
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "configure_logging": True,
+            "logging_level": "warning",
+        }
+    )
+
+
+def encode_settings(cfg: SFTConfig, config_key: str) -> dict[str, Any]:
+    """The part of the config that encoding depends on (and so its cache key)."""
+    return {
+        "template": cfg.template,
+        "fields": {
+            "prompt_key": cfg.prompt_key,
+            "response_key": cfg.response_key,
+            "query_key": cfg.query_key,
+            "system_key": cfg.system_key,
+        },
+        "sequence_length": cfg.sequence_length,
+        "length_policy": cfg.sft_train.data_args.length_policy,
+        "config_key": config_key,
+    }
+
+
+def boundaries(total: int, eval_steps: int, save_steps: int) -> list[int]:
+    """Steps after which the loop stops to validate and/or checkpoint (always including the last).
+
+    >>> boundaries(7, 3, 5)
+    [3, 5, 6, 7]
+    """
+    return sorted({s for s in range(1, total + 1) if s % eval_steps == 0 or s % save_steps == 0} | {total})
+
+
+@flow(name="sft-pipeline", task_runner=ray_task_runner(), log_prints=True)
+def sft_pipeline(
+    config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    cfg = load_config(config_name, overrides or [], config_path)
+    check_fits_cluster(cfg)
+    os.environ.update(cfg.system_envs)
+
+    model_dir = resolve_model.submit(cfg.pretrain).result()
+    tokenizer = prepare_tokenizer.submit(model_dir).result()
+    train_enc = encode_dataset.submit(
+        cfg.sft_train.data_args.files(),
+        tokenizer,
+        encode_settings(cfg, "sft_train.data_args.file_name"),
+        "train",
+    )
+    val_enc = None
+    if cfg.validation_files:
+        val_enc = encode_dataset.submit(
+            cfg.validation_files,
+            tokenizer,
+            encode_settings(cfg, "validation.data_args.file_name"),
+            "validation",
+        )
+    # Wait on both encodings before packing, so a bad row surfaces as its own error.
+    train_enc, val_enc = train_enc.result(), (val_enc.result() if val_enc else None)
+    packing = cfg.sft_train.use_sequence_packing
+    train_pack = pack_dataset.submit(train_enc, cfg.sequence_length, packing)
+    val_pack = pack_dataset.submit(val_enc, cfg.sequence_length, packing) if val_enc else None
+    train_pack, val_pack = train_pack.result(), (val_pack.result() if val_pack else None)
+    for enc in filter(None, (train_enc, val_enc)):
+        if enc["truncated"] or enc["dropped"]:
+            logger.warning(
+                "%s: %d samples truncated, %d dropped (longer than sequence_length=%d); listed in %s",
+                enc["split"],
+                enc["truncated"],
+                enc["dropped"],
+                cfg.sequence_length,
+                enc["report"],
+            )
+    logger.info(
+        "train: %d samples -> %d rows (padding %.1f%%)",
+        train_pack["samples"],
+        train_pack["rows"],
+        100 * train_pack["padding_fraction"],
+    )
+
+    artifacts = {
+        "model_dir": model_dir,
+        "tokenizer_dir": tokenizer["tokenizer_dir"],
+        "train_encoded": train_enc["path"],
+        "train_plan": train_pack["path"],
+        "val_encoded": val_enc["path"] if val_enc else None,
+        "val_plan": val_pack["path"] if val_pack else None,
+    }
+    flow_run_id = str(get_run_context().flow_run.id)
+    tracking_uri = default_tracking_uri(cfg.output_dir)
+    mlflow_run = MLflowTracker(
+        tracking_uri,
+        cfg.exp_name,
+        str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
+        run_name=f"{cfg.exp_name}-{flow_run_id[:8]}",
+        tags={"prefect.flow_run_id": flow_run_id},
+    )
+    tb_dir = cfg.tracker_kwargs.get("log_dir", cfg.logging_dir)
+    trackers = Trackers([mlflow_run, TensorBoardTracker(tb_dir)])
+    trackers.log_params(cfg.model_dump(exclude={"hydra"}))
+    trackers.log_metrics(
+        {
+            "data/train_samples": train_enc["samples"],
+            "data/train_rows": train_pack["rows"],
+            "data/truncated": train_enc["truncated"],
+            "data/dropped": train_enc["dropped"],
+            "data/padding_fraction": train_pack["padding_fraction"],
+        },
+        0,
+    )
+
+    cluster, info = start_cluster(cfg, artifacts)
+    total = info["total_steps"]
+    history: list[dict[str, Any]] = []
+    checkpoints: list[dict[str, Any]] = []
+    status = "FAILED"
+    try:
+        val: dict[str, float] = {}
+        if val_enc and cfg.eval_at_start:
+            val = validate(cluster, 0, trackers)
+            history.append({"step": 0, **val})
+        step = 0
+        for end in boundaries(total, cfg.eval_steps, cfg.save_steps):
+            metrics = train_steps(cluster, step, end, cfg.logging_steps, trackers)
+            step = end
+            history.append({"step": step, **metrics})
+            if val_enc and (step % cfg.eval_steps == 0 or step == total):
+                val = validate(cluster, step, trackers)
+                history[-1].update(val)
+            if step % cfg.save_steps == 0 or step == total:
+                saved = save_checkpoint(cluster, cfg, step, history)
+                trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
+                summary = {
+                    k.split("/")[-1]: v for k, v in {**metrics, **val}.items() if k.startswith("sft_train/")
+                }
+                version = register_model(
+                    tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, summary
+                )
+                checkpoints.append({"step": step, "path": saved["path"], "version": version})
+        status = "FINISHED"
+    finally:
+        cluster.shutdown()
+        mlflow_run.close(status)
+        trackers.trackers[1].close()
+
+    return {
+        "exp_name": cfg.exp_name,
+        "flow_run_id": flow_run_id,
+        "checkpoints": checkpoints,
+        "final_checkpoint": checkpoints[-1]["path"],
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_run_id": mlflow_run.run_id,
+        "mlflow_experiment_id": mlflow_run.experiment_id,
+        "registered_model": cfg.exp_name,
+        "model_version": checkpoints[-1]["version"],
+        "tensorboard_dir": tb_dir,
+        "final_metrics": history[-1],
+        "total_steps": total,
+    }

@@ -1,0 +1,342 @@
+"""Typed, strict configuration.
+
+The YAML keys keep the names of the seed design (ROLL's SFT pipeline), so a config written for it
+loads here with the same meaning. Validation is strict: an unknown or misspelled key, a wrong type
+or an impossible value stops with a message naming the key, e.g.::
+
+    config key 'sft_train.training_args.learning_rat': unknown key (did you mean 'learning_rate'?)
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sft_core.errors import ConfigError
+
+SUPPORTED_STRATEGIES = ("ddp_train",)
+# Recognised names that this version does not run yet, with what to use instead.
+PLANNED_STRATEGIES = {
+    "fsdp2_train": "FSDP2 is planned (issue 4); use strategy_name: ddp_train for now.",
+    "megatron_train": "megatron-core tensor/pipeline parallelism is planned (issue 5); use ddp_train for now.",
+    "deepspeed_train": "DeepSpeed is not part of this project; use ddp_train.",
+}
+UNSUPPORTED_TRACKERS = {
+    "wandb": "Weights & Biases is not supported (no hub access, and MLflow is the registry here)",
+    "swanlab": "SwanLab is not supported",
+    "stdout": "stdout tracking is always on",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelArgs(_Strict):
+    # Seed name; bf16/fp16 apply on GPU. On CPU training runs in fp32 (CPU autocast gives no speed-up
+    # for these kernels and fp32 keeps results comparable), and the run log says so.
+    dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class TrainingArgs(_Strict):
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1 means run num_train_epochs")
+    learning_rate: float = Field(1e-5, gt=0)
+    per_device_train_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    # Accepted for seed compatibility: batches are built from in-memory packed arrays, no DataLoader.
+    dataloader_num_workers: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _steps(self) -> TrainingArgs:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                "max_steps must be a positive number of optimizer steps, or -1 to use num_train_epochs"
+            )
+        return self
+
+
+class DataArgs(_Strict):
+    file_name: str | list[str] | None = None
+    template: str | None = None
+    preprocessing_num_workers: int = Field(1, gt=0)
+    # Samples longer than sequence_length: cut the response (counted and reported), drop them, or stop.
+    length_policy: Literal["truncate", "drop", "error"] = "truncate"
+
+    def files(self) -> list[str]:
+        if self.file_name is None:
+            return []
+        return [self.file_name] if isinstance(self.file_name, str) else list(self.file_name)
+
+
+class StrategyArgs(_Strict):
+    strategy_name: str = "ddp_train"
+    strategy_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("strategy_name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name in SUPPORTED_STRATEGIES:
+            return name
+        if name in PLANNED_STRATEGIES:
+            raise ValueError(
+                f"strategy '{name}' is not available in this version: {PLANNED_STRATEGIES[name]}"
+            )
+        raise ValueError(f"unknown strategy '{name}'; supported: {', '.join(SUPPORTED_STRATEGIES)}")
+
+
+class WorkerConfig(_Strict):
+    """The seed's `sft_train` block: one cluster of training workers."""
+
+    name: str = "sft_train"
+    model_args: ModelArgs = Field(default_factory=ModelArgs)
+    training_args: TrainingArgs = Field(default_factory=TrainingArgs)
+    data_args: DataArgs = Field(default_factory=DataArgs)
+    strategy_args: StrategyArgs = Field(default_factory=StrategyArgs)
+    device_mapping: list[int] = Field(default_factory=lambda: [0])
+    infer_batch_size: int = Field(1, gt=0)
+    use_sequence_packing: bool = True
+
+    @field_validator("device_mapping", mode="before")
+    @classmethod
+    def _parse_mapping(cls, value: Any) -> list[int]:
+        return parse_device_mapping(value)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.device_mapping)
+
+
+class ValidationConfig(_Strict):
+    data_args: DataArgs = Field(default_factory=DataArgs)
+
+
+class SFTConfig(_Strict):
+    exp_name: str = "sft"
+    seed: int = 42
+    logging_dir: str = "./output/logs"
+    output_dir: str = "./output"
+    system_envs: dict[str, str] = Field(default_factory=dict)
+    track_with: str = "mlflow"
+    tracker_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_gpus_per_node: int | None = Field(None, gt=0)
+
+    save_steps: int = Field(100, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int = Field(10, gt=0)
+    eval_at_start: bool = True
+    resume_from_checkpoint: bool | str = False
+    max_ckpt_to_keep: int | None = Field(None, gt=0)
+
+    sequence_length: int = Field(2048, gt=8)
+    pretrain: str
+
+    system_key: str | None = None
+    prompt_key: str = "instruction"
+    query_key: str | None = None
+    response_key: str = "output"
+    global_template: str | None = None
+
+    sft_train: WorkerConfig = Field(default_factory=WorkerConfig)
+    validation: ValidationConfig | None = None
+    # Hydra's own block (run dir, output_subdir) means nothing here: there is no Hydra job dir.
+    hydra: dict[str, Any] | None = None
+
+    @field_validator("track_with")
+    @classmethod
+    def _tracker(cls, name: str) -> str:
+        if name in ("mlflow", "tensorboard"):
+            return name
+        why = UNSUPPORTED_TRACKERS.get(name, f"unknown tracker '{name}'")
+        raise ValueError(
+            f"{why}. Use track_with: mlflow (or tensorboard); every run logs to MLflow and "
+            "TensorBoard, so tracker_kwargs.log_dir sets the TensorBoard folder."
+        )
+
+    @field_validator("resume_from_checkpoint")
+    @classmethod
+    def _resume(cls, value: bool | str) -> bool | str:
+        if value is True:
+            return "auto"
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SFTConfig:
+        if not self.sft_train.data_args.files():
+            raise ValueError("sft_train.data_args.file_name: at least one training data file is required")
+        if self.num_gpus_per_node is not None:
+            too_big = [d for d in self.sft_train.device_mapping if d >= self.num_gpus_per_node]
+            if too_big and _gpu_count() > 0:
+                raise ValueError(
+                    f"sft_train.device_mapping: device ids {too_big} are not below num_gpus_per_node={self.num_gpus_per_node}"
+                )
+        return self
+
+    @property
+    def template(self) -> str:
+        """`global_template` wins over `sft_train.data_args.template`, as in the seed."""
+        return self.global_template or self.sft_train.data_args.template or "native"
+
+    @property
+    def validation_files(self) -> list[str]:
+        return self.validation.data_args.files() if self.validation else []
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.sft_train.training_args
+        return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.sft_train.world_size
+
+
+_RANGE = re.compile(r"^\s*list\s*\(\s*range\s*\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?(?:,\s*(\d+)\s*)?\)\s*\)\s*$")
+
+
+def parse_device_mapping(value: Any) -> list[int]:
+    """Parse `device_mapping` without eval.
+
+    >>> parse_device_mapping("list(range(0,4))")
+    [0, 1, 2, 3]
+    >>> parse_device_mapping("[0, 2]"), parse_device_mapping([1])
+    ([0, 2], [1])
+    """
+    if isinstance(value, str):
+        match = _RANGE.match(value)
+        if match:
+            nums = [int(g) for g in match.groups() if g is not None]
+            value = list(range(*nums))
+        else:
+            try:
+                value = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise ValueError(
+                    f"cannot parse {value!r}; write a list of device ids like [0, 1] or 'list(range(0,8))'"
+                ) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"expected a non-empty list of device ids, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"device ids must be non-negative integers, got {list(value)!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"device ids must be unique, got {list(value)!r}")
+    return list(value)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch missing or broken CUDA: treat as CPU
+        return 0
+
+
+def available_devices() -> tuple[str, int]:
+    """('cuda', n GPUs) where GPUs exist, else ('cpu', n cores): what device_mapping indexes."""
+    gpus = _gpu_count()
+    if gpus:
+        return "cuda", gpus
+    return "cpu", os.cpu_count() or 1
+
+
+def check_fits_cluster(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> None:
+    """A device_mapping larger than the machine (or the Ray cluster) stops before any worker starts."""
+    kind, count = devices or available_devices()
+    mapping = cfg.sft_train.device_mapping
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a multi-node cluster: Ray's scheduler is the judge of capacity
+    if max(mapping) >= count:
+        raise ConfigError(
+            f"config key 'sft_train.device_mapping': {mapping} needs {max(mapping) + 1} {kind} devices "
+            f"but this machine has {count}. Use at most list(range(0,{count})), or join a larger Ray "
+            "cluster by setting RAY_ADDRESS."
+        )
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
+    """Validate a plain dict into `SFTConfig`, turning pydantic's report into a ConfigError."""
+    try:
+        return SFTConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw, source)) from None
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "list[", "str", "bool"))]
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent_model = _model_at(SFTConfig, loc[:-1])
+            hint = ""
+            if parent_model is not None:
+                close = difflib.get_close_matches(loc[-1], list(parent_model.model_fields), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"config key '{key}': unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"config key '{key}': required but not set")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
+            lines.append(f"config key '{key}': {msg}{shown}")
+    return f"Invalid {source}:\n  " + "\n  ".join(dict.fromkeys(lines))
+
+
+def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
+    """Make every path absolute against `base` (the directory the user ran from).
+
+    Ray workers and Prefect task processes may run elsewhere; they only ever see absolute paths.
+    """
+
+    def absolute(p: str) -> str:
+        return (
+            str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(os.path.expanduser(p)) else p
+        )
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.output_dir = absolute(cfg.output_dir)
+    cfg.logging_dir = absolute(cfg.logging_dir)
+    data = cfg.sft_train.data_args
+    data.file_name = [absolute(f) for f in data.files()]
+    if cfg.validation and cfg.validation.data_args.file_name:
+        cfg.validation.data_args.file_name = [absolute(f) for f in cfg.validation_files]
+    if not cfg.pretrain.startswith("embedded:") and (
+        cfg.pretrain.startswith((".", "/", "~")) or (base / cfg.pretrain).exists()
+    ):
+        cfg.pretrain = absolute(cfg.pretrain)
+    if isinstance(cfg.resume_from_checkpoint, str) and cfg.resume_from_checkpoint not in ("auto", "false"):
+        cfg.resume_from_checkpoint = absolute(cfg.resume_from_checkpoint)
+    if "log_dir" in cfg.tracker_kwargs:
+        cfg.tracker_kwargs["log_dir"] = absolute(str(cfg.tracker_kwargs["log_dir"]))
+    return cfg

@@ -1,0 +1,81 @@
+"""Read data files into rows, with errors that name the file, the row and the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_core.errors import DataError
+
+
+@dataclass(frozen=True)
+class Row:
+    file: str
+    index: int  # 1-based row number (the line number for JSONL), as a person counts
+    data: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}, row {self.index}"
+
+
+def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> Iterator[Row]:
+    """Yield rows of a JSON (a list of objects, or JSON lines), JSONL or Parquet file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"data file '{path}' does not exist (set by config key '{config_key}'). "
+            "Check the path; relative paths are resolved from the directory you ran the command in."
+        )
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(p)
+    elif suffix == ".jsonl":
+        yield from _jsonl_rows(p)
+    else:
+        yield from _json_rows(p)
+
+
+def _jsonl_rows(p: Path) -> Iterator[Row]:
+    with p.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{p}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})."
+                ) from None
+            if not isinstance(data, dict):
+                raise DataError(f"{p}, line {line_no}: expected a JSON object, got {type(data).__name__}.")
+            yield Row(str(p), line_no, data)
+
+
+def _json_rows(p: Path) -> Iterator[Row]:
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+            yield from _jsonl_rows(p)
+            return
+        raise DataError(f"{p}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}.")
+    for i, item in enumerate(data, start=1):
+        if not isinstance(item, dict):
+            raise DataError(f"{p}, row {i}: expected a JSON object, got {type(item).__name__}.")
+        yield Row(str(p), i, item)
+
+
+def _parquet_rows(p: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    for i, item in enumerate(pq.read_table(p).to_pylist(), start=1):
+        yield Row(str(p), i, item)

@@ -1,0 +1,112 @@
+"""Chat templates: render a conversation to text, and find which characters are supervised.
+
+`native` uses the tokenizer's own chat_template; the built-ins are Jinja strings; a path to a
+`.jinja` file is read as a custom template. Whatever the template, supervision is found from
+character spans of the rendered text (not by re-tokenizing a prompt), so a default system prompt
+that the template injects, role headers and the generation prompt are never supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_core.errors import ConfigError, DataError
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Qwen2.5 without tools: ChatML with Qwen's default system prompt.
+QWEN2_5 = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen2_5": QWEN2_5}
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    source: str | None  # Jinja text; None means the tokenizer's own template
+
+    def render(
+        self, tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> str:
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.source,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+
+def get_template(name: str, tokenizer: Any) -> ChatTemplate:
+    if name == "native":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "config key 'sft_train.data_args.template': 'native' asks for the tokenizer's chat template, "
+                f"but this tokenizer has none. Use one of: {', '.join(BUILTIN_TEMPLATES)}, or a .jinja file."
+            )
+        return ChatTemplate("native", None)
+    if name in BUILTIN_TEMPLATES:
+        return ChatTemplate(name, BUILTIN_TEMPLATES[name])
+    if name.endswith(".jinja"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(
+                f"config key 'sft_train.data_args.template': template file '{name}' does not exist"
+            )
+        return ChatTemplate(name, path.read_text(encoding="utf-8"))
+    raise ConfigError(
+        f"config key 'sft_train.data_args.template' (or global_template): unknown template '{name}'. "
+        f"Use 'native', one of {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file."
+    )
+
+
+def supervised_char_spans(
+    template: ChatTemplate, tokenizer: Any, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and return (text, [(start, end)]) of each assistant turn's supervised chars.
+
+    A span covers the assistant content plus the end-of-turn token right after it, e.g. with ChatML::
+
+        <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
+                                                             ^^^^^^^^^^^^^^^^ supervised
+
+    The span start is where the generation prompt ends, found by rendering the conversation up to
+    that turn with add_generation_prompt=True; this needs a template whose rendering of a prefix of
+    the conversation is a prefix of the whole rendering, which is checked.
+    """
+    text = template.render(tokenizer, messages)
+    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not text.startswith(prompt):
+            raise DataError(
+                f"{where}: template '{template.name}' renders turn {i + 1} differently inside the whole "
+                "conversation than on its own, so answer spans cannot be located. Use a template whose "
+                "earlier turns do not change with later ones (e.g. chatml)."
+            )
+        start = len(prompt)
+        content = message["content"]
+        if not text.startswith(content, start):
+            raise DataError(
+                f"{where}: template '{template.name}' does not place assistant turn {i + 1}'s content right "
+                "after the generation prompt (it rewrites the content), so its span cannot be located."
+            )
+        end = start + len(content)
+        end_token = next((s for s in specials if text.startswith(s, end)), "")
+        spans.append((start, end + len(end_token)))
+    return text, spans

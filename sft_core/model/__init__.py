@@ -1,0 +1,1 @@
+"""Resolve and load pretrained models and tokenizers."""

@@ -1,0 +1,16 @@
+"""Training strategies behind `Strategy`; pick one by `strategy_args.strategy_name`."""
+
+from __future__ import annotations
+
+from sft_core.config import SUPPORTED_STRATEGIES, SFTConfig
+from sft_core.errors import ConfigError
+from sft_core.strategies.base import DistContext, Strategy
+
+
+def create_strategy(cfg: SFTConfig, ctx: DistContext) -> Strategy:
+    name = cfg.sft_train.strategy_args.strategy_name
+    if name == "ddp_train":
+        from sft_core.strategies.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, ctx)
+    raise ConfigError(f"strategy '{name}' is not supported; use one of: {', '.join(SUPPORTED_STRATEGIES)}")

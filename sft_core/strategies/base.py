@@ -1,0 +1,42 @@
+"""The one interface every training strategy implements (ddp_train now; fsdp2/megatron later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from sft_core.data.collate import MicroBatch
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Strategy(Protocol):
+    """Owns the model's distribution: wrapping, the step over micro-batches, evaluation, export."""
+
+    name: str
+
+    def initialize(self, model_dir: Path, total_steps: int) -> None:
+        """Load the model from a Hugging Face folder, wrap it, build optimizer and scheduler."""
+
+    def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> dict[str, float]:
+        """One optimizer step. `num_targets` is the supervised-target count of the whole global batch."""
+
+    def eval_step(self, micro_batches: list[MicroBatch]) -> tuple[float, int]:
+        """(summed loss, supervised targets) over this rank's validation micro-batches."""
+
+    def save_hf(self, out_dir: Path, tokenizer: Any) -> None:
+        """Write a Hugging Face folder (rank 0 writes; every rank calls)."""
+
+    def num_parameters(self) -> int: ...

@@ -1,0 +1,82 @@
+"""MLflow: one run per training run, metrics per logging_steps, checkpoints as registered versions.
+
+The tracking URI honours MLFLOW_TRACKING_URI; by default it is a sqlite database under the run's
+output_dir, so the MLflow UI can be opened on it with `mlflow ui --backend-store-uri <uri>`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sft_core.tracking import flatten
+
+
+def default_tracking_uri(output_dir: str) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir) / 'mlflow' / 'mlflow.db'}"
+
+
+class MLflowTracker:
+    def __init__(
+        self, tracking_uri: str, experiment: str, artifact_dir: str, run_name: str, tags: dict[str, str]
+    ):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            exp.experiment_id
+            if exp
+            else self.client.create_experiment(experiment, artifact_location=Path(artifact_dir).as_uri())
+        )
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def register_checkpoint(
+    tracking_uri: str, model_name: str, checkpoint_dir: str, run_id: str, step: int, metrics: dict[str, float]
+) -> int:
+    """Register a checkpoint folder as a new version of `model_name`; returns the version number.
+
+    The version's source is the checkpoint folder itself (no copy of the weights). MLflow 3 reserves
+    the alias `latest` and resolves `models:/<name>@latest` to the newest version by itself; we also
+    set the alias `last_saved` explicitly, and tag the version with its step and metrics.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description="SFT checkpoints registered by sft-pipeline")
+    tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}}
+    version = client.create_model_version(
+        model_name,
+        source=Path(checkpoint_dir).as_uri(),
+        run_id=run_id,
+        tags=tags,
+        description=f"checkpoint at global step {step}",
+    )
+    client.set_registered_model_alias(model_name, "last_saved", version.version)
+    return int(version.version)

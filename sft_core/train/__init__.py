@@ -1,0 +1,1 @@
+"""Training: batch schedule, loss normalization, LR schedule, the worker, checkpoints."""

@@ -1,0 +1,190 @@
+"""SFTWorker: one training process (one entry of device_mapping). The Cluster runs it as a Ray actor.
+
+Every worker loads the same encoded data and packing plan and derives its own micro-batches from the
+shared BatchSchedule, so the driver only says "step k": no batch data crosses Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sft_core.config import SFTConfig
+from sft_core.data import IGNORE_INDEX
+from sft_core.data.collate import MicroBatch, collate_rows
+from sft_core.data.encode import EncodedData
+from sft_core.data.packing import PackedPlan
+from sft_core.model.resolve import load_tokenizer
+from sft_core.strategies import DistContext, create_strategy
+from sft_core.train.batching import BatchSchedule, split_for_rank
+
+
+def row_targets(data: EncodedData, plan: PackedPlan) -> np.ndarray:
+    """Supervised targets per packed row (each sample's first token is never a target)."""
+    mask = data.labels != IGNORE_INDEX
+    mask[data.offsets[:-1]] = False
+    per_sample = np.add.reduceat(mask.astype(np.int64), data.offsets[:-1])
+    return np.array([int(per_sample[r].sum()) for r in plan.rows], dtype=np.int64)
+
+
+def measure_peak_flops(device: torch.device, size: int = 1024, repeats: int = 3) -> float:
+    """Matmul FLOP/s this worker reaches (fp32 on CPU, bf16 on GPU): the denominator of MFU."""
+    override = os.environ.get("SFT_PEAK_FLOPS")
+    if override:
+        return float(override)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, a)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, a)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+class SFTWorker:
+    def __init__(self, cfg: dict[str, Any], rank: int, world_size: int, artifacts: dict[str, Any]):
+        self.cfg = SFTConfig.model_validate(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.artifacts = artifacts  # model_dir, train/val encoded paths and plans
+
+    # -- rendezvous ---------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """(ip, free port) of this node, used by rank 0 as the torch.distributed master."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup_distributed(self, master_addr: str, master_port: int) -> None:
+        use_gpu = torch.cuda.is_available()
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
+        if use_gpu:
+            device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if use_gpu else "gloo", rank=self.rank, world_size=self.world_size)
+        self.ctx = DistContext(self.rank, self.world_size, device)
+
+    # -- SFTWorker API (as in the seed) ------------------------------------------------------
+    def initialize(self) -> dict[str, Any]:
+        """Create the strategy and load the model and data."""
+        a = self.artifacts
+        self.train_data = EncodedData.load(a["train_encoded"])
+        self.train_plan = PackedPlan.from_dict(json.loads(Path(a["train_plan"]).read_text()))
+        self.train_row_targets = row_targets(self.train_data, self.train_plan)
+        self.val_data = EncodedData.load(a["val_encoded"]) if a.get("val_encoded") else None
+        self.val_plan = (
+            PackedPlan.from_dict(json.loads(Path(a["val_plan"]).read_text())) if a.get("val_plan") else None
+        )
+        self.tokenizer = load_tokenizer(a["tokenizer_dir"])
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        t = self.cfg.sft_train.training_args
+        self.schedule = BatchSchedule(len(self.train_plan.rows), self.cfg.global_batch_size, self.cfg.seed)
+        self.total_steps = self.schedule.total_steps(t.num_train_epochs, t.max_steps)
+        torch.manual_seed(self.cfg.seed)
+        self.strategy = create_strategy(self.cfg, self.ctx)
+        self.strategy.initialize(Path(a["model_dir"]), self.total_steps)
+        self.peak_flops = measure_peak_flops(self.ctx.device)
+        return {
+            "rank": self.rank,
+            "device": str(self.ctx.device),
+            "parameters": self.strategy.num_parameters(),
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.schedule.steps_per_epoch,
+            "train_rows": len(self.train_plan.rows),
+            "peak_flops": self.peak_flops,
+        }
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Optimizer step `step` (0-based) over this rank's share of the global batch."""
+        t0 = time.perf_counter()
+        rows = self.schedule.global_batch(step)
+        num_targets = int(self.train_row_targets[rows].sum())
+        micro = [
+            collate_rows(self.train_data, self.train_plan, ids, self.pad_id)
+            for ids in split_for_rank(
+                rows, self.rank, self.world_size, self.cfg.sft_train.training_args.per_device_train_batch_size
+            )
+        ]
+        t1 = time.perf_counter()
+        out = self.strategy.train_step(micro, num_targets)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        tokens = sum(mb.num_tokens for mb in micro)
+        real = sum(mb.real_tokens for mb in micro)
+        flops = 6 * self.strategy.num_parameters() * real
+        out.update(
+            num_targets=num_targets,
+            tokens=tokens,
+            real_tokens=real,
+            time_data=t1 - t0,
+            time_compute=t2 - t1,
+            time_step=t2 - t0,
+            mfu=flops / max(t2 - t0, 1e-9) / self.peak_flops,
+            epoch=self.schedule.epoch_of(step),
+            peak_memory_mb=_peak_memory_mb(self.ctx.device),
+        )
+        return out
+
+    def val_step(self) -> dict[str, float]:
+        """Loss sums over this rank's share of every validation row (no row dropped)."""
+        if self.val_data is None or self.val_plan is None:
+            return {"loss_sum": 0.0, "targets": 0}
+        mine = list(range(len(self.val_plan.rows)))[self.rank :: self.world_size]
+        size = self.cfg.sft_train.infer_batch_size
+        micro: list[MicroBatch] = [
+            collate_rows(self.val_data, self.val_plan, mine[i : i + size], self.pad_id)
+            for i in range(0, len(mine), size)
+        ]
+        loss_sum, targets = self.strategy.eval_step(micro)
+        return {"loss_sum": loss_sum, "targets": targets}
+
+    def do_checkpoint(self, out_dir: str) -> dict[str, float]:
+        """Write the Hugging Face folder into `out_dir` (the driver publishes it atomically)."""
+        t = time.perf_counter()
+        path = Path(out_dir)
+        if self.ctx.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        self.strategy.save_hf(path, self.tokenizer)
+        if self.world_size > 1:
+            dist.barrier()
+        return {"time": time.perf_counter() - t}
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,0 +1,94 @@
+"""Encode and pack datasets; both cached on their real inputs (a rerun shows them Cached)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from sft_core.data.encode import EncodedData, FieldMapping, encode_files, write_report
+from sft_core.data.packing import plan_rows
+from sft_core.data.templates import get_template
+from sft_core.model.resolve import load_tokenizer, sft_home
+from tasks.caching import code_digest, digest, file_digest
+
+
+def _data_dir(key: str) -> Path:
+    return sft_home() / "data" / key
+
+
+def encode_key(files: list[str], tokenizer: dict, settings: dict) -> str:
+    return digest(
+        "encode", [file_digest(f) for f in files], tokenizer["fingerprint"], settings, code_digest()
+    )
+
+
+def _encode_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
+    key = encode_key(params["files"], params["tokenizer"], params["settings"])
+    return key if (_data_dir(key) / "encoded.npz").exists() else f"{key}-missing"
+
+
+@task(
+    name="encode-dataset", cache_key_fn=_encode_cache_key, persist_result=True, task_run_name="encode-{split}"
+)
+def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str) -> dict:
+    """Rows -> chat template -> ids + labels (answer only). `settings` holds the config it depends on."""
+    key = encode_key(files, tokenizer, settings)
+    out = _data_dir(key)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(tokenizer["tokenizer_dir"])
+    data, stats = encode_files(
+        files,
+        tok,
+        get_template(settings["template"], tok),
+        FieldMapping(**settings["fields"]),
+        settings["sequence_length"],
+        settings["length_policy"],
+        config_key=settings["config_key"],
+    )
+    data.save(out / "encoded.npz")
+    write_report(stats, out / "length_report.jsonl")
+    return {
+        "key": key,
+        "split": split,
+        "path": str(out / "encoded.npz"),
+        "report": str(out / "length_report.jsonl"),
+        "samples": stats.samples,
+        "tokens": stats.tokens,
+        "supervised_tokens": stats.supervised_tokens,
+        "truncated": stats.truncated,
+        "dropped": stats.dropped,
+    }
+
+
+def _pack_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
+    key = digest(
+        "pack", params["encoded"]["key"], params["sequence_length"], params["packing"], code_digest()
+    )
+    return key if (_data_dir(params["encoded"]["key"]) / f"plan-{key}.json").exists() else f"{key}-missing"
+
+
+@task(
+    name="pack-dataset",
+    cache_key_fn=_pack_cache_key,
+    persist_result=True,
+    task_run_name="pack-{encoded[split]}",
+)
+def pack_dataset(encoded: dict, sequence_length: int, packing: bool) -> dict:
+    """Best-fit-decreasing packing into sequence_length (or one sample per row when packing is off)."""
+    key = digest("pack", encoded["key"], sequence_length, packing, code_digest())
+    data = EncodedData.load(encoded["path"])
+    plan = plan_rows(data, sequence_length, packing)
+    path = _data_dir(encoded["key"]) / f"plan-{key}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan.to_dict()))
+    tmp.replace(path)
+    return {
+        "path": str(path),
+        "rows": len(plan.rows),
+        "samples": len(data),
+        "padding_fraction": plan.padding_fraction(data),
+    }

@@ -1,0 +1,98 @@
+"""Drive the training cluster: start it, run a span of steps, checkpoint, register, validate.
+
+These tasks run in the flow's process (they are called, not submitted): they hold the Ray actor
+handles, while the work itself runs in the Ray actors, one per device_mapping entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from sft_core.cluster.cluster import Cluster
+from sft_core.config import SFTConfig
+from sft_core.tracking import Trackers
+from sft_core.tracking.mlflow_tracker import register_checkpoint
+from sft_core.train import checkpoint as ckpt
+from sft_core.train.metrics import train_metrics, val_metrics
+
+
+@task(name="start-cluster", cache_policy=NONE, persist_result=False)
+def start_cluster(cfg: SFTConfig, artifacts: dict[str, Any]) -> tuple[Cluster, dict[str, Any]]:
+    cluster = Cluster(cfg, artifacts)
+    info = cluster.execute_all("initialize")
+    get_run_logger().info(
+        "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows)",
+        cluster.name,
+        cluster.world_size,
+        info[0]["device"],
+        f"{info[0]['parameters']:,}",
+        info[0]["total_steps"],
+        info[0]["steps_per_epoch"],
+        info[0]["train_rows"],
+    )
+    return cluster, info[0]
+
+
+@task(name="train-steps", cache_policy=NONE, persist_result=False, task_run_name="train-steps-{start}-{end}")
+def train_steps(
+    cluster: Cluster, start: int, end: int, logging_steps: int, trackers: Trackers
+) -> dict[str, float]:
+    """Optimizer steps start+1 .. end (1-based global steps); metrics every logging_steps and at `end`."""
+    logger = get_run_logger()
+    metrics: dict[str, float] = {}
+    for step in range(start, end):
+        metrics = train_metrics(cluster.execute_all("train_step", step))
+        global_step = step + 1
+        if global_step % logging_steps == 0 or global_step == end:
+            trackers.log_metrics(metrics, global_step)
+            logger.info(
+                "step %d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  %.2fs",
+                global_step,
+                metrics["sft_train/loss"],
+                metrics["sft_train/grad_norm"],
+                metrics["sft_train/lr"],
+                metrics["sft_train/tokens_per_sec"],
+                metrics["time/step_train"],
+            )
+    return metrics
+
+
+@task(name="val-step", cache_policy=NONE, persist_result=False)
+def val_step(cluster: Cluster) -> dict[str, float]:
+    return val_metrics(cluster.execute_all("val_step"))
+
+
+@task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
+def save_checkpoint(
+    cluster: Cluster, cfg: SFTConfig, step: int, history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    staged = ckpt.staging_dir(cfg.output_dir, step)
+    timing = cluster.execute_all("do_checkpoint", str(staged / cluster.name))
+    path = ckpt.publish(
+        cfg.output_dir, step, {"global_step": step, "cluster_name": cluster.name, "history": history}
+    )
+    removed = ckpt.prune(cfg.output_dir, cfg.max_ckpt_to_keep)
+    if removed:
+        get_run_logger().info(
+            "max_ckpt_to_keep=%s: removed %s", cfg.max_ckpt_to_keep, [p.name for p in removed]
+        )
+    return {"path": str(path / cluster.name), "time": max(t["time"] for t in timing)}
+
+
+@task(
+    name="register-model",
+    cache_policy=NONE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=2,
+    task_run_name="register-model-step-{step}",
+)
+def register_model(
+    tracking_uri: str, name: str, path: str, run_id: str, step: int, metrics: dict[str, float]
+) -> int:
+    version = register_checkpoint(tracking_uri, name, path, run_id, step, metrics)
+    get_run_logger().info("registered %s version %d (step %d) from %s", name, version, step, path)
+    return version
