@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.runtime import ensure_server, set_local_defaults, stop_server
-from sft_core.config import SFTConfig, check_fits_cluster
+from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.errors import UserError
 
@@ -74,7 +74,7 @@ def _preflight(cfg: SFTConfig) -> None:
 def run(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
     set_local_defaults()
     cfg = load_config(config_name, overrides, config_path)
-    check_fits_cluster(cfg)
+    check_runnable(cfg)
     _preflight(cfg)
     t0 = time.perf_counter()
     api_url, started = ensure_server()

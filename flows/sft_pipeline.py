@@ -12,7 +12,7 @@ from prefect.context import get_run_context
 from prefect_ray import RayTaskRunner
 
 from flows.validate import validate
-from sft_core.config import SFTConfig, check_fits_cluster
+from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
@@ -69,7 +69,7 @@ def sft_pipeline(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_config(config_name, overrides or [], config_path)
-    check_fits_cluster(cfg)
+    check_runnable(cfg)
     os.environ.update(cfg.system_envs)
 
     model_dir = resolve_model.submit(cfg.pretrain).result()

@@ -25,7 +25,7 @@ SUPPORTED_STRATEGIES = ("ddp_train",)
 PLANNED_STRATEGIES = {
     "fsdp2_train": "FSDP2 is planned (issue 4); use strategy_name: ddp_train for now.",
     "megatron_train": "megatron-core tensor/pipeline parallelism is planned (issue 5); use ddp_train for now.",
-    "deepspeed_train": "DeepSpeed is not part of this project; use ddp_train.",
+    "deepspeed_train": "DeepSpeed is not part of this project.",
 }
 UNSUPPORTED_TRACKERS = {
     "wandb": "Weights & Biases is not supported (no hub access, and MLflow is the registry here)",
@@ -93,13 +93,11 @@ class StrategyArgs(_Strict):
     @field_validator("strategy_name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name in SUPPORTED_STRATEGIES:
+        # A seed config naming a planned strategy still loads; `check_runnable` stops the run.
+        if name in SUPPORTED_STRATEGIES or name in ("fsdp2_train", "megatron_train"):
             return name
-        if name in PLANNED_STRATEGIES:
-            raise ValueError(
-                f"strategy '{name}' is not available in this version: {PLANNED_STRATEGIES[name]}"
-            )
-        raise ValueError(f"unknown strategy '{name}'; supported: {', '.join(SUPPORTED_STRATEGIES)}")
+        why = PLANNED_STRATEGIES.get(name, f"unknown strategy '{name}'.")
+        raise ValueError(f"{why} Supported: {', '.join(SUPPORTED_STRATEGIES)}")
 
 
 class WorkerConfig(_Strict):
@@ -255,8 +253,15 @@ def available_devices() -> tuple[str, int]:
     return "cpu", os.cpu_count() or 1
 
 
-def check_fits_cluster(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> None:
-    """A device_mapping larger than the machine (or the Ray cluster) stops before any worker starts."""
+def check_runnable(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> None:
+    """What a valid config may still ask that this machine or version cannot do: stop before any
+    worker starts. A device_mapping larger than the machine, or a strategy not available yet."""
+    name = cfg.sft_train.strategy_args.strategy_name
+    if name not in SUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"config key 'sft_train.strategy_args.strategy_name': strategy '{name}' is not available in this "
+            f"version. {PLANNED_STRATEGIES[name]}"
+        )
     kind, count = devices or available_devices()
     mapping = cfg.sft_train.device_mapping
     if os.environ.get("RAY_ADDRESS"):
@@ -277,10 +282,14 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
         raise ConfigError(_format_errors(err, raw, source)) from None
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple"}
+
+
 def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "list[", "str", "bool"))]
+        # pydantic adds union-member tags such as 'str' or 'function-after[...]' to the location
+        loc = [str(p) for p in e["loc"] if "[" not in str(p) and str(p) not in _TYPE_TAGS]
         key = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             parent_model = _model_at(SFTConfig, loc[:-1])
@@ -294,7 +303,7 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> st
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
+            shown = f" (got {got!r})" if not isinstance(got, dict | list) and got is not None else ""
             lines.append(f"config key '{key}': {msg}{shown}")
     return f"Invalid {source}:\n  " + "\n  ".join(dict.fromkeys(lines))
 

@@ -94,6 +94,9 @@ class SFTWorker:
     # -- SFTWorker API (as in the seed) ------------------------------------------------------
     def initialize(self) -> dict[str, Any]:
         """Create the strategy and load the model and data."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         a = self.artifacts
         self.train_data = EncodedData.load(a["train_encoded"])
         self.train_plan = PackedPlan.from_dict(json.loads(Path(a["train_plan"]).read_text()))
@@ -176,6 +179,10 @@ class SFTWorker:
         if self.world_size > 1:
             dist.barrier()
         return {"time": time.perf_counter() - t}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights on CPU (for tests and tools; checkpoints use do_checkpoint)."""
+        return {k: v.detach().cpu().clone() for k, v in self.strategy.module.state_dict().items()}
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -1,0 +1,81 @@
+"""Shared fixtures: an offline environment, a real Prefect server on loopback, tiny models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+
+# Before anything imports Prefect, Ray or transformers.
+_SESSION_HOME = Path(os.environ.get("SFT_TEST_HOME", "/tmp/sft-tests")) / f"session-{os.getpid()}"
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    SFT_HOME=str(_SESSION_HOME),
+    # Converted models are shared across sessions (the GGUF conversion takes ~25 s).
+    SFT_MODEL_CACHE=os.environ.get("SFT_MODEL_CACHE", str(REPO / ".sft" / "models")),
+    PREFECT_HOME=str(_SESSION_HOME / "prefect"),
+)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+from flows.runtime import free_port, set_local_defaults, start_server, stop_process_group  # noqa: E402
+
+set_local_defaults()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """One real Prefect server for the session; PREFECT_API_URL is exported so Ray workers use it."""
+    api_url, proc = start_server(_SESSION_HOME / "prefect", free_port())
+    os.environ["PREFECT_API_URL"] = api_url
+    yield api_url
+    os.environ.pop("PREFECT_API_URL", None)
+    stop_process_group(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny Llama with the real SmolLM2 tokenizer, saved with save_pretrained."""
+    from sft_core.model.resolve import resolve_pretrained
+
+    return resolve_pretrained("embedded:tiny-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tiny_model_dir: Path):
+    from sft_core.model.resolve import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def demo_copy(tmp_path: Path) -> Path:
+    """A private copy of the demo data, so a test may change it."""
+    out = tmp_path / "data"
+    shutil.copytree(DEMO, out)
+    return out
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""The data path with the real SmolLM2 tokenizer: answer-only labels, errors, length policy, packing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sft_core.data import IGNORE_INDEX
+from sft_core.data.encode import FieldMapping, encode_files, encode_messages
+from sft_core.data.packing import build_row, pack_best_fit_decreasing, plan_rows
+from sft_core.data.templates import get_template
+from sft_core.errors import DataError
+
+FIELDS = FieldMapping(prompt_key="instruction", response_key="output", query_key="input", system_key="system")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def supervised_text(tok, ids, labels) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_labels_supervise_only_the_answer_and_its_end_of_turn_token(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    template = get_template("native", tok)
+    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    ids, labels = encode_messages(tok, template, messages, "test")
+    assert supervised_text(tok, ids, labels) == "Paris.<|im_end|>"
+    text = tok.decode(ids)
+    assert "You are a helpful AI assistant named SmolLM" in text  # the injected default system prompt...
+    assert "SmolLM" not in supervised_text(tok, ids, labels)  # ...is never trained on
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[1] != ids[0]  # no double BOS
+
+
+def test_multi_turn_supervises_every_assistant_turn(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    ids, labels = encode_messages(tok, get_template("chatml", tok), messages, "test")
+    assert supervised_text(tok, ids, labels) == "4<|im_end|>6<|im_end|>"
+
+
+def test_end_of_turn_is_supervised_although_pad_equals_eos(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    ids, labels = encode_messages(
+        tok, get_template("native", tok), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "t"
+    )
+    assert labels[ids.index(tok.eos_token_id, len(ids) - 3)] == tok.eos_token_id
+
+
+def test_field_mapping_joins_prompt_and_query_and_uses_system(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Sum:", "input": "2 3", "output": "5", "system": "Math."}])
+    data, stats = encode_files([f], tok, get_template("native", tok), FIELDS, 256)
+    ids, labels = data.sample(0)
+    text = tok.decode(ids)
+    assert "<|im_start|>system\nMath.<|im_end|>" in text and "SmolLM" not in text
+    assert "<|im_start|>user\nSum:\n2 3<|im_end|>" in text
+    assert supervised_text(tok, ids, labels) == "5<|im_end|>"
+    assert stats.samples == 1 and stats.supervised_tokens == int((labels[1:] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "state"),
+    [({"output": "x"}, "instruction", "is missing"), ({"instruction": "q", "output": "  "}, "output", "is empty")],
+)
+def test_row_without_a_required_field_names_file_row_and_field(tmp_path, smollm2_tokenizer, row, field, state):
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, row])
+    with pytest.raises(DataError) as err:
+        encode_files([f], smollm2_tokenizer, get_template("native", smollm2_tokenizer), FIELDS, 256)
+    assert f"{f}, row 2: field '{field}'" in str(err.value) and state in str(err.value)
+
+
+def test_unreadable_json_line_names_file_and_line(tmp_path, smollm2_tokenizer):
+    f = tmp_path / "broken.jsonl"
+    f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    with pytest.raises(DataError, match=rf"{f}, line 2: not valid JSON"):
+        encode_files([str(f)], smollm2_tokenizer, get_template("native", smollm2_tokenizer), FIELDS, 256)
+
+
+def test_json_list_files_are_read_like_jsonl(tmp_path, smollm2_tokenizer):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    data, _ = encode_files([str(tmp_path / "d.json")], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 256)
+    assert len(data) == 3
+
+
+def test_length_policy_truncates_drops_or_stops_and_counts(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    long_answer = " ".join(["word"] * 200)
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"instruction": "short", "output": "ok"}, {"instruction": "long", "output": long_answer},
+         {"instruction": " ".join(["prompt"] * 200), "output": "unseen"}],
+    )
+    tpl = get_template("chatml", tok)
+    data, stats = encode_files([f], tok, tpl, FIELDS, 64, "truncate")
+    # Row 2 is cut (answer partly kept); row 3 loses its whole answer: dropped, never trained on.
+    assert (stats.truncated, stats.dropped, len(data)) == (1, 1, 2)
+    assert [(e["row"], e["action"]) for e in stats.report] == [(2, "truncated"), (3, "dropped")]
+    assert max(data.lengths()) == 64
+    _, stats = encode_files([f], tok, tpl, FIELDS, 64, "drop")
+    assert (stats.truncated, stats.dropped) == (0, 2)
+    with pytest.raises(DataError, match=r"row 2: the sample has \d+ tokens, more than sequence_length=64"):
+        encode_files([f], tok, tpl, FIELDS, 64, "error")
+
+
+def test_best_fit_decreasing_is_deterministic_and_respects_capacity():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=500)
+    bins = pack_best_fit_decreasing(lengths, 128)
+    assert bins == pack_best_fit_decreasing(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(500))  # every sample exactly once
+    assert all(lengths[b].sum() <= 128 for b in bins)
+    assert len(bins) <= int(np.ceil(lengths.sum() / 128 * 1.05)) + 1  # close to the lower bound
+
+
+def test_packed_samples_do_not_attend_to_each_other(tmp_path, smollm2_tokenizer, tiny_model_dir):
+    """Logits of each sample inside a packed row equal its logits run alone."""
+    from sft_core.model.load import load_causal_lm
+
+    tok = smollm2_tokenizer
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"question {i}", "output": "answer " * (i + 1)} for i in range(4)])
+    data, _ = encode_files([f], tok, get_template("native", tok), FIELDS, 512)
+    plan = plan_rows(data, 512, packing=True)
+    assert len(plan.rows) == 1 and len(plan.rows[0]) == 4
+    ids, labels, positions = build_row(data, plan.rows[0])
+    assert (positions == 0).sum() == 4
+    assert all(labels[data.offsets[s] - data.offsets[0]] == IGNORE_INDEX for s in [0])
+    model = load_causal_lm(tiny_model_dir, torch.float32).eval()
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor(ids)[None].long(), position_ids=torch.tensor(positions)[None]).logits[0]
+        start = 0
+        for s in plan.rows[0]:
+            x, _ = data.sample(s)
+            alone = model(input_ids=torch.tensor(x)[None].long()).logits[0]
+            torch.testing.assert_close(packed[start : start + len(x)], alone, rtol=1e-4, atol=1e-4)
+            start += len(x)
