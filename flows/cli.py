@@ -9,7 +9,6 @@ Overrides are Hydra's: `sft run +experiment=smoke sft_train.training_args.learni
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import textwrap
@@ -20,34 +19,7 @@ from typing import Any
 from flows.runtime import ensure_server, set_local_defaults, stop_server
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
-from sft_core.errors import UserError
-
-
-def _user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind `exc`, also when Ray or Prefect wrapped it."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, UserError):
-            cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError(UserError) keeps the original
-            return cause if isinstance(cause, UserError) else exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
-
-
-class _NoUserTracebacks(logging.Filter):
-    """Prefect logs every failed task with its traceback; for a user's mistake the message is enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and _user_error(record.exc_info[1]):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _install_log_filter() -> None:
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_NoUserTracebacks())
+from sft_core.errors import user_error_in
 
 
 def _preflight(cfg: SFTConfig) -> None:
@@ -83,7 +55,6 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     )
     from flows.sft_pipeline import sft_pipeline
 
-    _install_log_filter()
     return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)
 
 
@@ -137,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.config_name, args.overrides, args.config_path)
     except Exception as exc:
-        user = _user_error(exc)
+        user = user_error_in(exc)
         if user is None:
             raise
         print(f"\nsft: error: {user}", file=sys.stderr)

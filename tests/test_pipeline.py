@@ -1,0 +1,118 @@
+"""End to end on the real stack: Prefect server, Ray cluster on loopback, 2 workers, MLflow registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def flow_run_id(stdout: str) -> str:
+    return re.search(r"runs/flow-run/([0-9a-f-]{36})", stdout).group(1)
+
+
+def task_states(run_id: str) -> dict[str, str]:
+    """Task run name -> state name, for every task of the flow run and its subflows, from the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+            )
+            ids = [run_id, *(str(f.id) for f in subflows)]
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            return {t.name: t.state.name for t in runs}
+
+    return asyncio.run(read())
+
+
+def smoke(tmp_path: Path, data: Path, *extra: str):
+    out = tmp_path / "out"
+    args = [
+        "run", "+experiment=smoke",
+        f"output_dir={out}", f"logging_dir={out}/tb",
+        f"sft_train.data_args.file_name={data}/train.jsonl",
+        f"validation.data_args.file_name={data}/validation.jsonl",
+        *extra,
+    ]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, out
+
+
+def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_server, tmp_path, demo_copy):
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    first, out = smoke(tmp_path, demo_copy)
+    run_id = flow_run_id(first.stdout)
+
+    # Prefect: every stage ran and was recorded on OUR server (a Ray worker with its own temporary
+    # server would leave its task runs elsewhere), validation ran as a subflow 3 times.
+    states = task_states(run_id)
+    for name in ("resolve-model", "load-tokenizer", "encode-train", "encode-validation", "pack-train",
+                 "train-steps-0-3", "train-steps-3-6", "save-checkpoint-3", "save-checkpoint-6",
+                 "register-model-step-3", "register-model-step-6"):  # fmt: skip
+        assert any(n.startswith(name) for n in states), f"{name} missing from {sorted(states)}"
+    assert all(s == "Completed" for s in states.values()), states
+    assert sum(n.startswith("val-step") for n in states) == 3
+
+    # Checkpoints: Hugging Face folders at the seed's layout, loadable, generating.
+    for step in (3, 6):
+        assert (out / "sft_train" / f"checkpoint-{step}" / "sft_train" / "model.safetensors").is_file()
+    final = out / "sft_train" / "checkpoint-6" / "sft_train"
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+    state = json.loads((out / "sft_train" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and state["history"][-1]["step"] == 6
+
+    # MLflow: params, metrics per logging step, every checkpoint registered, alias latest.
+    uri = f"sqlite:///{out}/mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("smoke-sft", "last_saved")
+    assert mv.version == "2" and mv.tags["global_step"] == "6"
+    run = client.get_run(mv.run_id)
+    assert run.data.params["sft_train.strategy_args.strategy_name"] == "ddp_train"
+    assert run.data.tags["prefect.flow_run_id"] == run_id
+    loss = client.get_metric_history(mv.run_id, "sft_train/loss")
+    assert [m.step for m in loss] == [1, 2, 3, 4, 5, 6]
+    assert all(m.value > 0 for m in loss)
+    assert [m.step for m in client.get_metric_history(mv.run_id, "sft_train/val_loss")] == [0, 3, 6]
+    for name in ("sft_train/grad_norm", "sft_train/lr", "sft_train/tokens_per_sec", "sft_train/mfu",
+                 "sft_train/pad_ratio", "sft_train/supervised_tokens", "time/step_train", "time/val",
+                 "time/checkpoint"):  # fmt: skip
+        assert client.get_metric_history(mv.run_id, name), name
+    mlflow.set_tracking_uri(uri)
+    fetched = mlflow.artifacts.download_artifacts("models:/smoke-sft@latest", dst_path=str(tmp_path / "dl"))
+    reloaded = AutoModelForCausalLM.from_pretrained(fetched)
+    torch.testing.assert_close(reloaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"])
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+    # Same config again: encoding and packing come from the cache.
+    second, _ = smoke(tmp_path, demo_copy)
+    states = task_states(flow_run_id(second.stdout))
+    for name in ("encode-train", "encode-validation", "pack-train", "pack-validation"):
+        assert states[name] == "Cached", (name, states)
+
+    # A changed training file is encoded again; the unchanged validation file is still cached.
+    with (demo_copy / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"instruction": "One more row", "input": "", "output": "Indeed."}) + "\n")
+    third, _ = smoke(tmp_path, demo_copy)
+    states = task_states(flow_run_id(third.stdout))
+    assert states["encode-train"] == "Completed" and states["encode-validation"] == "Cached", states

@@ -1,0 +1,83 @@
+"""The loss is normalized per supervised token of the whole step: splitting the step over workers
+or micro-batches does not change the weights (real Ray actors, gloo, fp32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from sft_core.cluster.cluster import Cluster
+from sft_core.config_loader import load_config
+from sft_core.data.encode import FieldMapping, encode_files
+from sft_core.data.packing import plan_rows
+from sft_core.data.templates import get_template
+from tests.conftest import DEMO
+
+pytestmark = pytest.mark.slow
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
+    out = tmp_path_factory.mktemp("data")
+    fields = FieldMapping(query_key="input", system_key="system")
+    # No packing: rows differ in length and supervised tokens, which is what exposes a wrong normalization.
+    data, _ = encode_files([str(DEMO / "train.jsonl")], smollm2_tokenizer, get_template("native", smollm2_tokenizer), fields, 256)
+    data.save(out / "train.npz")
+    (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=False).to_dict()))
+    return {
+        "model_dir": str(tiny_model_dir),
+        "tokenizer_dir": str(tiny_model_dir),
+        "train_encoded": str(out / "train.npz"),
+        "train_plan": str(out / "plan.json"),
+    }
+
+
+def train_weights(artifacts: dict, workers: int, micro: int, accumulation: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    cfg = load_config(
+        "sft_config",
+        [
+            "+experiment=smoke",
+            f"sft_train.device_mapping={list(range(workers))}",
+            f"sft_train.training_args.per_device_train_batch_size={micro}",
+            f"sft_train.training_args.gradient_accumulation_steps={accumulation}",
+            f"sft_train.training_args.max_steps={STEPS}",
+            "sft_train.training_args.learning_rate=1e-4",
+            "sft_train.training_args.max_grad_norm=0",
+        ],
+        base_dir=Path.cwd(),
+    )
+    cluster = Cluster(cfg, artifacts)
+    try:
+        cluster.execute_all("initialize")
+        steps = [cluster.execute_all("train_step", s) for s in range(STEPS)]
+        assert all(sum(r["targets"] for r in step) == step[0]["num_targets"] for step in steps)
+        losses = [sum(r["loss_sum"] for r in step) / step[0]["num_targets"] for step in steps]
+        return ray.get(cluster.workers[0].state_dict.remote()), losses
+    finally:
+        cluster.shutdown()
+
+
+def test_workers_and_accumulation_do_not_change_the_weights(artifacts):
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        reference, ref_losses = train_weights(artifacts, workers=1, micro=8, accumulation=1)
+        layouts = {"1x2x4": train_weights(artifacts, 1, 2, 4), "2x2x2": train_weights(artifacts, 2, 2, 2)}
+    finally:
+        ray.shutdown()
+    from safetensors.torch import load_file
+
+    initial = load_file(str(Path(artifacts["model_dir"]) / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert (reference[key] - initial[key]).abs().max() > 5e-5, "training did not move the weights"
+    # Adam divides by sqrt(v): float noise in near-zero gradients (different padding, summation
+    # order) becomes update noise of order lr, hence a modest lr; the losses are compared tightly.
+    for name, (weights, losses) in layouts.items():
+        assert losses == pytest.approx(ref_losses, rel=1e-6), name
+        for key, ref in reference.items():
+            diff = (weights[key] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert diff < 1e-5, f"{name}: {key} differs by {diff:.2e} (relative)"
