@@ -86,7 +86,7 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_s
     uri = f"sqlite:///{out}/mlflow/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("smoke-sft", "last_saved")
-    assert mv.version == "2" and mv.tags["global_step"] == "6"
+    assert str(mv.version) == "2" and mv.tags["global_step"] == "6"
     run = client.get_run(mv.run_id)
     assert run.data.params["sft_train.strategy_args.strategy_name"] == "ddp_train"
     assert run.data.tags["prefect.flow_run_id"] == run_id
