@@ -7,6 +7,7 @@ workers inherit it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -115,10 +116,8 @@ def stop_process_group(pid: int) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def stop_server() -> bool:

@@ -54,6 +54,14 @@ def encode_settings(cfg: SFTConfig, config_key: str) -> dict[str, Any]:
     }
 
 
+def _existing(task: Any, future: Any, **params: Any) -> dict[str, Any]:
+    """The task's result; if it came from the cache but its files were deleted, run it again."""
+    result = future.result()
+    if Path(result["path"]).exists():
+        return result
+    return task.with_options(refresh_cache=True).submit(**params).result()
+
+
 def boundaries(total: int, eval_steps: int, save_steps: int) -> list[int]:
     """Steps after which the loop stops to validate and/or checkpoint (always including the last).
 
@@ -74,26 +82,28 @@ def sft_pipeline(
 
     model_dir = resolve_model.submit(cfg.pretrain).result()
     tokenizer = prepare_tokenizer.submit(model_dir).result()
-    train_enc = encode_dataset.submit(
-        cfg.sft_train.data_args.files(),
-        tokenizer,
-        encode_settings(cfg, "sft_train.data_args.file_name"),
-        "train",
-    )
-    val_enc = None
+    splits = {"train": ("sft_train.data_args.file_name", cfg.sft_train.data_args.files())}
     if cfg.validation_files:
-        val_enc = encode_dataset.submit(
-            cfg.validation_files,
-            tokenizer,
-            encode_settings(cfg, "validation.data_args.file_name"),
-            "validation",
-        )
-    # Wait on both encodings before packing, so a bad row surfaces as its own error.
-    train_enc, val_enc = train_enc.result(), (val_enc.result() if val_enc else None)
-    packing = cfg.sft_train.use_sequence_packing
-    train_pack = pack_dataset.submit(train_enc, cfg.sequence_length, packing)
-    val_pack = pack_dataset.submit(val_enc, cfg.sequence_length, packing) if val_enc else None
-    train_pack, val_pack = train_pack.result(), (val_pack.result() if val_pack else None)
+        splits["validation"] = ("validation.data_args.file_name", cfg.validation_files)
+    enc_params = {
+        split: {"files": files, "tokenizer": tokenizer, "settings": encode_settings(cfg, key), "split": split}
+        for split, (key, files) in splits.items()
+    }
+    futures = {split: encode_dataset.submit(**p) for split, p in enc_params.items()}
+    # Wait on every encoding before packing, so a bad row surfaces as its own error.
+    encoded = {split: _existing(encode_dataset, futures[split], **p) for split, p in enc_params.items()}
+    pack_params = {
+        split: {
+            "encoded": enc,
+            "sequence_length": cfg.sequence_length,
+            "packing": cfg.sft_train.use_sequence_packing,
+        }
+        for split, enc in encoded.items()
+    }
+    futures = {split: pack_dataset.submit(**p) for split, p in pack_params.items()}
+    packed = {split: _existing(pack_dataset, futures[split], **p) for split, p in pack_params.items()}
+    train_enc, val_enc = encoded["train"], encoded.get("validation")
+    train_pack, val_pack = packed["train"], packed.get("validation")
     for enc in filter(None, (train_enc, val_enc)):
         if enc["truncated"] or enc["dropped"]:
             logger.warning(

@@ -262,6 +262,11 @@ def check_runnable(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> No
             f"config key 'sft_train.strategy_args.strategy_name': strategy '{name}' is not available in this "
             f"version. {PLANNED_STRATEGIES[name]}"
         )
+    if cfg.resume_from_checkpoint not in (False, "false"):
+        raise ConfigError(
+            "config key 'resume_from_checkpoint': resuming is not available in this version (exact resume "
+            "with optimizer, RNG and data position is planned, issue 4); set it to false."
+        )
     kind, count = devices or available_devices()
     mapping = cfg.sft_train.device_mapping
     if os.environ.get("RAY_ADDRESS"):

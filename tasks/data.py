@@ -26,9 +26,10 @@ def encode_key(files: list[str], tokenizer: dict, settings: dict) -> str:
     )
 
 
+# The key is computed before the task runs and names the cache record; the flow re-runs a task
+# with refresh_cache=True if a cached result points at files that were deleted since.
 def _encode_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
-    key = encode_key(params["files"], params["tokenizer"], params["settings"])
-    return key if (_data_dir(key) / "encoded.npz").exists() else f"{key}-missing"
+    return encode_key(params["files"], params["tokenizer"], params["settings"])
 
 
 @task(
@@ -65,10 +66,9 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
 
 
 def _pack_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
-    key = digest(
+    return digest(
         "pack", params["encoded"]["key"], params["sequence_length"], params["packing"], code_digest()
     )
-    return key if (_data_dir(params["encoded"]["key"]) / f"plan-{key}.json").exists() else f"{key}-missing"
 
 
 @task(

@@ -22,11 +22,12 @@ def resolve_model(pretrain: str) -> str:
 def prepare_tokenizer(model_dir: str) -> dict:
     """Load the tokenizer with its fixes (eos, pad, no BOS) and save it where every stage reads it."""
     tokenizer = load_tokenizer(model_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=sft_home()))
+    root = sft_home() / "tokenizers"
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     tokenizer.save_pretrained(staging)
     fingerprint = tokenizer_fingerprint(staging)
-    out = sft_home() / "tokenizers" / fingerprint[:16]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = root / fingerprint[:16]
     if out.exists():
         shutil.rmtree(staging)
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 import pytest
 
 from tests.conftest import run_cli
@@ -17,13 +15,20 @@ def assert_user_error(result, *needles: str) -> None:
 
 
 def test_misspelled_config_key(tmp_path):
-    assert_user_error(run_cli(["run", "+sft_train.training_args.learnin_rate=1"], tmp_path),
-                      "sft_train.training_args.learnin_rate", "did you mean 'learning_rate'")
+    assert_user_error(
+        run_cli(["run", "+sft_train.training_args.learnin_rate=1"], tmp_path),
+        "sft_train.training_args.learnin_rate",
+        "did you mean 'learning_rate'",
+    )
 
 
 def test_missing_data_file(tmp_path):
-    assert_user_error(run_cli(["run", "sft_train.data_args.file_name=nope.jsonl"], tmp_path),
-                      f"{tmp_path}/nope.jsonl", "does not exist", "sft_train.data_args.file_name")
+    assert_user_error(
+        run_cli(["run", "sft_train.data_args.file_name=nope.jsonl"], tmp_path),
+        f"{tmp_path}/nope.jsonl",
+        "does not exist",
+        "sft_train.data_args.file_name",
+    )
 
 
 def test_pretrain_path_that_does_not_exist(tmp_path):
@@ -31,23 +36,39 @@ def test_pretrain_path_that_does_not_exist(tmp_path):
 
 
 def test_device_mapping_larger_than_the_machine(tmp_path):
-    assert_user_error(run_cli(["run", "sft_train.device_mapping=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63,64,65,66,67,68,69,70,71,72,73,74,75,76,77,78,79,80,81,82,83,84,85,86,87,88,89,90,91,92,93,94,95,96,97,98,99,100,101,102,103,104,105,106,107,108,109,110,111,112,113,114,115,116,117,118,119,120,121,122,123,124,125,126,127,128]"], tmp_path),
-                      "sft_train.device_mapping", "this machine has")
+    assert_user_error(
+        run_cli(
+            [
+                "run",
+                "sft_train.device_mapping=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63,64,65,66,67,68,69,70,71,72,73,74,75,76,77,78,79,80,81,82,83,84,85,86,87,88,89,90,91,92,93,94,95,96,97,98,99,100,101,102,103,104,105,106,107,108,109,110,111,112,113,114,115,116,117,118,119,120,121,122,123,124,125,126,127,128]",
+            ],
+            tmp_path,
+        ),
+        "sft_train.device_mapping",
+        "this machine has",
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "needles"),
     [
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', ["train.jsonl, row 2", "field 'output'"]),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "out\n', ["train.jsonl, line 2", "not valid JSON"]),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
+            ["train.jsonl, row 2", "field 'output'"],
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c", "out\n',
+            ["train.jsonl, line 2", "not valid JSON"],
+        ),
     ],
     ids=["row-without-response", "unreadable-json-line"],
 )
 def test_bad_rows_name_file_row_and_field(prefect_server, tmp_path, content, needles):
     data = tmp_path / "train.jsonl"
     data.write_text(content)
-    result = run_cli(["run", "+experiment=smoke", f"sft_train.data_args.file_name={data}",
-                      f"output_dir={tmp_path}/out"], tmp_path)
+    result = run_cli(
+        ["run", "+experiment=smoke", f"sft_train.data_args.file_name={data}", f"output_dir={tmp_path}/out"],
+        tmp_path,
+    )
     assert_user_error(result, *needles)
-

@@ -52,13 +52,21 @@ def test_impossible_values_name_the_key(override, key):
 
 def test_device_mapping_larger_than_the_machine_stops_before_workers_start():
     cfg = load("sft_train.device_mapping='list(range(0,8))'")
-    with pytest.raises(ConfigError, match=r"sft_train.device_mapping.*needs 8 cpu devices but this machine has 2"):
+    with pytest.raises(
+        ConfigError, match=r"sft_train.device_mapping.*needs 8 cpu devices but this machine has 2"
+    ):
         check_runnable(cfg, devices=("cpu", 2))
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("list(range(0,8))", list(range(8))), ("list(range(2, 6, 2))", [2, 4]), ("[0, 3]", [0, 3]), ([1], [1]), (2, [2])],
+    [
+        ("list(range(0,8))", list(range(8))),
+        ("list(range(2, 6, 2))", [2, 4]),
+        ("[0, 3]", [0, 3]),
+        ([1], [1]),
+        (2, [2]),
+    ],
 )
 def test_device_mapping_forms_are_parsed_without_eval(value, expected):
     assert parse_device_mapping(value) == expected
@@ -71,7 +79,9 @@ def test_device_mapping_rejects_code_and_nonsense(bad):
 
 
 def test_seed_shaped_config_loads_with_the_same_meaning(tmp_path):
-    cfg = load_config("sft_config", [], config_path=str(HERE / "configs" / "seed_megatron"), base_dir=tmp_path)
+    cfg = load_config(
+        "sft_config", [], config_path=str(HERE / "configs" / "seed_megatron"), base_dir=tmp_path
+    )
     assert cfg.seed == 7 and cfg.sequence_length == 1024
     assert cfg.track_with == "tensorboard"
     assert cfg.tracker_kwargs["log_dir"] == str(tmp_path / "out" / "tensorboard")
@@ -115,3 +125,8 @@ def test_smoke_experiment_composes():
 def test_bad_override_syntax_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot compose"):
         load("sft_train.training_args.learning_rate")
+
+
+def test_resume_is_refused_rather_than_silently_ignored():
+    with pytest.raises(ConfigError, match="resume_from_checkpoint"):
+        check_runnable(load("resume_from_checkpoint=auto"), devices=("cpu", 2))

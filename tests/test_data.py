@@ -56,14 +56,19 @@ def test_end_of_turn_is_supervised_although_pad_equals_eos(smollm2_tokenizer):
     tok = smollm2_tokenizer
     assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     ids, labels = encode_messages(
-        tok, get_template("native", tok), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "t"
+        tok,
+        get_template("native", tok),
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "t",
     )
     assert labels[ids.index(tok.eos_token_id, len(ids) - 3)] == tok.eos_token_id
 
 
 def test_field_mapping_joins_prompt_and_query_and_uses_system(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
-    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Sum:", "input": "2 3", "output": "5", "system": "Math."}])
+    f = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "Sum:", "input": "2 3", "output": "5", "system": "Math."}]
+    )
     data, stats = encode_files([f], tok, get_template("native", tok), FIELDS, 256)
     ids, labels = data.sample(0)
     text = tok.decode(ids)
@@ -75,9 +80,14 @@ def test_field_mapping_joins_prompt_and_query_and_uses_system(tmp_path, smollm2_
 
 @pytest.mark.parametrize(
     ("row", "field", "state"),
-    [({"output": "x"}, "instruction", "is missing"), ({"instruction": "q", "output": "  "}, "output", "is empty")],
+    [
+        ({"output": "x"}, "instruction", "is missing"),
+        ({"instruction": "q", "output": "  "}, "output", "is empty"),
+    ],
 )
-def test_row_without_a_required_field_names_file_row_and_field(tmp_path, smollm2_tokenizer, row, field, state):
+def test_row_without_a_required_field_names_file_row_and_field(
+    tmp_path, smollm2_tokenizer, row, field, state
+):
     f = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, row])
     with pytest.raises(DataError) as err:
         encode_files([f], smollm2_tokenizer, get_template("native", smollm2_tokenizer), FIELDS, 256)
@@ -94,7 +104,9 @@ def test_unreadable_json_line_names_file_and_line(tmp_path, smollm2_tokenizer):
 def test_json_list_files_are_read_like_jsonl(tmp_path, smollm2_tokenizer):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
     (tmp_path / "d.json").write_text(json.dumps(rows))
-    data, _ = encode_files([str(tmp_path / "d.json")], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 256)
+    data, _ = encode_files(
+        [str(tmp_path / "d.json")], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 256
+    )
     assert len(data) == 3
 
 
@@ -103,8 +115,11 @@ def test_length_policy_truncates_drops_or_stops_and_counts(tmp_path, smollm2_tok
     long_answer = " ".join(["word"] * 200)
     f = write_jsonl(
         tmp_path / "d.jsonl",
-        [{"instruction": "short", "output": "ok"}, {"instruction": "long", "output": long_answer},
-         {"instruction": " ".join(["prompt"] * 200), "output": "unseen"}],
+        [
+            {"instruction": "short", "output": "ok"},
+            {"instruction": "long", "output": long_answer},
+            {"instruction": " ".join(["prompt"] * 200), "output": "unseen"},
+        ],
     )
     tpl = get_template("chatml", tok)
     data, stats = encode_files([f], tok, tpl, FIELDS, 64, "truncate")
@@ -133,7 +148,10 @@ def test_packed_samples_do_not_attend_to_each_other(tmp_path, smollm2_tokenizer,
     from sft_core.model.load import load_causal_lm
 
     tok = smollm2_tokenizer
-    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"question {i}", "output": "answer " * (i + 1)} for i in range(4)])
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"instruction": f"question {i}", "output": "answer " * (i + 1)} for i in range(4)],
+    )
     data, _ = encode_files([f], tok, get_template("native", tok), FIELDS, 512)
     plan = plan_rows(data, 512, packing=True)
     assert len(plan.rows) == 1 and len(plan.rows[0]) == 4
@@ -142,7 +160,9 @@ def test_packed_samples_do_not_attend_to_each_other(tmp_path, smollm2_tokenizer,
     assert all(labels[data.offsets[s] - data.offsets[0]] == IGNORE_INDEX for s in [0])
     model = load_causal_lm(tiny_model_dir, torch.float32).eval()
     with torch.no_grad():
-        packed = model(input_ids=torch.tensor(ids)[None].long(), position_ids=torch.tensor(positions)[None]).logits[0]
+        packed = model(
+            input_ids=torch.tensor(ids)[None].long(), position_ids=torch.tensor(positions)[None]
+        ).logits[0]
         start = 0
         for s in plan.rows[0]:
             x, _ = data.sample(s)

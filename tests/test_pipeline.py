@@ -75,7 +75,9 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_s
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > ids.shape[1]
@@ -101,7 +103,9 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_s
     mlflow.set_tracking_uri(uri)
     fetched = mlflow.artifacts.download_artifacts("models:/smoke-sft@latest", dst_path=str(tmp_path / "dl"))
     reloaded = AutoModelForCausalLM.from_pretrained(fetched)
-    torch.testing.assert_close(reloaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"])
+    torch.testing.assert_close(
+        reloaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"]
+    )
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
     # Same config again: encoding and packing come from the cache.

@@ -26,7 +26,9 @@ def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
     out = tmp_path_factory.mktemp("data")
     fields = FieldMapping(query_key="input", system_key="system")
     # No packing: rows differ in length and supervised tokens, which is what exposes a wrong normalization.
-    data, _ = encode_files([str(DEMO / "train.jsonl")], smollm2_tokenizer, get_template("native", smollm2_tokenizer), fields, 256)
+    data, _ = encode_files(
+        [str(DEMO / "train.jsonl")], smollm2_tokenizer, get_template("native", smollm2_tokenizer), fields, 256
+    )
     data.save(out / "train.npz")
     (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=False).to_dict()))
     return {
@@ -37,7 +39,9 @@ def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
     }
 
 
-def train_weights(artifacts: dict, workers: int, micro: int, accumulation: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+def train_weights(
+    artifacts: dict, workers: int, micro: int, accumulation: int
+) -> tuple[dict[str, torch.Tensor], list[float]]:
     cfg = load_config(
         "sft_config",
         [
