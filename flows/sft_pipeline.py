@@ -17,6 +17,7 @@ from sft_core.config_loader import load_config
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
+from sft_core.train.checkpoint import read_state, resolve_resume
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
 from tasks.train import register_model, save_checkpoint, start_cluster, train_steps
@@ -62,13 +63,14 @@ def _existing(task: Any, future: Any, **params: Any) -> dict[str, Any]:
     return task.with_options(refresh_cache=True).submit(**params).result()
 
 
-def boundaries(total: int, eval_steps: int, save_steps: int) -> list[int]:
+def boundaries(total: int, eval_steps: int, save_steps: int, after: int = 0) -> list[int]:
     """Steps after which the loop stops to validate and/or checkpoint (always including the last).
 
-    >>> boundaries(7, 3, 5)
-    [3, 5, 6, 7]
+    >>> boundaries(7, 3, 5), boundaries(7, 3, 5, after=5)
+    ([3, 5, 6, 7], [6, 7])
     """
-    return sorted({s for s in range(1, total + 1) if s % eval_steps == 0 or s % save_steps == 0} | {total})
+    stops = {s for s in range(1, total + 1) if s % eval_steps == 0 or s % save_steps == 0} | {total}
+    return sorted(s for s in stops if s > after)
 
 
 @flow(name="sft-pipeline", task_runner=ray_task_runner(), log_prints=True)
@@ -130,6 +132,11 @@ def sft_pipeline(
         "val_plan": val_pack["path"] if val_pack else None,
     }
     flow_run_id = str(get_run_context().flow_run.id)
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    state = read_state(resume) if resume else {}
+    start = state.get("global_step", 0)
+    if resume:
+        logger.info("resuming from %s (global step %d)", resume, start)
     tracking_uri = default_tracking_uri(cfg.output_dir)
     mlflow_run = MLflowTracker(
         tracking_uri,
@@ -137,33 +144,33 @@ def sft_pipeline(
         str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
         run_name=f"{cfg.exp_name}-{flow_run_id[:8]}",
         tags={"prefect.flow_run_id": flow_run_id},
+        resume_run_id=state.get("mlflow_run_id"),
+        resume_step=start,
     )
     tb_dir = cfg.tracker_kwargs.get("log_dir", cfg.logging_dir)
     trackers = Trackers([mlflow_run, TensorBoardTracker(tb_dir)])
     trackers.log_params(cfg.model_dump(exclude={"hydra"}))
-    trackers.log_metrics(
-        {
-            "data/train_samples": train_enc["samples"],
-            "data/train_rows": train_pack["rows"],
-            "data/truncated": train_enc["truncated"],
-            "data/dropped": train_enc["dropped"],
-            "data/padding_fraction": train_pack["padding_fraction"],
-        },
-        0,
-    )
+    data_metrics = {
+        "data/train_samples": train_enc["samples"],
+        "data/train_rows": train_pack["rows"],
+        "data/truncated": train_enc["truncated"],
+        "data/dropped": train_enc["dropped"],
+        "data/padding_fraction": train_pack["padding_fraction"],
+    }
+    trackers.log_metrics(data_metrics, 0)
 
-    cluster, info = start_cluster(cfg, artifacts)
+    cluster, info = start_cluster(cfg, artifacts, str(resume / "train_state") if resume else None)
     total = info["total_steps"]
-    history: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = state.get("history", [])
     checkpoints: list[dict[str, Any]] = []
     status = "FAILED"
     try:
         val: dict[str, float] = {}
-        if val_enc and cfg.eval_at_start:
+        if val_enc and cfg.eval_at_start and start == 0:
             val = validate(cluster, 0, trackers)
             history.append({"step": 0, **val})
-        step = 0
-        for end in boundaries(total, cfg.eval_steps, cfg.save_steps):
+        step = start
+        for end in boundaries(total, cfg.eval_steps, cfg.save_steps, after=start):
             metrics = train_steps(cluster, step, end, cfg.logging_steps, trackers)
             step = end
             history.append({"step": step, **metrics})
@@ -171,7 +178,7 @@ def sft_pipeline(
                 val = validate(cluster, step, trackers)
                 history[-1].update(val)
             if step % cfg.save_steps == 0 or step == total:
-                saved = save_checkpoint(cluster, cfg, step, history)
+                saved = save_checkpoint(cluster, cfg, step, history, mlflow_run.run_id)
                 trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
                 summary = {
                     k.split("/")[-1]: v for k, v in {**metrics, **val}.items() if k.startswith("sft_train/")

@@ -20,11 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sft_core.errors import ConfigError
 
-SUPPORTED_STRATEGIES = ("ddp_train",)
+SUPPORTED_STRATEGIES = ("ddp_train", "fsdp2_train")
 # Recognised names that this version does not run yet, with what to use instead.
 PLANNED_STRATEGIES = {
-    "fsdp2_train": "FSDP2 is planned (issue 4); use strategy_name: ddp_train for now.",
-    "megatron_train": "megatron-core tensor/pipeline parallelism is planned (issue 5); use ddp_train for now.",
+    "megatron_train": "megatron-core tensor/pipeline parallelism is planned (issue 5); use ddp_train or fsdp2_train for now.",
     "deepspeed_train": "DeepSpeed is not part of this project.",
 }
 UNSUPPORTED_TRACKERS = {
@@ -94,7 +93,7 @@ class StrategyArgs(_Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         # A seed config naming a planned strategy still loads; `check_runnable` stops the run.
-        if name in SUPPORTED_STRATEGIES or name in ("fsdp2_train", "megatron_train"):
+        if name in SUPPORTED_STRATEGIES or name == "megatron_train":
             return name
         why = PLANNED_STRATEGIES.get(name, f"unknown strategy '{name}'.")
         raise ValueError(f"{why} Supported: {', '.join(SUPPORTED_STRATEGIES)}")
@@ -261,11 +260,6 @@ def check_runnable(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> No
         raise ConfigError(
             f"config key 'sft_train.strategy_args.strategy_name': strategy '{name}' is not available in this "
             f"version. {PLANNED_STRATEGIES[name]}"
-        )
-    if cfg.resume_from_checkpoint not in (False, "false"):
-        raise ConfigError(
-            "config key 'resume_from_checkpoint': resuming is not available in this version (exact resume "
-            "with optimizer, RNG and data position is planned, issue 4); set it to false."
         )
     kind, count = devices or available_devices()
     mapping = cfg.sft_train.device_mapping

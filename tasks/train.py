@@ -20,9 +20,11 @@ from sft_core.train.metrics import train_metrics, val_metrics
 
 
 @task(name="start-cluster", cache_policy=NONE, persist_result=False)
-def start_cluster(cfg: SFTConfig, artifacts: dict[str, Any]) -> tuple[Cluster, dict[str, Any]]:
+def start_cluster(
+    cfg: SFTConfig, artifacts: dict[str, Any], resume_state: str | None = None
+) -> tuple[Cluster, dict[str, Any]]:
     cluster = Cluster(cfg, artifacts)
-    info = cluster.execute_all("initialize")
+    info = cluster.execute_all("initialize", resume_state)
     get_run_logger().info(
         "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows)",
         cluster.name,
@@ -67,13 +69,17 @@ def val_step(cluster: Cluster) -> dict[str, float]:
 
 @task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
 def save_checkpoint(
-    cluster: Cluster, cfg: SFTConfig, step: int, history: list[dict[str, Any]]
+    cluster: Cluster, cfg: SFTConfig, step: int, history: list[dict[str, Any]], mlflow_run_id: str
 ) -> dict[str, Any]:
     staged = ckpt.staging_dir(cfg.output_dir, step)
-    timing = cluster.execute_all("do_checkpoint", str(staged / cluster.name))
-    path = ckpt.publish(
-        cfg.output_dir, step, {"global_step": step, "cluster_name": cluster.name, "history": history}
-    )
+    timing = cluster.execute_all("do_checkpoint", str(staged))
+    state = {
+        "global_step": step,
+        "cluster_name": cluster.name,
+        "mlflow_run_id": mlflow_run_id,
+        "history": history,
+    }
+    path = ckpt.publish(cfg.output_dir, step, state)
     removed = ckpt.prune(cfg.output_dir, cfg.max_ckpt_to_keep)
     if removed:
         get_run_logger().info(

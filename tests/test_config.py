@@ -125,8 +125,3 @@ def test_smoke_experiment_composes():
 def test_bad_override_syntax_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot compose"):
         load("sft_train.training_args.learning_rate")
-
-
-def test_resume_is_refused_rather_than_silently_ignored():
-    with pytest.raises(ConfigError, match="resume_from_checkpoint"):
-        check_runnable(load("resume_from_checkpoint=auto"), devices=("cpu", 2))

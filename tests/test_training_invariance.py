@@ -18,7 +18,7 @@ from sft_core.data.templates import get_template
 from tests.conftest import DEMO
 
 pytestmark = pytest.mark.slow
-STEPS = 3
+STEPS = 5
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
 
 
 def train_weights(
-    artifacts: dict, workers: int, micro: int, accumulation: int
+    artifacts: dict, workers: int, micro: int, accumulation: int, strategy: str = "ddp_train"
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     cfg = load_config(
         "sft_config",
@@ -52,6 +52,7 @@ def train_weights(
             f"sft_train.training_args.max_steps={STEPS}",
             "sft_train.training_args.learning_rate=1e-4",
             "sft_train.training_args.max_grad_norm=0",
+            f"sft_train.strategy_args.strategy_name={strategy}",
         ],
         base_dir=Path.cwd(),
     )
@@ -61,7 +62,7 @@ def train_weights(
         steps = [cluster.execute_all("train_step", s) for s in range(STEPS)]
         assert all(sum(r["targets"] for r in step) == step[0]["num_targets"] for step in steps)
         losses = [sum(r["loss_sum"] for r in step) / step[0]["num_targets"] for step in steps]
-        return ray.get(cluster.workers[0].state_dict.remote()), losses
+        return cluster.execute_all("state_dict")[0], losses
     finally:
         cluster.shutdown()
 
@@ -70,7 +71,11 @@ def test_workers_and_accumulation_do_not_change_the_weights(artifacts):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         reference, ref_losses = train_weights(artifacts, workers=1, micro=8, accumulation=1)
-        layouts = {"1x2x4": train_weights(artifacts, 1, 2, 4), "2x2x2": train_weights(artifacts, 2, 2, 2)}
+        layouts = {
+            "ddp 1x2x4": train_weights(artifacts, 1, 2, 4),
+            "ddp 2x2x2": train_weights(artifacts, 2, 2, 2),
+            "fsdp2 2x2x2": train_weights(artifacts, 2, 2, 2, "fsdp2_train"),
+        }
     finally:
         ray.shutdown()
     from safetensors.torch import load_file

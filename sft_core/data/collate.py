@@ -53,3 +53,10 @@ def collate_rows(
     return MicroBatch(
         torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(positions), real
     )
+
+
+def masked_batch() -> MicroBatch:
+    """A fully masked 2-token micro-batch. A rank with fewer rows than rank 0 in a short last batch
+    runs these so every rank makes the same collective calls; they add zero loss and zero gradient."""
+    ids = torch.zeros((1, 2), dtype=torch.long)
+    return MicroBatch(ids, torch.full_like(ids, IGNORE_INDEX), torch.arange(2).unsqueeze(0), 0)

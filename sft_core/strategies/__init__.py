@@ -13,4 +13,8 @@ def create_strategy(cfg: SFTConfig, ctx: DistContext) -> Strategy:
         from sft_core.strategies.ddp import DDPStrategy
 
         return DDPStrategy(cfg, ctx)
+    if name == "fsdp2_train":
+        from sft_core.strategies.fsdp2 import FSDP2Strategy
+
+        return FSDP2Strategy(cfg, ctx)
     raise ConfigError(f"strategy '{name}' is not supported; use one of: {', '.join(SUPPORTED_STRATEGIES)}")

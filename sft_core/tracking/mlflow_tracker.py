@@ -20,7 +20,14 @@ def default_tracking_uri(output_dir: str) -> str:
 
 class MLflowTracker:
     def __init__(
-        self, tracking_uri: str, experiment: str, artifact_dir: str, run_name: str, tags: dict[str, str]
+        self,
+        tracking_uri: str,
+        experiment: str,
+        artifact_dir: str,
+        run_name: str,
+        tags: dict[str, str],
+        resume_run_id: str | None = None,
+        resume_step: int = 0,
     ):
         from mlflow import MlflowClient
 
@@ -32,10 +39,25 @@ class MLflowTracker:
             if exp
             else self.client.create_experiment(experiment, artifact_location=Path(artifact_dir).as_uri())
         )
-        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        self._already_logged: set[tuple[str, int]] = set()
+        self._resumed = bool(resume_run_id)
+        if resume_run_id:
+            # Continue the interrupted run. Steps it logged after the checkpoint are recomputed
+            # identically by an exact resume; they are not logged twice.
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+            for key in self.client.get_run(resume_run_id).data.metrics:
+                for m in self.client.get_metric_history(resume_run_id, key):
+                    if m.step > resume_step:
+                        self._already_logged.add((key, m.step))
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
+
+        if self._resumed:
+            return  # params are immutable in MLflow; the resumed run already has them
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
@@ -45,9 +67,13 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        fresh = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if (k, step) not in self._already_logged
+        ]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

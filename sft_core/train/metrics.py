@@ -25,7 +25,8 @@ def train_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
         "sft_train/epoch": float(results[0]["epoch"]),
         "time/step_train": step_time,
         "time/data": max(r["time_data"] for r in results),
-        "time/compute": max(r["time_compute"] for r in results),
+        "time/fwd_bwd": max(r["time_fwd_bwd"] for r in results),
+        "time/optimizer": max(r["time_optimizer"] for r in results),
         "memory/peak_mb_max_worker": max(r["peak_memory_mb"] for r in results),
     }
 

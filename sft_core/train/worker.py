@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.collate import MicroBatch, collate_rows
+from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
 from sft_core.data.encode import EncodedData
 from sft_core.data.packing import PackedPlan
 from sft_core.model.resolve import load_tokenizer
@@ -92,8 +92,9 @@ class SFTWorker:
         self.ctx = DistContext(self.rank, self.world_size, device)
 
     # -- SFTWorker API (as in the seed) ------------------------------------------------------
-    def initialize(self) -> dict[str, Any]:
-        """Create the strategy and load the model and data."""
+    def initialize(self, resume_dir: str | None = None) -> dict[str, Any]:
+        """Create the strategy, load the model and data; with `resume_dir`, restore the exact state
+        saved there (weights, optimizer, scheduler, this rank's RNG)."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -113,6 +114,8 @@ class SFTWorker:
         torch.manual_seed(self.cfg.seed)
         self.strategy = create_strategy(self.cfg, self.ctx)
         self.strategy.initialize(Path(a["model_dir"]), self.total_steps)
+        if resume_dir:
+            self.strategy.load_state(Path(resume_dir))
         self.peak_flops = measure_peak_flops(self.ctx.device)
         return {
             "rank": self.rank,
@@ -129,12 +132,12 @@ class SFTWorker:
         t0 = time.perf_counter()
         rows = self.schedule.global_batch(step)
         num_targets = int(self.train_row_targets[rows].sum())
-        micro = [
-            collate_rows(self.train_data, self.train_plan, ids, self.pad_id)
-            for ids in split_for_rank(
-                rows, self.rank, self.world_size, self.cfg.sft_train.training_args.per_device_train_batch_size
-            )
-        ]
+        size = self.cfg.sft_train.training_args.per_device_train_batch_size
+        mine = split_for_rank(rows, self.rank, self.world_size, size)
+        micro = self._padded(
+            [collate_rows(self.train_data, self.train_plan, ids, self.pad_id) for ids in mine],
+            len(split_for_rank(rows, 0, self.world_size, size)),
+        )
         t1 = time.perf_counter()
         out = self.strategy.train_step(micro, num_targets)
         if self.ctx.device.type == "cuda":
@@ -148,7 +151,6 @@ class SFTWorker:
             tokens=tokens,
             real_tokens=real,
             time_data=t1 - t0,
-            time_compute=t2 - t1,
             time_step=t2 - t0,
             mfu=flops / max(t2 - t0, 1e-9) / self.peak_flops,
             epoch=self.schedule.epoch_of(step),
@@ -160,29 +162,40 @@ class SFTWorker:
         """Loss sums over this rank's share of every validation row (no row dropped)."""
         if self.val_data is None or self.val_plan is None:
             return {"loss_sum": 0.0, "targets": 0}
-        mine = list(range(len(self.val_plan.rows)))[self.rank :: self.world_size]
+        rows = list(range(len(self.val_plan.rows)))
         size = self.cfg.sft_train.infer_batch_size
-        micro: list[MicroBatch] = [
-            collate_rows(self.val_data, self.val_plan, mine[i : i + size], self.pad_id)
-            for i in range(0, len(mine), size)
-        ]
+        mine = split_for_rank(rows, self.rank, self.world_size, size)
+        micro = self._padded(
+            [collate_rows(self.val_data, self.val_plan, ids, self.pad_id) for ids in mine],
+            len(split_for_rank(rows, 0, self.world_size, size)),
+        )
         loss_sum, targets = self.strategy.eval_step(micro)
         return {"loss_sum": loss_sum, "targets": targets}
 
-    def do_checkpoint(self, out_dir: str) -> dict[str, float]:
-        """Write the Hugging Face folder into `out_dir` (the driver publishes it atomically)."""
+    @staticmethod
+    def _padded(micro: list[MicroBatch], count: int) -> list[MicroBatch]:
+        """Every rank runs `count` micro-batches (rank 0's count, the largest), so collective calls
+        line up; the masked extras add nothing to loss or gradient."""
+        return micro + [masked_batch() for _ in range(count - len(micro))]
+
+    def do_checkpoint(self, staged_dir: str) -> dict[str, float]:
+        """Write `<staged>/<cluster name>/` (Hugging Face folder) and `<staged>/train_state/` (exact
+        resume: sharded model + optimizer, scheduler, every rank's RNG). The driver publishes it."""
         t = time.perf_counter()
-        path = Path(out_dir)
+        root = Path(staged_dir)
         if self.ctx.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-        self.strategy.save_hf(path, self.tokenizer)
+            root.mkdir(parents=True, exist_ok=True)
+        if self.world_size > 1:
+            dist.barrier()
+        self.strategy.save_hf(root / self.cfg.sft_train.name, self.tokenizer)
+        self.strategy.save_state(root / "train_state")
         if self.world_size > 1:
             dist.barrier()
         return {"time": time.perf_counter() - t}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's weights on CPU (for tests and tools; checkpoints use do_checkpoint)."""
-        return {k: v.detach().cpu().clone() for k, v in self.strategy.module.state_dict().items()}
+        """Full weights on CPU (for tests and tools); collective: call it on every rank."""
+        return {k: v.clone() for k, v in self.strategy.full_state_dict().items()}
 
     def shutdown(self) -> None:
         if dist.is_initialized():

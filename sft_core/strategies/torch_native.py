@@ -1,0 +1,206 @@
+"""The training step shared by the torch-native strategies (ddp_train, fsdp2_train).
+
+Subclasses only say how the model is wrapped, how gradient sync is held back during accumulation,
+and how a full state dict is gathered; the step itself is here, in plain sight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sft_core.config import SFTConfig
+from sft_core.data.collate import MicroBatch
+from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
+from sft_core.strategies.base import DistContext
+from sft_core.train.loss import summed_token_loss
+from sft_core.train.schedule import build_scheduler
+
+
+class TorchStrategy:
+    name = "torch"
+
+    def __init__(self, cfg: SFTConfig, ctx: DistContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.args = cfg.sft_train.training_args
+        on_gpu = ctx.device.type == "cuda"
+        requested = DTYPES[cfg.sft_train.model_args.dtype]
+        # Weights stay fp32 (the optimizer's master copy); bf16/fp16 is autocast, on GPU only.
+        self.autocast_dtype = requested if on_gpu and requested != torch.float32 else None
+        self.skipped_steps = 0
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _hold_grad_sync(self) -> contextlib.AbstractContextManager:
+        """Context for a micro-batch whose gradients must not be reduced yet (accumulation)."""
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) weights on CPU; a collective call where weights are sharded."""
+        raise NotImplementedError
+
+    # -- setup -----------------------------------------------------------------------------------
+    def initialize(self, model_dir: Path, total_steps: int) -> None:
+        model = load_causal_lm(model_dir, torch.float32, self.cfg.sft_train.model_args.attn_implementation)
+        if self.args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.ctx.device)
+        self.module = model
+        self.num_params = count_parameters(model)  # before sharding: the full model's size
+        self.model = self._wrap(model)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps,
+            self.args.warmup_steps,
+            self.args.warmup_ratio,
+            self.args.lr_scheduler_type,
+            self.args.min_lr_ratio,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
+
+    def _sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # -- the step ---------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> dict[str, float]:
+        self.model.train()
+        batches = micro_batches  # the worker gives every rank the same count (padding with masked ones)
+        # Gradients are averaged over ranks by DDP / FSDP; multiplying by world_size turns that into
+        # the sum of every rank's sum_tokens(CE) / num_targets: the per-token mean of the whole step.
+        scale = self.ctx.world_size / max(num_targets, 1)
+        loss_sum, targets = 0.0, 0
+        t0 = time.perf_counter()
+        for i, mb in enumerate(batches):
+            mb = mb.to(self.ctx.device)
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self._hold_grad_sync():
+                with self._autocast():
+                    logits = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids).logits
+                loss, n = summed_token_loss(logits, mb.labels)
+                (loss * scale).backward()
+            loss_sum += float(loss.detach())
+            targets += n
+        self._sync()
+        t1 = time.perf_counter()
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1  # a non-finite gradient never reaches the weights
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self._sync()
+        return {
+            "loss_sum": loss_sum,
+            "targets": targets,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "skipped_steps": self.skipped_steps,
+            "time_fwd_bwd": t1 - t0,
+            "time_optimizer": time.perf_counter() - t1,
+        }
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[MicroBatch]) -> tuple[float, int]:
+        self.model.eval()
+        loss_sum, targets = 0.0, 0
+        for mb in micro_batches:
+            mb = mb.to(self.ctx.device)
+            with self._autocast():
+                logits = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids).logits
+            loss, n = summed_token_loss(logits, mb.labels)
+            loss_sum += float(loss)
+            targets += n
+        return loss_sum, targets
+
+    # -- export and exact resume -------------------------------------------------------------------
+    def save_hf(self, out_dir: Path, tokenizer: Any) -> None:
+        state = self.full_state_dict()
+        if not self.ctx.is_main:
+            return
+        config = self.module.config
+        config.use_cache = True  # the exported model generates with its KV cache
+        try:
+            self.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        finally:
+            config.use_cache = False
+        tokenizer.save_pretrained(out_dir)
+
+    def save_state(self, out_dir: Path) -> None:
+        """Model + optimizer (torch.distributed.checkpoint, sharding-aware), scheduler, RNG of this rank."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out_dir / "dcp"))
+        torch.save(
+            {
+                "scheduler": self.scheduler.state_dict(),
+                "skipped_steps": self.skipped_steps,
+                "rng": _rng_state(self.ctx.device),
+            },
+            out_dir / f"rank{self.ctx.rank}.pt",
+        )
+
+    def load_state(self, state_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(state_dir / "dcp"))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        own = torch.load(state_dir / f"rank{self.ctx.rank}.pt", weights_only=False)
+        self.scheduler.load_state_dict(own["scheduler"])
+        self.skipped_steps = own["skipped_steps"]
+        _set_rng_state(own["rng"], self.ctx.device)
+
+    def num_parameters(self) -> int:
+        return self.num_params
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
