@@ -50,12 +50,19 @@ class Cluster:
         ray.get([w.setup_distributed.remote(addr, port) for w in self.workers])
 
     def execute_all(self, method: str, *args: Any) -> list[Any]:
-        """Call `method` on every worker at once and wait for all results (rank order)."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        """Call `method` on every worker at once and wait for all results (rank order).
+
+        Fails as soon as any worker fails or dies: the others may be blocked in a collective with it
+        and would otherwise hold the run until the process-group timeout.
+        """
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)  # raises the worker's error (RayActorError if its process died)
+        return ray.get(refs)
 
     def shutdown(self) -> None:
-        try:
-            self.execute_all("shutdown")
-        finally:
-            for w in self.workers:
-                ray.kill(w)
+        """Kill the actors: their process exit releases the process group, even mid-collective."""
+        for w in self.workers:
+            ray.kill(w)

@@ -197,10 +197,6 @@ class SFTWorker:
         """Full weights on CPU (for tests and tools); collective: call it on every rank."""
         return {k: v.clone() for k, v in self.strategy.full_state_dict().items()}
 
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
