@@ -110,6 +110,9 @@ class WorkerConfig(_Strict):
     device_mapping: list[int] = Field(default_factory=lambda: [0])
     infer_batch_size: int = Field(1, gt=0)
     use_sequence_packing: bool = True
+    # Peak dense TFLOP/s of one device, the denominator of MFU (e.g. 989 for an H100 in bf16).
+    # Unset: measured once per worker with a matmul at start-up.
+    peak_tflops: float | None = Field(None, gt=0)
 
     @field_validator("device_mapping", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ handles, while the work itself runs in the Ray actors, one per device_mapping en
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -72,6 +73,7 @@ def save_checkpoint(
     cluster: Cluster, cfg: SFTConfig, step: int, history: list[dict[str, Any]], mlflow_run_id: str
 ) -> dict[str, Any]:
     staged = ckpt.staging_dir(cfg.output_dir, step)
+    shutil.rmtree(staged, ignore_errors=True)  # left over by a crash during an earlier save
     timing = cluster.execute_all("do_checkpoint", str(staged))
     state = {
         "global_step": step,

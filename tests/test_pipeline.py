@@ -97,7 +97,7 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_s
     assert all(m.value > 0 for m in loss)
     assert [m.step for m in client.get_metric_history(mv.run_id, "sft_train/val_loss")] == [0, 3, 6]
     for name in ("sft_train/grad_norm", "sft_train/lr", "sft_train/tokens_per_sec", "sft_train/mfu",
-                 "sft_train/pad_ratio", "sft_train/supervised_tokens", "time/step_train", "time/val",
+                 "sft_train/pad_ratio", "time/data", "time/fwd_bwd", "time/optimizer", "time/comm", "sft_train/supervised_tokens", "time/step_train", "time/val",
                  "time/checkpoint"):  # fmt: skip
         assert client.get_metric_history(mv.run_id, name), name
     mlflow.set_tracking_uri(uri)

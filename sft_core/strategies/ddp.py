@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import time
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sft_core.strategies.torch_native import TorchStrategy
@@ -17,10 +20,34 @@ class DDPStrategy(TorchStrategy):
         if self.ctx.world_size == 1:
             return model
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return DDP(model, device_ids=device_ids)
+        ddp = DDP(model, device_ids=device_ids)
+        self._comm = {"seconds": 0.0}
+        ddp.register_comm_hook(self._comm, _timed_allreduce)
+        return ddp
+
+    def _take_comm_time(self) -> float:
+        comm = self.__dict__.get("_comm")  # set only when wrapped in DDP (world_size > 1)
+        if comm is None:
+            return 0.0
+        seconds, comm["seconds"] = comm["seconds"], 0.0
+        return seconds
 
     def _hold_grad_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+def _timed_allreduce(state: dict[str, float], bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default gradient averaging (all-reduce of each bucket / world size), timed from launch to
+    completion. Buckets overlap the backward pass, so this is time in communication, not time added."""
+    start = time.perf_counter()
+    tensor = bucket.buffer().div_(dist.get_world_size())
+    future = dist.all_reduce(tensor, async_op=True).get_future()
+
+    def done(f: torch.futures.Future) -> torch.Tensor:
+        state["seconds"] += time.perf_counter() - start
+        return f.value()[0]
+
+    return future.then(done)

@@ -10,6 +10,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ class TorchStrategy:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) weights on CPU; a collective call where weights are sharded."""
         raise NotImplementedError
+
+    def _take_comm_time(self) -> float:
+        """Seconds spent in gradient collectives this step (overlapping backward), where measured."""
+        return 0.0
 
     # -- setup -----------------------------------------------------------------------------------
     def initialize(self, model_dir: Path, total_steps: int) -> None:
@@ -118,7 +123,10 @@ class TorchStrategy:
         else:
             self.skipped_steps += 1  # a non-finite gradient never reaches the weights
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule: lr stays a function of the global step.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self._sync()
         return {
             "loss_sum": loss_sum,
@@ -127,6 +135,7 @@ class TorchStrategy:
             "lr": lr,
             "skipped_steps": self.skipped_steps,
             "time_fwd_bwd": t1 - t0,
+            "time_comm": self._take_comm_time(),
             "time_optimizer": time.perf_counter() - t1,
         }
 

@@ -27,7 +27,8 @@ def train_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
         "time/data": max(r["time_data"] for r in results),
         "time/fwd_bwd": max(r["time_fwd_bwd"] for r in results),
         "time/optimizer": max(r["time_optimizer"] for r in results),
-        "memory/peak_mb_max_worker": max(r["peak_memory_mb"] for r in results),
+        "time/comm": max(r["time_comm"] for r in results),
+        **{f"memory/peak_mb_rank{r['rank']}": r["peak_memory_mb"] for r in results},
     }
 
 

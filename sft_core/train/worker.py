@@ -116,7 +116,8 @@ class SFTWorker:
         self.strategy.initialize(Path(a["model_dir"]), self.total_steps)
         if resume_dir:
             self.strategy.load_state(Path(resume_dir))
-        self.peak_flops = measure_peak_flops(self.ctx.device)
+        peak = self.cfg.sft_train.peak_tflops
+        self.peak_flops = peak * 1e12 if peak else measure_peak_flops(self.ctx.device)
         return {
             "rank": self.rank,
             "device": str(self.ctx.device),
@@ -155,6 +156,7 @@ class SFTWorker:
             mfu=flops / max(t2 - t0, 1e-9) / self.peak_flops,
             epoch=self.schedule.epoch_of(step),
             peak_memory_mb=_peak_memory_mb(self.ctx.device),
+            rank=self.rank,
         )
         return out
 

@@ -1,0 +1,109 @@
+"""Pieces of the training step, checked on their own (one process, the tiny model)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_core.config_loader import load_config
+from sft_core.data.collate import MicroBatch, masked_batch
+from sft_core.strategies import DistContext, create_strategy
+from sft_core.train import checkpoint as ckpt
+from sft_core.train.batching import BatchSchedule, split_for_rank
+from sft_core.train.schedule import lr_factor
+
+
+def test_warmup_then_cosine_decays_to_the_minimum_lr():
+    factors = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
+    assert lr_factor(5, 10, 2, "constant_with_warmup", 0.0) == 1.0
+    assert lr_factor(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_each_epoch_is_a_seeded_permutation_of_every_row():
+    schedule = BatchSchedule(num_rows=10, global_batch_size=4, seed=3)
+    assert schedule.steps_per_epoch == 3
+    for epoch in range(2):
+        rows = [r for s in range(epoch * 3, epoch * 3 + 3) for r in schedule.global_batch(s)]
+        assert sorted(rows) == list(range(10))  # the short last batch keeps the remainder
+    assert schedule.global_batch(0) != schedule.global_batch(3) or schedule.global_batch(
+        1
+    ) != schedule.global_batch(4)
+    assert schedule.global_batch(0) == BatchSchedule(10, 4, 3).global_batch(0)
+    assert schedule.global_batch(0) != BatchSchedule(10, 4, 4).global_batch(0)
+
+
+@pytest.mark.parametrize(("world", "micro"), [(1, 8), (2, 2), (3, 1)])
+def test_ranks_and_micro_batches_partition_the_global_batch(world, micro):
+    rows = list(range(7))
+    parts = [mb for r in range(world) for mb in split_for_rank(rows, r, world, micro)]
+    assert sorted(i for mb in parts for i in mb) == rows
+    assert all(len(mb) <= micro for mb in parts)
+
+
+def _strategy(tiny_model_dir: Path, *overrides: str):
+    cfg = load_config("sft_config", ["+experiment=smoke", "sft_train.device_mapping=[0]", *overrides])
+    strategy = create_strategy(cfg, DistContext(0, 1, torch.device("cpu")))
+    strategy.initialize(tiny_model_dir, total_steps=10)
+    return strategy
+
+
+def _batch(seed: int = 0) -> MicroBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 1000, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    return MicroBatch(ids, labels, torch.arange(24).repeat(2, 1), ids.numel())
+
+
+def test_a_non_finite_gradient_skips_the_step_and_is_counted(tiny_model_dir):
+    strategy = _strategy(tiny_model_dir)
+    before = {k: v.clone() for k, v in strategy.module.state_dict().items()}
+    hooks = [p.register_hook(lambda g: g * math.nan) for p in strategy.module.parameters()]
+    out = strategy.train_step([_batch()], num_targets=32)
+    assert out["skipped_steps"] == 1 and not math.isfinite(out["grad_norm"])
+    assert all(torch.equal(v, before[k]) for k, v in strategy.module.state_dict().items())
+    for h in hooks:
+        h.remove()
+    out = strategy.train_step([_batch()], num_targets=32)
+    assert out["skipped_steps"] == 1 and math.isfinite(out["grad_norm"])
+    assert not torch.equal(strategy.module.state_dict()["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir):
+    plain = _strategy(tiny_model_dir)
+    checkpointed = _strategy(tiny_model_dir, "++sft_train.training_args.gradient_checkpointing=true")
+    a = plain.train_step([_batch(1), _batch(2)], num_targets=64)
+    b = checkpointed.train_step([_batch(1), _batch(2)], num_targets=64)
+    assert a["loss_sum"] == pytest.approx(b["loss_sum"], rel=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for (k, v), w in zip(
+        plain.module.state_dict().items(), checkpointed.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_masked_filler_batches_change_nothing(tiny_model_dir):
+    a, b = _strategy(tiny_model_dir), _strategy(tiny_model_dir)
+    ra = a.train_step([_batch()], num_targets=32)
+    rb = b.train_step([_batch(), masked_batch()], num_targets=32)
+    assert ra["loss_sum"] == pytest.approx(rb["loss_sum"]) and ra["grad_norm"] == pytest.approx(
+        rb["grad_norm"]
+    )
+
+
+def test_max_ckpt_to_keep_removes_the_oldest(tmp_path):
+    for step in (2, 10, 4):
+        (tmp_path / "sft_train" / f"checkpoint-{step}" / "train_state").mkdir(parents=True)
+        (tmp_path / "sft_train" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "sft_train" / ".checkpoint-12.tmp").mkdir()  # a save that crashed: never resumed from
+    removed = ckpt.prune(str(tmp_path), keep=2)
+    assert [p.name for p in removed] == ["checkpoint-2"]
+    assert ckpt.latest_checkpoint(str(tmp_path)).name == "checkpoint-10"
+    assert ckpt.resolve_resume("auto", str(tmp_path)).name == "checkpoint-10"
+    assert ckpt.resolve_resume(False, str(tmp_path)) is None
