@@ -32,7 +32,7 @@ def _preflight(cfg: SFTConfig) -> None:
         ("validation.data_args.file_name", cfg.validation_files),
     ):
         for f in files:
-            if not Path(f).is_file():
+            if not Path(f).exists():
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
     p = cfg.pretrain
     if not p.startswith("embedded:") and p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():
@@ -46,6 +46,8 @@ def _preflight(cfg: SFTConfig) -> None:
 def run(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
     set_local_defaults()
     cfg = load_config(config_name, overrides, config_path)
+    if cfg.ray_address:
+        os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's RayTaskRunner is built
     check_runnable(cfg)
     _preflight(cfg)
     t0 = time.perf_counter()
@@ -56,6 +58,19 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     from flows.sft_pipeline import sft_pipeline
 
     return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)
+
+
+def preview(args: argparse.Namespace) -> None:
+    """Encode the first samples exactly as a run would (no server, no Ray) and print them."""
+    from sft_core.data.preview import encode_preview, preview_lines
+    from sft_core.model.resolve import load_tokenizer, resolve_pretrained
+
+    cfg = load_config(args.config_name, args.overrides, args.config_path)
+    _preflight(cfg)
+    tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))
+    samples = encode_preview(cfg, tokenizer, args.n, args.split)
+    for line in preview_lines(cfg, tokenizer, samples, args.json, color=sys.stdout.isatty()):
+        print(line)
 
 
 def print_summary(result: dict[str, Any], wall: float) -> None:
@@ -96,13 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. sft_train.training_args.max_steps=5"
     )
+    prev_p = sub.add_parser("preview", help="show encoded samples with the supervised spans marked")
+    prev_p.add_argument("--config-path", "--config_path", dest="config_path", default=None)
+    prev_p.add_argument("--config-name", "--config_name", dest="config_name", default="sft_config")
+    prev_p.add_argument("-n", type=int, default=3, help="how many samples")
+    prev_p.add_argument("--split", choices=["train", "validation"], default="train")
+    prev_p.add_argument(
+        "--json", action="store_true", help="one JSON object per sample (per packed row if packing)"
+    )
+    prev_p.add_argument("overrides", nargs="*")
     server_p = sub.add_parser("server", help="manage the local Prefect server")
     server_p.add_argument("action", choices=["stop"])
-    args = parser.parse_args(argv)
+    # Overrides may come before or after the options (`sft preview key=v -n 2 other=w`).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
 
     if args.command == "server":
         set_local_defaults()
         print("stopped" if stop_server() else "no server started by sft is running")
+        return 0
+    if args.command == "preview":
+        try:
+            preview(args)
+        except Exception as exc:
+            user = user_error_in(exc)
+            if user is None:
+                raise
+            print(f"sft: error: {user}", file=sys.stderr)
+            return user.exit_code
         return 0
     t0 = time.perf_counter()
     try:

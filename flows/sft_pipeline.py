@@ -48,7 +48,10 @@ def encode_settings(cfg: SFTConfig, config_key: str) -> dict[str, Any]:
             "response_key": cfg.response_key,
             "query_key": cfg.query_key,
             "system_key": cfg.system_key,
+            "format": cfg.sft_train.data_args.format,
         },
+        "on_bad_row": cfg.sft_train.data_args.on_bad_row,
+        "supervise": cfg.sft_train.data_args.supervise,
         "sequence_length": cfg.sequence_length,
         "length_policy": cfg.sft_train.data_args.length_policy,
         "config_key": config_key,
@@ -116,6 +119,13 @@ def sft_pipeline(
                 cfg.sequence_length,
                 enc["report"],
             )
+        if enc["rejected"]:
+            logger.warning(
+                "%s: %d bad rows skipped (on_bad_row=skip); each with its reason in %s",
+                enc["split"],
+                enc["rejected"],
+                enc["rejects"],
+            )
     logger.info(
         "train: %d samples -> %d rows (padding %.1f%%)",
         train_pack["samples"],
@@ -155,6 +165,7 @@ def sft_pipeline(
         "data/train_rows": train_pack["rows"],
         "data/truncated": train_enc["truncated"],
         "data/dropped": train_enc["dropped"],
+        "data/rejected": train_enc["rejected"],
         "data/padding_fraction": train_pack["padding_fraction"],
     }
     trackers.log_metrics(data_metrics, 0)

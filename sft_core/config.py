@@ -76,8 +76,14 @@ class DataArgs(_Strict):
     file_name: str | list[str] | None = None
     template: str | None = None
     preprocessing_num_workers: int = Field(1, gt=0)
+    # Row shape: alpaca (the *_key field mapping), messages ({role, content}), sharegpt
+    # (conversations with {from, value}), or auto (decided per row by which fields it has).
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
     # Samples longer than sequence_length: cut the response (counted and reported), drop them, or stop.
     length_policy: Literal["truncate", "drop", "error"] = "truncate"
+    # A row that cannot be used: stop naming file, row and field, or skip it into a rejects file.
+    on_bad_row: Literal["error", "skip"] = "error"
+    supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
 
     def files(self) -> list[str]:
         if self.file_name is None:
@@ -137,6 +143,9 @@ class SFTConfig(_Strict):
     track_with: str = "mlflow"
     tracker_kwargs: dict[str, Any] = Field(default_factory=dict)
     num_gpus_per_node: int | None = Field(None, gt=0)
+    # Join an existing (multi-node) Ray cluster, e.g. "10.0.0.1:6379"; RAY_ADDRESS in the environment
+    # does the same. Unset: a local Ray is started on loopback.
+    ray_address: str | None = None
 
     save_steps: int = Field(100, gt=0)
     logging_steps: int = Field(1, gt=0)

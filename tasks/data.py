@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from sft_core.data.encode import EncodedData, FieldMapping, encode_files, write_report
+from sft_core.data.encode import EncodedData, FieldMapping, encode_files, write_jsonl
 from sft_core.data.packing import plan_rows
 from sft_core.data.templates import get_template
 from sft_core.model.resolve import load_tokenizer, sft_home
@@ -49,9 +49,12 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
         settings["sequence_length"],
         settings["length_policy"],
         config_key=settings["config_key"],
+        on_bad_row=settings["on_bad_row"],
+        supervise=settings["supervise"],
     )
     data.save(out / "encoded.npz")
-    write_report(stats, out / "length_report.jsonl")
+    write_jsonl(stats.report, out / "length_report.jsonl")
+    write_jsonl(stats.rejects, out / "rejects.jsonl")
     return {
         "key": key,
         "split": split,
@@ -62,6 +65,8 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
         "supervised_tokens": stats.supervised_tokens,
         "truncated": stats.truncated,
         "dropped": stats.dropped,
+        "rejected": stats.rejected,
+        "rejects": str(out / "rejects.jsonl"),
     }
 
 

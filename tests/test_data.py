@@ -169,3 +169,58 @@ def test_packed_samples_do_not_attend_to_each_other(tmp_path, smollm2_tokenizer,
             alone = model(input_ids=torch.tensor(x)[None].long()).logits[0]
             torch.testing.assert_close(packed[start : start + len(x)], alone, rtol=1e-4, atol=1e-4)
             start += len(x)
+
+
+def test_on_bad_row_skip_counts_and_lists_every_rejected_row(tmp_path, smollm2_tokenizer):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(
+        '{"instruction": "a", "output": "b"}\n'
+        '{"instruction": "no answer"}\n'
+        '{"instruction": "broken", "output": \n'
+        '{"instruction": "c", "output": "d"}\n'
+    )
+    tok = smollm2_tokenizer
+    data, stats = encode_files([str(f)], tok, get_template("chatml", tok), FIELDS, 256, on_bad_row="skip")
+    assert len(data) == 2 and stats.rejected == 2
+    assert [(r["row"], r["file"]) for r in stats.rejects] == [(2, str(f)), (3, str(f))]
+    assert "field 'output'" in stats.rejects[0]["reason"] and "not valid JSON" in stats.rejects[1]["reason"]
+    assert stats.rejects[0]["data"] == {"instruction": "no answer"}
+
+
+def test_sharegpt_parquet_and_saved_dataset_sources(tmp_path, smollm2_tokenizer):
+    import datasets
+
+    tok = smollm2_tokenizer
+    rows = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "Terse."},
+                {"from": "human", "value": "2+2"},
+                {"from": "gpt", "value": "4"},
+            ]
+        },
+    ]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for source in (tmp_path / "d.parquet", tmp_path / "saved"):
+        data, _ = encode_files([str(source)], tok, get_template("chatml", tok), FIELDS, 256)
+        texts = [supervised_text(tok, *data.sample(i)) for i in range(len(data))]
+        assert texts == ["Hello!<|im_end|>", "4<|im_end|>"], source
+
+
+def test_sharegpt_unknown_speaker_names_the_field(tmp_path, smollm2_tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}])
+    with pytest.raises(DataError, match=r"row 1: field 'conversations\[1\].from' is 'robot'"):
+        encode_files([f], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 256)
+
+
+def test_last_assistant_turn_only(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    messages = [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"},
+    ]  # fmt: skip
+    ids, labels = encode_messages(tok, get_template("chatml", tok), messages, "t", "last_assistant_turn")
+    assert supervised_text(tok, ids, labels) == "second<|im_end|>"

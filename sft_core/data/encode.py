@@ -1,8 +1,9 @@
-"""Rows -> chat messages -> token ids + labels, with the length policy applied and counted."""
+"""Rows -> chat messages -> token ids + labels, with the length and bad-row policies applied and counted."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,22 +15,61 @@ from sft_core.data.sources import Row, read_rows
 from sft_core.data.templates import ChatTemplate, supervised_char_spans
 from sft_core.errors import DataError
 
+# ShareGPT speaker names -> chat roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
 
 @dataclass(frozen=True)
 class FieldMapping:
-    """The seed's field mapping; a row with a `messages` list is used as it is."""
+    """How a row becomes a conversation.
+
+    format: `alpaca` (the seed's field mapping: user = prompt + "\\n" + query, assistant = response,
+    optional system), `messages` (a list of {role, content}), `sharegpt` (`conversations` with
+    {from, value}), or `auto` (alpaca when the prompt key is present, else messages, else sharegpt).
+    """
 
     prompt_key: str = "instruction"
     response_key: str = "output"
     query_key: str | None = None
     system_key: str | None = None
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    sequence_length: int
+    length_policy: str = "truncate"  # truncate | drop | error
+    on_bad_row: str = "error"  # error | skip (each skipped row is written to the rejects list)
+    supervise: str = "all_assistant_turns"  # or last_assistant_turn
+    config_key: str = "sft_train.data_args.file_name"
 
 
 def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
     """Map one row to chat messages; a missing or empty required field names file, row and field."""
     data = row.data
-    if "messages" in data and fields.prompt_key not in data:
-        return _checked_messages(row, data["messages"])
+    kind = fields.format
+    if kind == "auto":
+        kind = (
+            "alpaca"
+            if fields.prompt_key in data
+            else "messages"
+            if "messages" in data
+            else "sharegpt"
+            if "conversations" in data
+            else "alpaca"
+        )
+    if kind == "messages":
+        return _checked_messages(row, data.get("messages"), "messages", "role", "content", None)
+    if kind == "sharegpt":
+        return _checked_messages(
+            row, data.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES
+        )
 
     def text(key: str, role: str, required: bool) -> str:
         value = data.get(key)
@@ -57,24 +97,29 @@ def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
     return messages
 
 
-def _checked_messages(row: Row, messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
+def _checked_messages(
+    row: Row, turns: Any, key: str, role_key: str, content_key: str, roles: dict[str, str] | None
+) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
         raise DataError(
-            f"{row.where}: field 'messages' must be a non-empty list of {{role, content}} objects."
+            f"{row.where}: field '{key}' must be a non-empty list of {{{role_key}, {content_key}}} objects."
         )
     out = []
-    for j, m in enumerate(messages, start=1):
+    for j, m in enumerate(turns, start=1):
         if (
             not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
+            or not isinstance(m.get(role_key), str)
+            or not isinstance(m.get(content_key), str)
         ):
-            raise DataError(f"{row.where}: field 'messages[{j}]' needs string 'role' and 'content'.")
-        out.append({"role": m["role"], "content": m["content"]})
+            raise DataError(f"{row.where}: field '{key}[{j}]' needs string '{role_key}' and '{content_key}'.")
+        role = m[role_key] if roles is None else roles.get(m[role_key])
+        if role is None:
+            raise DataError(
+                f"{row.where}: field '{key}[{j}].{role_key}' is '{m[role_key]}'; expected one of {sorted(roles)}."
+            )
+        out.append({"role": role, "content": m[content_key]})
     if not any(m["role"] == "assistant" for m in out):
-        raise DataError(
-            f"{row.where}: field 'messages' has no assistant turn, so nothing would be trained on."
-        )
+        raise DataError(f"{row.where}: field '{key}' has no assistant turn, so nothing would be trained on.")
     return out
 
 
@@ -85,7 +130,9 @@ class EncodeStats:
     supervised_tokens: int = 0
     truncated: int = 0
     dropped: int = 0
-    report: list[dict[str, Any]] = field(default_factory=list)  # one entry per truncated/dropped sample
+    rejected: int = 0
+    report: list[dict[str, Any]] = field(default_factory=list)  # each truncated or dropped sample
+    rejects: list[dict[str, Any]] = field(default_factory=list)  # each bad row, with its reason
 
 
 @dataclass
@@ -118,10 +165,16 @@ class EncodedData:
 
 
 def encode_messages(
-    tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]], where: str
+    tokenizer: Any,
+    template: ChatTemplate,
+    messages: list[dict[str, str]],
+    where: str,
+    supervise: str = "all_assistant_turns",
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation: labels keep ids only inside supervised spans."""
     text, spans = supervised_char_spans(template, tokenizer, messages, where)
+    if supervise == "last_assistant_turn":
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
@@ -134,6 +187,54 @@ def encode_messages(
     return ids, labels
 
 
+def iter_encoded(
+    files: list[str],
+    tokenizer: Any,
+    template: ChatTemplate,
+    fields: FieldMapping,
+    opts: EncodeOptions,
+    stats: EncodeStats,
+) -> Iterator[tuple[Row, list[int], list[int]]]:
+    """Yield (row, ids, labels) for every usable row, applying the bad-row and length policies."""
+    for file in files:
+        for row in read_rows(file, opts.config_key):
+            try:
+                if row.error:
+                    raise DataError(f"{row.file}, {row.error}.")
+                messages = row_to_messages(row, fields)
+                ids, labels = encode_messages(tokenizer, template, messages, row.where, opts.supervise)
+            except DataError as err:
+                if opts.on_bad_row == "error":
+                    raise
+                stats.rejected += 1
+                stats.rejects.append(
+                    {"file": row.file, "row": row.index, "reason": str(err), "data": row.data}
+                )
+                continue
+            if len(ids) > opts.sequence_length:
+                entry = {
+                    "file": row.file,
+                    "row": row.index,
+                    "tokens": len(ids),
+                    "sequence_length": opts.sequence_length,
+                }
+                if opts.length_policy == "error":
+                    raise DataError(
+                        f"{row.where}: the sample has {len(ids)} tokens, more than sequence_length={opts.sequence_length} "
+                        "(sft_train.data_args.length_policy=error). Raise sequence_length or use truncate/drop."
+                    )
+                if opts.length_policy == "truncate":
+                    ids, labels = ids[: opts.sequence_length], labels[: opts.sequence_length]
+                if opts.length_policy == "drop" or all(lab == IGNORE_INDEX for lab in labels[1:]):
+                    # Nothing left to learn from after the cut: counted and listed, never trained on.
+                    stats.dropped += 1
+                    stats.report.append({**entry, "action": "dropped"})
+                    continue
+                stats.truncated += 1
+                stats.report.append({**entry, "action": "truncated"})
+            yield row, ids, labels
+
+
 def encode_files(
     files: list[str],
     tokenizer: Any,
@@ -142,41 +243,23 @@ def encode_files(
     sequence_length: int,
     length_policy: str = "truncate",
     config_key: str = "sft_train.data_args.file_name",
+    on_bad_row: str = "error",
+    supervise: str = "all_assistant_turns",
+    limit: int | None = None,
 ) -> tuple[EncodedData, EncodeStats]:
-    """Encode every row of `files`. Over-long samples follow `length_policy` and are all reported."""
+    """Encode every row of `files` (or the first `limit` usable ones); every policy decision is counted."""
+    opts = EncodeOptions(sequence_length, length_policy, on_bad_row, supervise, config_key)
     all_ids: list[np.ndarray] = []
     all_labels: list[np.ndarray] = []
     stats = EncodeStats()
-    for file in files:
-        for row in read_rows(file, config_key):
-            messages = row_to_messages(row, fields)
-            ids, labels = encode_messages(tokenizer, template, messages, row.where)
-            if len(ids) > sequence_length:
-                entry = {
-                    "file": row.file,
-                    "row": row.index,
-                    "tokens": len(ids),
-                    "sequence_length": sequence_length,
-                }
-                if length_policy == "error":
-                    raise DataError(
-                        f"{row.where}: the sample has {len(ids)} tokens, more than sequence_length={sequence_length} "
-                        "(sft_train.data_args.length_policy=error). Raise sequence_length or use truncate/drop."
-                    )
-                if length_policy == "truncate":
-                    ids, labels = ids[:sequence_length], labels[:sequence_length]
-                if length_policy == "drop" or all(lab == IGNORE_INDEX for lab in labels[1:]):
-                    # Nothing left to learn from after the cut: counted and listed, never trained on.
-                    stats.dropped += 1
-                    stats.report.append({**entry, "action": "dropped"})
-                    continue
-                stats.truncated += 1
-                stats.report.append({**entry, "action": "truncated"})
-            all_ids.append(np.asarray(ids, dtype=np.int32))
-            all_labels.append(np.asarray(labels, dtype=np.int32))
-            stats.samples += 1
-            stats.tokens += len(ids)
-            stats.supervised_tokens += sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
+    for _row, ids, labels in iter_encoded(files, tokenizer, template, fields, opts, stats):
+        all_ids.append(np.asarray(ids, dtype=np.int32))
+        all_labels.append(np.asarray(labels, dtype=np.int32))
+        stats.samples += 1
+        stats.tokens += len(ids)
+        stats.supervised_tokens += sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
+        if limit and stats.samples >= limit:
+            break
     if not all_ids:
         raise DataError(f"no usable samples in {', '.join(files)} (config key '{config_key}').")
     offsets = np.zeros(len(all_ids) + 1, dtype=np.int64)
@@ -185,7 +268,7 @@ def encode_files(
     return data, stats
 
 
-def write_report(stats: EncodeStats, path: Path) -> None:
+def write_jsonl(entries: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
-        for entry in stats.report:
-            f.write(json.dumps(entry) + "\n")
+        for entry in entries:
+            f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")

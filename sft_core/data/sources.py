@@ -1,4 +1,9 @@
-"""Read data files into rows, with errors that name the file, the row and the field."""
+"""Read data files into rows, with errors that name the file, the row and the field.
+
+Sources: JSON (a list of objects, or JSON lines), JSONL, Parquet, and a folder written by
+`datasets.Dataset.save_to_disk`. A row that cannot be read at all (broken JSON, not an object)
+comes back as a `Row` with `error` set, so the caller applies the `on_bad_row` policy to it.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ class Row:
     file: str
     index: int  # 1-based row number (the line number for JSONL), as a person counts
     data: dict[str, Any]
+    error: str | None = None  # why the row could not be read; data then holds {"raw": ...}
 
     @property
     def where(self) -> str:
@@ -23,8 +29,10 @@ class Row:
 
 
 def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> Iterator[Row]:
-    """Yield rows of a JSON (a list of objects, or JSON lines), JSONL or Parquet file."""
     p = Path(path)
+    if p.is_dir() and (p / "dataset_info.json").is_file():
+        yield from _saved_dataset_rows(p)
+        return
     if not p.is_file():
         raise DataError(
             f"data file '{path}' does not exist (set by config key '{config_key}'). "
@@ -47,11 +55,21 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{p}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})."
-                ) from None
+                yield Row(
+                    str(p),
+                    line_no,
+                    {"raw": line.rstrip("\n")},
+                    f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})",
+                )
+                continue
             if not isinstance(data, dict):
-                raise DataError(f"{p}, line {line_no}: expected a JSON object, got {type(data).__name__}.")
+                yield Row(
+                    str(p),
+                    line_no,
+                    {"raw": data},
+                    f"line {line_no}: expected a JSON object, got {type(data).__name__}",
+                )
+                continue
             yield Row(str(p), line_no, data)
 
 
@@ -70,7 +88,8 @@ def _json_rows(p: Path) -> Iterator[Row]:
         raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}.")
     for i, item in enumerate(data, start=1):
         if not isinstance(item, dict):
-            raise DataError(f"{p}, row {i}: expected a JSON object, got {type(item).__name__}.")
+            yield Row(str(p), i, {"raw": item}, f"row {i}: expected a JSON object, got {type(item).__name__}")
+            continue
         yield Row(str(p), i, item)
 
 
@@ -79,3 +98,10 @@ def _parquet_rows(p: Path) -> Iterator[Row]:
 
     for i, item in enumerate(pq.read_table(p).to_pylist(), start=1):
         yield Row(str(p), i, item)
+
+
+def _saved_dataset_rows(p: Path) -> Iterator[Row]:
+    from datasets import load_from_disk
+
+    for i, item in enumerate(load_from_disk(str(p)), start=1):
+        yield Row(str(p), i, dict(item))

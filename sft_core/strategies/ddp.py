@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,9 @@ class DDPStrategy(TorchStrategy):
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
 
-def _timed_allreduce(state: dict[str, float], bucket: Any) -> torch.futures.Future[torch.Tensor]:
+# No annotations on bucket / return: DDP checks them against dist.GradBucket / Future at runtime,
+# and `from __future__ import annotations` would turn them into strings that fail that check.
+def _timed_allreduce(state: dict[str, float], bucket):  # noqa: ANN001, ANN202
     """DDP's default gradient averaging (all-reduce of each bucket / world size), timed from launch to
     completion. Buckets overlap the backward pass, so this is time in communication, not time added."""
     start = time.perf_counter()

@@ -1,0 +1,98 @@
+"""`sft preview`: show encoded samples with the supervised spans marked, to check a template.
+
+Supervised tokens are shown in green on a terminal, or between «guillemets» otherwise::
+
+    <|im_start|>user
+    Capital of France?<|im_end|>
+    <|im_start|>assistant
+    «Paris.<|im_end|>»
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from sft_core.config import SFTConfig
+from sft_core.data import IGNORE_INDEX
+from sft_core.data.encode import EncodedData, EncodeOptions, EncodeStats, FieldMapping, iter_encoded
+from sft_core.data.packing import build_row, plan_rows
+from sft_core.data.templates import get_template
+
+GREEN, RESET = "\x1b[30;42m", "\x1b[0m"
+
+
+def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train") -> list[dict[str, Any]]:
+    """The first `n` usable samples of the split, encoded exactly as training encodes them."""
+    data_args = cfg.sft_train.data_args
+    files = data_args.files() if split == "train" else cfg.validation_files
+    fields = FieldMapping(cfg.prompt_key, cfg.response_key, cfg.query_key, cfg.system_key, data_args.format)
+    opts = EncodeOptions(
+        cfg.sequence_length, data_args.length_policy, data_args.on_bad_row, data_args.supervise
+    )
+    samples = []
+    encoded: Iterator = iter_encoded(
+        files, tokenizer, get_template(cfg.template, tokenizer), fields, opts, EncodeStats()
+    )
+    for row, ids, labels in encoded:
+        samples.append({"file": row.file, "row": row.index, "input_ids": ids, "labels": labels})
+        if len(samples) >= n:
+            break
+    return samples
+
+
+def render(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
+    """Decode runs of supervised / unsupervised tokens, marking the supervised runs."""
+    out, run, supervised = [], [], None
+    for token, label in zip(ids, labels, strict=True):
+        flag = label != IGNORE_INDEX
+        if flag != supervised and run:
+            out.append(_mark(tokenizer.decode(run), supervised, color))
+            run = []
+        supervised = flag
+        run.append(token)
+    if run:
+        out.append(_mark(tokenizer.decode(run), supervised, color))
+    return "".join(out)
+
+
+def _mark(text: str, supervised: bool | None, color: bool) -> str:
+    if not supervised:
+        return text
+    return f"{GREEN}{text}{RESET}" if color else f"«{text}»"
+
+
+def preview_lines(
+    cfg: SFTConfig, tokenizer: Any, samples: list[dict[str, Any]], as_json: bool, color: bool
+) -> Iterator[str]:
+    if as_json:
+        if cfg.sft_train.use_sequence_packing:
+            yield from _packed_json(cfg, samples)
+        else:
+            for s in samples:
+                yield json.dumps(s)
+        return
+    for i, s in enumerate(samples, start=1):
+        supervised = sum(1 for lab in s["labels"] if lab != IGNORE_INDEX)
+        yield f"── sample {i}: {s['file']}, row {s['row']} · {len(s['input_ids'])} tokens, {supervised} supervised"
+        yield render(tokenizer, s["input_ids"], s["labels"], color)
+
+
+def _packed_json(cfg: SFTConfig, samples: list[dict[str, Any]]) -> Iterator[str]:
+    import numpy as np
+
+    lengths = [len(s["input_ids"]) for s in samples]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    data = EncodedData(
+        np.concatenate([np.asarray(s["input_ids"], dtype=np.int32) for s in samples]),
+        np.concatenate([np.asarray(s["labels"], dtype=np.int32) for s in samples]),
+        offsets,
+    )
+    plan = plan_rows(data, cfg.sequence_length, packing=True)
+    for row in plan.rows:
+        ids, labels, positions = build_row(data, row)
+        yield json.dumps({
+            "samples": [{"file": samples[i]["file"], "row": samples[i]["row"]} for i in row],
+            "input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist(),
+        })  # fmt: skip

@@ -1,0 +1,37 @@
+"""`sft preview` shows what a run would train on, for a person and for scripts."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_preview_marks_only_the_answers(tmp_path):
+    result = run_cli(["preview", "+experiment=smoke", "-n", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.count("── sample") == 2 and "supervised" in out
+    marked = [chunk.split("»")[0] for chunk in out.split("«")[1:]]
+    assert len(marked) == 2 and all(m.endswith("<|im_end|>") for m in marked)
+    assert not any("<|im_start|>" in m or "SmolLM" in m for m in marked)
+
+
+def test_preview_json_gives_packed_rows_with_restarting_positions(tmp_path):
+    result = run_cli(["preview", "+experiment=smoke", "-n", "4", "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sum(len(r["samples"]) for r in rows) == 4
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"])
+        assert r["position_ids"].count(0) == len(r["samples"])
+    unpacked = run_cli(
+        ["preview", "+experiment=smoke", "-n", "4", "--json", "sft_train.use_sequence_packing=false"],
+        tmp_path,
+    )
+    assert unpacked.returncode == 0, unpacked.stderr[-2000:]
+    samples = [json.loads(line) for line in unpacked.stdout.splitlines()]
+    assert sorted((s["file"], s["row"]) for s in samples) == sorted(
+        (x["file"], x["row"]) for r in rows for x in r["samples"]
+    )
+    assert sum(len(s["input_ids"]) for s in samples) == sum(len(r["input_ids"]) for r in rows)
