@@ -107,3 +107,26 @@ def test_max_ckpt_to_keep_removes_the_oldest(tmp_path):
     assert ckpt.latest_checkpoint(str(tmp_path)).name == "checkpoint-10"
     assert ckpt.resolve_resume("auto", str(tmp_path)).name == "checkpoint-10"
     assert ckpt.resolve_resume(False, str(tmp_path)) is None
+
+
+def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_dir, smollm2_tokenizer):
+    from sft_core.data.collate import collate_rows
+    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.data.packing import plan_rows
+    from sft_core.data.templates import get_template
+    from tests.conftest import DEMO
+
+    tok = smollm2_tokenizer
+    data, _ = encode_files(
+        [str(DEMO / "validation.jsonl")], tok, get_template("native", tok), FieldMapping(query_key="input"), 256, limit=24
+    )
+    strategy = _strategy(tiny_model_dir)
+    results = {}
+    for packing in (True, False):
+        plan = plan_rows(data, 256, packing)
+        batches = [collate_rows(data, plan, list(range(i, min(i + 4, len(plan.rows)))), tok.pad_token_id)
+                   for i in range(0, len(plan.rows), 4)]  # fmt: skip
+        results[packing] = (len(plan.rows), *strategy.eval_step(batches))
+    assert results[True][0] < results[False][0]  # packing did pack
+    assert results[True][2] == results[False][2]  # the same supervised targets
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
