@@ -88,8 +88,8 @@ def main() -> None:
         "parameters": info["parameters"],
         "peak_flops_per_worker": info["peak_flops"],
         "startup_seconds": startup,
-        "first_step": {k: steps[0][k] for k in keys},
-        "steady_mean": {k: statistics.mean(s[k] for s in steady) for k in keys},
+        "first_step": {k: steps[0][k] for k in keys if k in steps[0]},
+        "steady_mean": {k: statistics.mean(s[k] for s in steady) for k in keys if k in steady[0]},
         "peak_memory_mb": {k: v for k, v in steps[-1].items() if k.startswith("memory/")},
     }
     print(json.dumps(result, indent=2))

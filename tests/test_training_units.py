@@ -118,7 +118,12 @@ def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_di
 
     tok = smollm2_tokenizer
     data, _ = encode_files(
-        [str(DEMO / "validation.jsonl")], tok, get_template("native", tok), FieldMapping(query_key="input"), 256, limit=24
+        [str(DEMO / "validation.jsonl")],
+        tok,
+        get_template("native", tok),
+        FieldMapping(query_key="input"),
+        256,
+        limit=24,
     )
     strategy = _strategy(tiny_model_dir)
     results = {}

@@ -178,11 +178,14 @@ def encode_messages(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
+    # A token is supervised when it overlaps a span. A token can straddle the span start only when
+    # the template's generation prompt ends mid-word (e.g. "assistant: " + "Blue" -> " Blue"): the
+    # model must still produce it, so it is supervised.
     span_i = 0
-    for t, (start, _end) in enumerate(enc["offset_mapping"]):
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
         while span_i < len(spans) and start >= spans[span_i][1]:
             span_i += 1
-        if span_i < len(spans) and spans[span_i][0] <= start:
+        if span_i < len(spans) and end > spans[span_i][0]:
             labels[t] = ids[t]
     return ids, labels
 

@@ -8,6 +8,7 @@ that the template injects, role headers and the generation prompt are never supe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,25 @@ QWEN2_5 = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen2_5": QWEN2_5}
+# Qwen3 in non-thinking form: each assistant turn carries an empty think block, as the model emits it.
+QWEN3 = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen2_5": QWEN2_5, "qwen3": QWEN3, "llama3": LLAMA3}
 
 
 @dataclass(frozen=True)
@@ -72,19 +91,25 @@ def get_template(name: str, tokenizer: Any) -> ChatTemplate:
     )
 
 
+_EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
+
+
 def supervised_char_spans(
     template: ChatTemplate, tokenizer: Any, messages: list[dict[str, str]], where: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and return (text, [(start, end)]) of each assistant turn's supervised chars.
 
-    A span covers the assistant content plus the end-of-turn token right after it, e.g. with ChatML::
+    A span covers what the model must generate after the generation prompt: the assistant content
+    plus the end-of-turn token right after it, e.g. with ChatML::
 
         <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
                                                              ^^^^^^^^^^^^^^^^ supervised
 
-    The span start is where the generation prompt ends, found by rendering the conversation up to
-    that turn with add_generation_prompt=True; this needs a template whose rendering of a prefix of
-    the conversation is a prefix of the whole rendering, which is checked.
+    Where the generation prompt ends is found by rendering the conversation up to that turn with
+    add_generation_prompt=True (a template whose rendering of a prefix of the conversation is not a
+    prefix of the whole rendering is refused). Text a template inserts between the generation
+    prompt and the content is supervised too (the model generates it), except an empty
+    `<think></think>` block (Qwen3), which would teach the model nothing but the format.
     """
     text = template.render(tokenizer, messages)
     specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
@@ -93,20 +118,25 @@ def supervised_char_spans(
         if message["role"] != "assistant":
             continue
         prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
-        if not text.startswith(prompt):
+        turn = template.render(tokenizer, messages[: i + 1])
+        if not (text.startswith(prompt) and text.startswith(turn)):
             raise DataError(
                 f"{where}: template '{template.name}' renders turn {i + 1} differently inside the whole "
                 "conversation than on its own, so answer spans cannot be located. Use a template whose "
                 "earlier turns do not change with later ones (e.g. chatml)."
             )
         start = len(prompt)
-        content = message["content"]
-        if not text.startswith(content, start):
+        content = message["content"].strip() or message["content"]
+        pos = text.find(content, start, len(turn))
+        if pos < 0:
             raise DataError(
-                f"{where}: template '{template.name}' does not place assistant turn {i + 1}'s content right "
-                "after the generation prompt (it rewrites the content), so its span cannot be located."
+                f"{where}: template '{template.name}' does not render assistant turn {i + 1}'s content as "
+                "given (it rewrites it), so its span cannot be located."
             )
-        end = start + len(content)
+        between = text[start:pos]
+        if not between.strip() or _EMPTY_THINK.match(between):
+            start = pos
+        end = pos + len(content)
         end_token = next((s for s in specials if text.startswith(s, end)), "")
         spans.append((start, end + len(end_token)))
     return text, spans

@@ -24,7 +24,7 @@ class DDPStrategy(TorchStrategy):
         ddp.register_comm_hook(self._comm, _timed_allreduce)
         return ddp
 
-    def _take_comm_time(self) -> float:
+    def _take_comm_time(self) -> float | None:
         comm = self.__dict__.get("_comm")  # set only when wrapped in DDP (world_size > 1)
         if comm is None:
             return 0.0

@@ -50,9 +50,10 @@ class TorchStrategy:
         """Full (unsharded) weights on CPU; a collective call where weights are sharded."""
         raise NotImplementedError
 
-    def _take_comm_time(self) -> float:
-        """Seconds spent in gradient collectives this step (overlapping backward), where measured."""
-        return 0.0
+    def _take_comm_time(self) -> float | None:
+        """Seconds spent in gradient collectives this step (overlapping backward); None where the
+        strategy cannot measure it (FSDP2 issues its collectives internally)."""
+        return None
 
     # -- setup -----------------------------------------------------------------------------------
     def initialize(self, model_dir: Path, total_steps: int) -> None:

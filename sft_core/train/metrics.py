@@ -12,7 +12,9 @@ def train_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     step_time = max(r["time_step"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     real = sum(r["real_tokens"] for r in results)
+    comm = [r["time_comm"] for r in results if r.get("time_comm") is not None]
     return {
+        **({"time/comm": max(comm)} if comm else {}),
         "sft_train/loss": sum(r["loss_sum"] for r in results) / max(num_targets, 1),
         "sft_train/grad_norm": results[0]["grad_norm"],
         "sft_train/lr": results[0]["lr"],
@@ -27,7 +29,6 @@ def train_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
         "time/data": max(r["time_data"] for r in results),
         "time/fwd_bwd": max(r["time_fwd_bwd"] for r in results),
         "time/optimizer": max(r["time_optimizer"] for r in results),
-        "time/comm": max(r["time_comm"] for r in results),
         **{f"memory/peak_mb_rank{r['rank']}": r["peak_memory_mb"] for r in results},
     }
 

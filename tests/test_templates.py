@@ -1,0 +1,111 @@
+"""Templates and answer spans: golden cases with the real SmolLM2 tokenizer, a property test over
+random conversations, and agreement with transformers' own assistant mask where a template has
+{% generation %} markers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sft_core.data import IGNORE_INDEX
+from sft_core.data.encode import encode_messages
+from sft_core.data.templates import ChatTemplate, get_template
+from sft_core.errors import ConfigError
+
+
+def supervised(tok, ids, labels) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+CHAT = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+
+
+@pytest.mark.parametrize(
+    ("template", "rendered", "answer"),
+    [
+        ("native", "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                   "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n", "Blue.<|im_end|>"),
+        ("chatml", "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n", "Blue.<|im_end|>"),
+        ("qwen2_5", "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n", "Blue.<|im_end|>"),
+        ("qwen3", "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nBlue.<|im_end|>\n",
+         "Blue.<|im_end|>"),  # the empty think block is not supervised
+    ],
+)  # fmt: skip
+def test_golden_rendering_and_answer_span(smollm2_tokenizer, template, rendered, answer):
+    tok = smollm2_tokenizer
+    ids, labels = encode_messages(tok, get_template(template, tok), CHAT, "golden")
+    assert tok.decode(ids) == rendered
+    assert supervised(tok, ids, labels) == answer
+
+
+def test_llama3_template_supervises_answer_and_eot(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    ids, labels = encode_messages(
+        tok,
+        get_template("llama3", tok),
+        [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": " Yo. "}],
+        "t",
+    )
+    assert tok.decode(ids).count("<|im_start|>") == 1  # bos_token once, no double BOS
+    assert supervised(tok, ids, labels) == "Yo.<|eot_id|>"
+
+
+def test_custom_jinja_file(tmp_path, smollm2_tokenizer):
+    path = tmp_path / "plain.jinja"
+    path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
+    tok = smollm2_tokenizer
+    ids, labels = encode_messages(tok, get_template(str(path), tok), CHAT, "t")
+    # The generation prompt ends in a space, which BPE glues to the answer's first word.
+    assert supervised(tok, ids, labels) == " Blue.<|im_end|>"
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_template(str(tmp_path / "missing.jinja"), tok)
+
+
+GENERATION_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TEXT = (
+    st.text(alphabet=st.characters(codec="ascii", categories=["L", "N", "P", "Zs"]), min_size=1, max_size=40)
+    .map(str.strip)
+    .filter(bool)
+)
+CONVERSATIONS = st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3).map(
+    lambda turns: [
+        m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=CONVERSATIONS, system=st.booleans())
+def test_supervised_tokens_are_exactly_the_answers_and_their_end_tokens(smollm2_tokenizer, messages, system):
+    tok = smollm2_tokenizer
+    if system:
+        messages = [{"role": "system", "content": "Be kind."}, *messages]
+    for name in ("native", "chatml"):
+        ids, labels = encode_messages(tok, get_template(name, tok), messages, "property")
+        expected = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        assert supervised(tok, ids, labels) == expected
+    # Where the template marks generation, transformers computes the mask itself: they must agree.
+    ids, labels = encode_messages(tok, ChatTemplate("generation", GENERATION_CHATML), messages, "property")
+    reference = tok.apply_chat_template(
+        messages,
+        chat_template=GENERATION_CHATML,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert reference["input_ids"] == ids
+    assert reference["assistant_masks"] == [int(lab != IGNORE_INDEX) for lab in labels]
