@@ -91,7 +91,13 @@ def sft_pipeline(
     if cfg.validation_files:
         splits["validation"] = ("validation.data_args.file_name", cfg.validation_files)
     enc_params = {
-        split: {"files": files, "tokenizer": tokenizer, "settings": encode_settings(cfg, key), "split": split}
+        split: {
+            "files": files,
+            "tokenizer": tokenizer,
+            "settings": encode_settings(cfg, key),
+            "split": split,
+            "workers": cfg.sft_train.data_args.preprocessing_num_workers,
+        }
         for split, (key, files) in splits.items()
     }
     futures = {split: encode_dataset.submit(**p) for split, p in enc_params.items()}

@@ -35,7 +35,7 @@ def _encode_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
 @task(
     name="encode-dataset", cache_key_fn=_encode_cache_key, persist_result=True, task_run_name="encode-{split}"
 )
-def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str) -> dict:
+def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str, workers: int = 1) -> dict:
     """Rows -> chat template -> ids + labels (answer only). `settings` holds the config it depends on."""
     key = encode_key(files, tokenizer, settings)
     out = _data_dir(key)
@@ -51,6 +51,7 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
         config_key=settings["config_key"],
         on_bad_row=settings["on_bad_row"],
         supervise=settings["supervise"],
+        workers=workers,  # not in the cache key: the result does not depend on it
     )
     data.save(out / "encoded.npz")
     write_jsonl(stats.report, out / "length_report.jsonl")

@@ -224,3 +224,14 @@ def test_last_assistant_turn_only(smollm2_tokenizer):
     ]  # fmt: skip
     ids, labels = encode_messages(tok, get_template("chatml", tok), messages, "t", "last_assistant_turn")
     assert supervised_text(tok, ids, labels) == "second<|im_end|>"
+
+
+def test_worker_processes_encode_exactly_like_one_process(tmp_path, smollm2_tokenizer):
+    from tests.conftest import DEMO
+
+    tok = smollm2_tokenizer
+    args = ([str(DEMO / "train.jsonl")], tok, get_template("native", tok), FIELDS, 128)
+    one, stats1 = encode_files(*args, workers=1)
+    two, stats2 = encode_files(*args, workers=2)
+    assert np.array_equal(one.input_ids, two.input_ids) and np.array_equal(one.labels, two.labels)
+    assert np.array_equal(one.offsets, two.offsets) and stats1.report == stats2.report

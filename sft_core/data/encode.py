@@ -172,22 +172,99 @@ def encode_messages(
     supervise: str = "all_assistant_turns",
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation: labels keep ids only inside supervised spans."""
+    text, spans = _spans(tokenizer, template, messages, where, supervise)
+    return _tokenize_with_labels(tokenizer, [text], [spans])[0]
+
+
+def _spans(
+    tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]], where: str, supervise: str
+):
     text, spans = supervised_char_spans(template, tokenizer, messages, where)
-    if supervise == "last_assistant_turn":
-        spans = spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    # A token is supervised when it overlaps a span. A token can straddle the span start only when
-    # the template's generation prompt ends mid-word (e.g. "assistant: " + "Blue" -> " Blue"): the
-    # model must still produce it, so it is supervised.
-    span_i = 0
-    for t, (start, end) in enumerate(enc["offset_mapping"]):
-        while span_i < len(spans) and start >= spans[span_i][1]:
-            span_i += 1
-        if span_i < len(spans) and end > spans[span_i][0]:
-            labels[t] = ids[t]
-    return ids, labels
+    return text, (spans[-1:] if supervise == "last_assistant_turn" else spans)
+
+
+def _tokenize_with_labels(
+    tokenizer: Any, texts: list[str], spans: list[list[tuple[int, int]]]
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize a batch (the fast tokenizer's batch path) and label each token from the char spans.
+
+    A token is supervised when it overlaps a span. A token can straddle the span start only when
+    the template's generation prompt ends mid-word (e.g. "assistant: " + "Blue" -> " Blue"): the
+    model must still produce it, so it is supervised.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer: skips python-side conversion
+    if backend is not None:
+        batch = [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    else:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        batch = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+    out = []
+    for (ids, offsets), sample_spans in zip(batch, spans, strict=True):
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        keep = np.zeros(len(ids), dtype=bool)
+        for s0, s1 in sample_spans:
+            keep |= (off[:, 1] > s0) & (off[:, 0] < s1)
+        out.append((list(ids), np.where(keep, ids_arr, IGNORE_INDEX).tolist()))
+    return out
+
+
+_CHUNK = 256  # rows per batch: large enough for the batched tokenizer, small enough to stream
+
+
+def _encode_chunk(
+    rows: list[Row], tokenizer: Any, template: ChatTemplate, fields: FieldMapping, supervise: str
+) -> list[tuple[Row, list[int] | None, list[int] | None, str | None]]:
+    """(row, ids, labels, error) for each row of a chunk; errors are returned, not raised, so the
+    caller applies on_bad_row in row order."""
+    prepared: list[tuple[Row, str | None, list | None, str | None]] = []
+    for row in rows:
+        try:
+            if row.error:
+                raise DataError(f"{row.file}, {row.error}.")
+            text, spans = _spans(tokenizer, template, row_to_messages(row, fields), row.where, supervise)
+            prepared.append((row, text, spans, None))
+        except DataError as err:
+            prepared.append((row, None, None, str(err)))
+    good = [p for p in prepared if p[3] is None]
+    encoded = (
+        iter(_tokenize_with_labels(tokenizer, [p[1] for p in good], [p[2] for p in good]))
+        if good
+        else iter(())
+    )
+    result = []
+    for row, *_, error in prepared:
+        if error is None:
+            ids, labels = next(encoded)
+            result.append((row, ids, labels, None))
+        else:
+            result.append((row, None, None, error))
+    return result
+
+
+# Worker-process state for preprocessing_num_workers > 1 (set once per process by _init_worker).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, template: ChatTemplate, fields: FieldMapping, supervise: str) -> None:
+    _WORKER.update(tokenizer=tokenizer, template=template, fields=fields, supervise=supervise)
+
+
+def _encode_chunk_in_worker(rows: list[Row]) -> list:
+    w = _WORKER
+    return _encode_chunk(rows, w["tokenizer"], w["template"], w["fields"], w["supervise"])
+
+
+def _chunks(files: list[str], config_key: str) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    for file in files:
+        for row in read_rows(file, config_key):
+            chunk.append(row)
+            if len(chunk) == _CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
 
 
 def iter_encoded(
@@ -197,45 +274,59 @@ def iter_encoded(
     fields: FieldMapping,
     opts: EncodeOptions,
     stats: EncodeStats,
+    workers: int = 1,
 ) -> Iterator[tuple[Row, list[int], list[int]]]:
-    """Yield (row, ids, labels) for every usable row, applying the bad-row and length policies."""
-    for file in files:
-        for row in read_rows(file, opts.config_key):
-            try:
-                if row.error:
-                    raise DataError(f"{row.file}, {row.error}.")
-                messages = row_to_messages(row, fields)
-                ids, labels = encode_messages(tokenizer, template, messages, row.where, opts.supervise)
-            except DataError as err:
-                if opts.on_bad_row == "error":
-                    raise
-                stats.rejected += 1
-                stats.rejects.append(
-                    {"file": row.file, "row": row.index, "reason": str(err), "data": row.data}
+    """Yield (row, ids, labels) for every usable row in file order, applying the bad-row and length
+    policies. With workers > 1 chunks are encoded in a process pool (spawned: safe inside Ray)."""
+    if workers > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, _init_worker, (tokenizer, template, fields, opts.supervise)) as pool:
+            for chunk in pool.imap(_encode_chunk_in_worker, _chunks(files, opts.config_key)):
+                yield from _apply_policies(chunk, opts, stats)
+        return
+    for rows in _chunks(files, opts.config_key):
+        yield from _apply_policies(
+            _encode_chunk(rows, tokenizer, template, fields, opts.supervise), opts, stats
+        )
+
+
+def _apply_policies(
+    chunk: list[tuple[Row, list[int] | None, list[int] | None, str | None]],
+    opts: EncodeOptions,
+    stats: EncodeStats,
+) -> Iterator[tuple[Row, list[int], list[int]]]:
+    for row, ids, labels, error in chunk:
+        if error is not None:
+            if opts.on_bad_row == "error":
+                raise DataError(error)
+            stats.rejected += 1
+            stats.rejects.append({"file": row.file, "row": row.index, "reason": error, "data": row.data})
+            continue
+        assert ids is not None and labels is not None
+        if len(ids) > opts.sequence_length:
+            entry = {
+                "file": row.file,
+                "row": row.index,
+                "tokens": len(ids),
+                "sequence_length": opts.sequence_length,
+            }
+            if opts.length_policy == "error":
+                raise DataError(
+                    f"{row.where}: the sample has {len(ids)} tokens, more than sequence_length={opts.sequence_length} "
+                    "(sft_train.data_args.length_policy=error). Raise sequence_length or use truncate/drop."
                 )
+            if opts.length_policy == "truncate":
+                ids, labels = ids[: opts.sequence_length], labels[: opts.sequence_length]
+            if opts.length_policy == "drop" or all(lab == IGNORE_INDEX for lab in labels[1:]):
+                # Nothing left to learn from after the cut: counted and listed, never trained on.
+                stats.dropped += 1
+                stats.report.append({**entry, "action": "dropped"})
                 continue
-            if len(ids) > opts.sequence_length:
-                entry = {
-                    "file": row.file,
-                    "row": row.index,
-                    "tokens": len(ids),
-                    "sequence_length": opts.sequence_length,
-                }
-                if opts.length_policy == "error":
-                    raise DataError(
-                        f"{row.where}: the sample has {len(ids)} tokens, more than sequence_length={opts.sequence_length} "
-                        "(sft_train.data_args.length_policy=error). Raise sequence_length or use truncate/drop."
-                    )
-                if opts.length_policy == "truncate":
-                    ids, labels = ids[: opts.sequence_length], labels[: opts.sequence_length]
-                if opts.length_policy == "drop" or all(lab == IGNORE_INDEX for lab in labels[1:]):
-                    # Nothing left to learn from after the cut: counted and listed, never trained on.
-                    stats.dropped += 1
-                    stats.report.append({**entry, "action": "dropped"})
-                    continue
-                stats.truncated += 1
-                stats.report.append({**entry, "action": "truncated"})
-            yield row, ids, labels
+            stats.truncated += 1
+            stats.report.append({**entry, "action": "truncated"})
+        yield row, ids, labels
 
 
 def encode_files(
@@ -249,13 +340,14 @@ def encode_files(
     on_bad_row: str = "error",
     supervise: str = "all_assistant_turns",
     limit: int | None = None,
+    workers: int = 1,
 ) -> tuple[EncodedData, EncodeStats]:
     """Encode every row of `files` (or the first `limit` usable ones); every policy decision is counted."""
     opts = EncodeOptions(sequence_length, length_policy, on_bad_row, supervise, config_key)
     all_ids: list[np.ndarray] = []
     all_labels: list[np.ndarray] = []
     stats = EncodeStats()
-    for _row, ids, labels in iter_encoded(files, tokenizer, template, fields, opts, stats):
+    for _row, ids, labels in iter_encoded(files, tokenizer, template, fields, opts, stats, workers):
         all_ids.append(np.asarray(ids, dtype=np.int32))
         all_labels.append(np.asarray(labels, dtype=np.int32))
         stats.samples += 1
