@@ -173,7 +173,8 @@ def encode_messages(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation: labels keep ids only inside supervised spans."""
     text, spans = _spans(tokenizer, template, messages, where, supervise)
-    return _tokenize_with_labels(tokenizer, [text], [spans])[0]
+    ids, labels = _tokenize_with_labels(tokenizer, [text], [spans])[0]
+    return ids.tolist(), labels.tolist()
 
 
 def _spans(
@@ -193,20 +194,39 @@ def _tokenize_with_labels(
     model must still produce it, so it is supervised.
     """
     backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer: skips python-side conversion
-    if backend is not None:
-        batch = [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
-    else:
+    if backend is None:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        batch = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+        return [
+            _labels_from_offsets(i, o, sp)
+            for i, o, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True)
+        ]
     out = []
-    for (ids, offsets), sample_spans in zip(batch, spans, strict=True):
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        keep = np.zeros(len(ids), dtype=bool)
+    for e, sample_spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans, strict=True):
+        ids = np.array(e.ids, dtype=np.int32)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         for s0, s1 in sample_spans:
-            keep |= (off[:, 1] > s0) & (off[:, 0] < s1)
-        out.append((list(ids), np.where(keep, ids_arr, IGNORE_INDEX).tolist()))
+            first, last = e.char_to_token(s0), e.char_to_token(s1 - 1)
+            if first is None or last is None:  # a span edge on a char no token covers: exact fallback
+                return [
+                    _labels_from_offsets(x.ids, x.offsets, sp)
+                    for x, sp in zip(
+                        backend.encode_batch(texts, add_special_tokens=False), spans, strict=True
+                    )
+                ]
+            labels[first : last + 1] = ids[first : last + 1]
+        out.append((ids, labels))
     return out
+
+
+def _labels_from_offsets(
+    ids: list[int], offsets: list, spans: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    ids_arr = np.asarray(ids, dtype=np.int32)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    keep = np.zeros(len(ids), dtype=bool)
+    for s0, s1 in spans:
+        keep |= (off[:, 1] > s0) & (off[:, 0] < s1)
+    return ids_arr, np.where(keep, ids_arr, IGNORE_INDEX).astype(np.int32)
 
 
 _CHUNK = 256  # rows per batch: large enough for the batched tokenizer, small enough to stream
@@ -319,7 +339,7 @@ def _apply_policies(
                 )
             if opts.length_policy == "truncate":
                 ids, labels = ids[: opts.sequence_length], labels[: opts.sequence_length]
-            if opts.length_policy == "drop" or all(lab == IGNORE_INDEX for lab in labels[1:]):
+            if opts.length_policy == "drop" or not any(lab != IGNORE_INDEX for lab in labels[1:]):
                 # Nothing left to learn from after the cut: counted and listed, never trained on.
                 stats.dropped += 1
                 stats.report.append({**entry, "action": "dropped"})
@@ -352,7 +372,7 @@ def encode_files(
         all_labels.append(np.asarray(labels, dtype=np.int32))
         stats.samples += 1
         stats.tokens += len(ids)
-        stats.supervised_tokens += sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
+        stats.supervised_tokens += int((all_labels[-1][1:] != IGNORE_INDEX).sum())
         if limit and stats.samples >= limit:
             break
     if not all_ids:

@@ -36,7 +36,14 @@ def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train")
         files, tokenizer, get_template(cfg.template, tokenizer), fields, opts, EncodeStats()
     )
     for row, ids, labels in encoded:
-        samples.append({"file": row.file, "row": row.index, "input_ids": ids, "labels": labels})
+        samples.append(
+            {
+                "file": row.file,
+                "row": row.index,
+                "input_ids": [int(i) for i in ids],
+                "labels": [int(x) for x in labels],
+            }
+        )
         if len(samples) >= n:
             break
     return samples

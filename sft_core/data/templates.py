@@ -109,6 +109,17 @@ def get_template(name: str, tokenizer: Any) -> ChatTemplate:
     )
 
 
+def special_tokens(tokenizer: Any) -> list[str]:
+    """Special and added tokens, longest first (for matching the end-of-turn token); cached per tokenizer."""
+    size, cached = getattr(tokenizer, "_sft_special_tokens", (None, None))
+    if size != len(tokenizer):  # first call, or tokens were added since
+        cached = sorted(
+            set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True
+        )
+        tokenizer._sft_special_tokens = (len(tokenizer), cached)
+    return cached
+
+
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
 
 
@@ -130,7 +141,7 @@ def supervised_char_spans(
     `<think></think>` block (Qwen3), which would teach the model nothing but the format.
     """
     text = template.render(tokenizer, messages)
-    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
+    specials = special_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
