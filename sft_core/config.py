@@ -81,6 +81,9 @@ class DataArgs(_Strict):
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
     # Samples longer than sequence_length: cut the response (counted and reported), drop them, or stop.
     length_policy: Literal["truncate", "drop", "error"] = "truncate"
+    # With truncate: end the cut answer with the end-of-turn token (supervised), so the model still
+    # learns to stop; off by default, since it teaches a stop in mid-answer.
+    truncate_keep_end_token: bool = False
     # A row that cannot be used: stop naming file, row and field, or skip it into a rejects file.
     on_bad_row: Literal["error", "skip"] = "error"
     supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"

@@ -51,7 +51,10 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
         config_key=settings["config_key"],
         on_bad_row=settings["on_bad_row"],
         supervise=settings["supervise"],
-        workers=workers,  # not in the cache key: the result does not depend on it
+        workers=workers,
+        keep_end_token=settings[
+            "truncate_keep_end_token"
+        ],  # not in the cache key: the result does not depend on it
     )
     data.save(out / "encoded.npz")
     write_jsonl(stats.report, out / "length_report.jsonl")

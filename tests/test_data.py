@@ -235,3 +235,29 @@ def test_worker_processes_encode_exactly_like_one_process(tmp_path, smollm2_toke
     two, stats2 = encode_files(*args, workers=2)
     assert np.array_equal(one.input_ids, two.input_ids) and np.array_equal(one.labels, two.labels)
     assert np.array_equal(one.offsets, two.offsets) and stats1.report == stats2.report
+
+
+def test_truncate_can_keep_the_end_token_supervised(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "long", "output": " ".join(["word"] * 200)}])
+    data, stats = encode_files([f], tok, get_template("chatml", tok), FIELDS, 64, keep_end_token=True)
+    ids, labels = data.sample(0)
+    assert stats.truncated == 1 and len(ids) == 64
+    assert ids[-1] == labels[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    plain, _ = encode_files([f], tok, get_template("chatml", tok), FIELDS, 64)
+    assert plain.sample(0)[0][-1] != tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_tokenizer_without_pad_or_with_a_wrong_eos_is_fixed(smollm2_tokenizer):
+    import copy
+
+    from transformers import LlamaConfig
+
+    from sft_core.model.resolve import fix_tokenizer
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.pad_token = None
+    tok.eos_token = "<|im_start|>"  # what a GGUF's metadata may say
+    changes = fix_tokenizer(tok, LlamaConfig(eos_token_id=2, pad_token_id=None))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|im_end|>"
+    assert len(changes) == 2

@@ -109,3 +109,14 @@ def test_supervised_tokens_are_exactly_the_answers_and_their_end_tokens(smollm2_
     )
     assert reference["input_ids"] == ids
     assert reference["assistant_masks"] == [int(lab != IGNORE_INDEX) for lab in labels]
+
+
+@pytest.mark.parametrize("name", ["native", "chatml", "qwen2_5", "qwen3"])
+def test_fast_render_equals_apply_chat_template(smollm2_tokenizer, name):
+    tok = smollm2_tokenizer
+    template = get_template(name, tok)
+    messages = [{"role": "system", "content": "S"}, *CHAT, {"role": "user", "content": "More?"}]
+    for gen in (False, True):
+        assert template.render(tok, messages, gen) == tok.apply_chat_template(
+            messages, chat_template=template.source, tokenize=False, add_generation_prompt=gen
+        )

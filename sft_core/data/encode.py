@@ -48,6 +48,7 @@ class EncodeOptions:
     on_bad_row: str = "error"  # error | skip (each skipped row is written to the rejects list)
     supervise: str = "all_assistant_turns"  # or last_assistant_turn
     config_key: str = "sft_train.data_args.file_name"
+    end_token_id: int | None = None  # set to end a truncated answer with it (truncate_keep_end_token)
 
 
 def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
@@ -338,7 +339,9 @@ def _apply_policies(
                     "(sft_train.data_args.length_policy=error). Raise sequence_length or use truncate/drop."
                 )
             if opts.length_policy == "truncate":
-                ids, labels = ids[: opts.sequence_length], labels[: opts.sequence_length]
+                ids, labels = ids[: opts.sequence_length].copy(), labels[: opts.sequence_length].copy()
+                if opts.end_token_id is not None and labels[-1] != IGNORE_INDEX:
+                    ids[-1] = labels[-1] = opts.end_token_id
             if opts.length_policy == "drop" or not any(lab != IGNORE_INDEX for lab in labels[1:]):
                 # Nothing left to learn from after the cut: counted and listed, never trained on.
                 stats.dropped += 1
@@ -361,9 +364,11 @@ def encode_files(
     supervise: str = "all_assistant_turns",
     limit: int | None = None,
     workers: int = 1,
+    keep_end_token: bool = False,
 ) -> tuple[EncodedData, EncodeStats]:
     """Encode every row of `files` (or the first `limit` usable ones); every policy decision is counted."""
-    opts = EncodeOptions(sequence_length, length_policy, on_bad_row, supervise, config_key)
+    end_token = tokenizer.eos_token_id if keep_end_token else None
+    opts = EncodeOptions(sequence_length, length_policy, on_bad_row, supervise, config_key, end_token)
     all_ids: list[np.ndarray] = []
     all_labels: list[np.ndarray] = []
     stats = EncodeStats()

@@ -28,8 +28,13 @@ def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train")
     data_args = cfg.sft_train.data_args
     files = data_args.files() if split == "train" else cfg.validation_files
     fields = FieldMapping(cfg.prompt_key, cfg.response_key, cfg.query_key, cfg.system_key, data_args.format)
+    end_token = tokenizer.eos_token_id if data_args.truncate_keep_end_token else None
     opts = EncodeOptions(
-        cfg.sequence_length, data_args.length_policy, data_args.on_bad_row, data_args.supervise
+        cfg.sequence_length,
+        data_args.length_policy,
+        data_args.on_bad_row,
+        data_args.supervise,
+        end_token_id=end_token,
     )
     samples = []
     encoded: Iterator = iter_encoded(
