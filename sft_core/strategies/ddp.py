@@ -20,16 +20,17 @@ class DDPStrategy(TorchStrategy):
             return model
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         ddp = DDP(model, device_ids=device_ids)
-        self._comm = {"seconds": 0.0}
+        self._comm: dict[str, float] = {}
         ddp.register_comm_hook(self._comm, _timed_allreduce)
         return ddp
 
     def _take_comm_time(self) -> float | None:
         comm = self.__dict__.get("_comm")  # set only when wrapped in DDP (world_size > 1)
-        if comm is None:
-            return 0.0
-        seconds, comm["seconds"] = comm["seconds"], 0.0
-        return seconds
+        if not comm or "first_start" not in comm:
+            return 0.0 if comm is not None else None
+        window = comm["last_end"] - comm["first_start"]
+        comm.clear()
+        return window
 
     def _hold_grad_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext()
@@ -41,14 +42,17 @@ class DDPStrategy(TorchStrategy):
 # No annotations on bucket / return: DDP checks them against dist.GradBucket / Future at runtime,
 # and `from __future__ import annotations` would turn them into strings that fail that check.
 def _timed_allreduce(state: dict[str, float], bucket):  # noqa: ANN001, ANN202
-    """DDP's default gradient averaging (all-reduce of each bucket / world size), timed from launch to
-    completion. Buckets overlap the backward pass, so this is time in communication, not time added."""
-    start = time.perf_counter()
+    """DDP's default gradient averaging (all-reduce of each bucket / world size), recording when the
+    first bucket was launched and the last one finished. Buckets run concurrently with each other
+    and with the backward pass, so the window between the two is the time communication was in
+    flight, not time it added to the step."""
+    now = time.perf_counter()
+    state["first_start"] = min(state.get("first_start", now), now)
     tensor = bucket.buffer().div_(dist.get_world_size())
     future = dist.all_reduce(tensor, async_op=True).get_future()
 
     def done(f: torch.futures.Future) -> torch.Tensor:
-        state["seconds"] += time.perf_counter() - start
+        state["last_end"] = max(state.get("last_end", 0.0), time.perf_counter())
         return f.value()[0]
 
     return future.then(done)
