@@ -72,7 +72,8 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        # A run writes MLflow under its output_dir unless the caller says otherwise.
+        env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -49,7 +49,9 @@ def smoke(tmp_path: Path, data: Path, *extra: str):
     return result, out
 
 
-def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_server, tmp_path, demo_copy):
+def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
+    prefect_server, tmp_path, demo_copy, monkeypatch
+):
     import mlflow
     import torch
     from mlflow import MlflowClient
@@ -100,7 +102,9 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(prefect_s
                  "sft_train/pad_ratio", "time/data", "time/fwd_bwd", "time/optimizer", "time/comm", "sft_train/supervised_tokens", "time/step_train", "time/val",
                  "time/checkpoint"):  # fmt: skip
         assert client.get_metric_history(mv.run_id, name), name
-    mlflow.set_tracking_uri(uri)
+    # Through the environment, restored after the test (mlflow.set_tracking_uri would leak it into
+    # every later subprocess); models:/ URIs are resolved against the registry there.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     fetched = mlflow.artifacts.download_artifacts("models:/smoke-sft@latest", dst_path=str(tmp_path / "dl"))
     reloaded = AutoModelForCausalLM.from_pretrained(fetched)
     torch.testing.assert_close(
