@@ -77,6 +77,69 @@ def boundaries(total: int, eval_steps: int, save_steps: int, after: int = 0) -> 
     return sorted(s for s in stops if s > after)
 
 
+def prepare_data(cfg: SFTConfig, tokenizer: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Encode then pack every split (Ray tasks, cached); returns ({split: encoded}, {split: packed})."""
+    splits = {"train": ("sft_train.data_args.file_name", cfg.sft_train.data_args.files())}
+    if cfg.validation_files:
+        splits["validation"] = ("validation.data_args.file_name", cfg.validation_files)
+    workers = cfg.sft_train.data_args.preprocessing_num_workers
+    enc_params = {
+        split: {"files": files, "tokenizer": tokenizer, "settings": encode_settings(cfg, key), "split": split,
+                "workers": workers}
+        for split, (key, files) in splits.items()
+    }  # fmt: skip
+    futures = {split: encode_dataset.submit(**p) for split, p in enc_params.items()}
+    # Wait on every encoding before packing, so a bad row surfaces as its own error.
+    encoded = {split: _existing(encode_dataset, futures[split], **p) for split, p in enc_params.items()}
+    packing = cfg.sft_train.use_sequence_packing
+    pack_params = {
+        split: {"encoded": enc, "sequence_length": cfg.sequence_length, "packing": packing}
+        for split, enc in encoded.items()
+    }
+    futures = {split: pack_dataset.submit(**p) for split, p in pack_params.items()}
+    packed = {split: _existing(pack_dataset, futures[split], **p) for split, p in pack_params.items()}
+    return encoded, packed
+
+
+def report_data(cfg: SFTConfig, encoded: dict[str, dict], packed: dict[str, dict]) -> dict[str, float]:
+    """Log what the length and bad-row policies did; return the data metrics for the trackers."""
+    logger = get_run_logger()
+    for enc in encoded.values():
+        if enc["truncated"] or enc["dropped"]:
+            logger.warning("%s: %d samples truncated, %d dropped (longer than sequence_length=%d); listed in %s",
+                           enc["split"], enc["truncated"], enc["dropped"], cfg.sequence_length, enc["report"])  # fmt: skip
+        if enc["rejected"]:
+            logger.warning("%s: %d bad rows skipped (on_bad_row=skip); each with its reason in %s",
+                           enc["split"], enc["rejected"], enc["rejects"])  # fmt: skip
+    train, rows = encoded["train"], packed["train"]
+    logger.info("train: %d samples -> %d rows (padding %.1f%%)", rows["samples"], rows["rows"],
+                100 * rows["padding_fraction"])  # fmt: skip
+    return {
+        "data/train_samples": train["samples"],
+        "data/train_rows": rows["rows"],
+        "data/truncated": train["truncated"],
+        "data/dropped": train["dropped"],
+        "data/rejected": train["rejected"],
+        "data/padding_fraction": rows["padding_fraction"],
+    }
+
+
+def start_tracking(cfg: SFTConfig, flow_run_id: str, state: dict[str, Any]) -> tuple[MLflowTracker, Trackers]:
+    """MLflow (a new run, or the interrupted one when resuming) and TensorBoard."""
+    mlflow_run = MLflowTracker(
+        default_tracking_uri(cfg.output_dir),
+        cfg.exp_name,
+        str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
+        run_name=f"{cfg.exp_name}-{flow_run_id[:8]}",
+        tags={"prefect.flow_run_id": flow_run_id},
+        resume_run_id=state.get("mlflow_run_id"),
+        resume_step=state.get("global_step", 0),
+    )
+    trackers = Trackers([mlflow_run, TensorBoardTracker(cfg.tracker_kwargs.get("log_dir", cfg.logging_dir))])
+    trackers.log_params(cfg.model_dump(exclude={"hydra"}))
+    return mlflow_run, trackers
+
+
 @flow(name="sft-pipeline", task_runner=ray_task_runner(), log_prints=True)
 def sft_pipeline(
     config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
@@ -88,103 +151,38 @@ def sft_pipeline(
 
     model_dir = resolve_model.submit(cfg.pretrain).result()
     tokenizer = prepare_tokenizer.submit(model_dir).result()
-    splits = {"train": ("sft_train.data_args.file_name", cfg.sft_train.data_args.files())}
-    if cfg.validation_files:
-        splits["validation"] = ("validation.data_args.file_name", cfg.validation_files)
-    enc_params = {
-        split: {
-            "files": files,
-            "tokenizer": tokenizer,
-            "settings": encode_settings(cfg, key),
-            "split": split,
-            "workers": cfg.sft_train.data_args.preprocessing_num_workers,
-        }
-        for split, (key, files) in splits.items()
-    }
-    futures = {split: encode_dataset.submit(**p) for split, p in enc_params.items()}
-    # Wait on every encoding before packing, so a bad row surfaces as its own error.
-    encoded = {split: _existing(encode_dataset, futures[split], **p) for split, p in enc_params.items()}
-    pack_params = {
-        split: {
-            "encoded": enc,
-            "sequence_length": cfg.sequence_length,
-            "packing": cfg.sft_train.use_sequence_packing,
-        }
-        for split, enc in encoded.items()
-    }
-    futures = {split: pack_dataset.submit(**p) for split, p in pack_params.items()}
-    packed = {split: _existing(pack_dataset, futures[split], **p) for split, p in pack_params.items()}
-    train_enc, val_enc = encoded["train"], encoded.get("validation")
-    train_pack, val_pack = packed["train"], packed.get("validation")
-    for enc in filter(None, (train_enc, val_enc)):
-        if enc["truncated"] or enc["dropped"]:
-            logger.warning(
-                "%s: %d samples truncated, %d dropped (longer than sequence_length=%d); listed in %s",
-                enc["split"],
-                enc["truncated"],
-                enc["dropped"],
-                cfg.sequence_length,
-                enc["report"],
-            )
-        if enc["rejected"]:
-            logger.warning(
-                "%s: %d bad rows skipped (on_bad_row=skip); each with its reason in %s",
-                enc["split"],
-                enc["rejected"],
-                enc["rejects"],
-            )
-    logger.info(
-        "train: %d samples -> %d rows (padding %.1f%%)",
-        train_pack["samples"],
-        train_pack["rows"],
-        100 * train_pack["padding_fraction"],
-    )
-
+    encoded, packed = prepare_data(cfg, tokenizer)
+    data_metrics = report_data(cfg, encoded, packed)
+    has_val = "validation" in encoded
     artifacts = {
         "model_dir": model_dir,
         "tokenizer_dir": tokenizer["tokenizer_dir"],
-        "train_encoded": train_enc["path"],
-        "train_plan": train_pack["path"],
-        "val_encoded": val_enc["path"] if val_enc else None,
-        "val_plan": val_pack["path"] if val_pack else None,
+        "train_encoded": encoded["train"]["path"],
+        "train_plan": packed["train"]["path"],
+        "val_encoded": encoded["validation"]["path"] if has_val else None,
+        "val_plan": packed["validation"]["path"] if has_val else None,
     }
+
     flow_run_id = str(get_run_context().flow_run.id)
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     state = read_state(resume) if resume else {}
     start = state.get("global_step", 0)
     if resume:
         logger.info("resuming from %s (global step %d)", resume, start)
-    tracking_uri = default_tracking_uri(cfg.output_dir)
-    mlflow_run = MLflowTracker(
-        tracking_uri,
-        cfg.exp_name,
-        str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
-        run_name=f"{cfg.exp_name}-{flow_run_id[:8]}",
-        tags={"prefect.flow_run_id": flow_run_id},
-        resume_run_id=state.get("mlflow_run_id"),
-        resume_step=start,
-    )
-    tb_dir = cfg.tracker_kwargs.get("log_dir", cfg.logging_dir)
-    trackers = Trackers([mlflow_run, TensorBoardTracker(tb_dir)])
-    trackers.log_params(cfg.model_dump(exclude={"hydra"}))
-    data_metrics = {
-        "data/train_samples": train_enc["samples"],
-        "data/train_rows": train_pack["rows"],
-        "data/truncated": train_enc["truncated"],
-        "data/dropped": train_enc["dropped"],
-        "data/rejected": train_enc["rejected"],
-        "data/padding_fraction": train_pack["padding_fraction"],
-    }
+    mlflow_run, trackers = start_tracking(cfg, flow_run_id, state)
     trackers.log_metrics(data_metrics, 0)
 
     cluster, info = start_cluster(cfg, artifacts, str(resume / "train_state") if resume else None)
     total = info["total_steps"]
     history: list[dict[str, Any]] = state.get("history", [])
     checkpoints: list[dict[str, Any]] = []
+    if resume and start >= total:
+        logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)
+        checkpoints.append({"step": start, "path": str(resume / cluster.name), "version": None})
     status = "FAILED"
     try:
         val: dict[str, float] = {}
-        if val_enc and cfg.eval_at_start and start == 0:
+        if has_val and cfg.eval_at_start and start == 0:
             val = validate(cluster, 0, trackers)
             history.append({"step": 0, **val})
         step = start
@@ -192,7 +190,7 @@ def sft_pipeline(
             metrics = train_steps(cluster, step, end, cfg.logging_steps, trackers)
             step = end
             history.append({"step": step, **metrics})
-            if val_enc and (step % cfg.eval_steps == 0 or step == total):
+            if has_val and (step % cfg.eval_steps == 0 or step == total):
                 val = validate(cluster, step, trackers)
                 history[-1].update(val)
             if step % cfg.save_steps == 0 or step == total:
@@ -201,27 +199,25 @@ def sft_pipeline(
                 summary = {
                     k.split("/")[-1]: v for k, v in {**metrics, **val}.items() if k.startswith("sft_train/")
                 }
-                version = register_model(
-                    tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, summary
-                )
+                version = register_model(mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id,
+                                         step, summary)  # fmt: skip
                 checkpoints.append({"step": step, "path": saved["path"], "version": version})
         status = "FINISHED"
     finally:
         cluster.shutdown()
-        mlflow_run.close(status)
-        trackers.trackers[1].close()
+        trackers.close(status)
 
     return {
         "exp_name": cfg.exp_name,
         "flow_run_id": flow_run_id,
         "checkpoints": checkpoints,
         "final_checkpoint": checkpoints[-1]["path"],
-        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_tracking_uri": mlflow_run.tracking_uri,
         "mlflow_run_id": mlflow_run.run_id,
         "mlflow_experiment_id": mlflow_run.experiment_id,
         "registered_model": cfg.exp_name,
         "model_version": checkpoints[-1]["version"],
-        "tensorboard_dir": tb_dir,
-        "final_metrics": history[-1],
+        "tensorboard_dir": cfg.tracker_kwargs.get("log_dir", cfg.logging_dir),
+        "final_metrics": history[-1] if history else {},
         "total_steps": total,
     }

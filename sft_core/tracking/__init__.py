@@ -10,7 +10,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
 
 
 class Trackers:
@@ -27,9 +27,9 @@ class Trackers:
         for t in self.trackers:
             t.log_metrics(metrics, step)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         for t in self.trackers:
-            t.close()
+            t.close(status)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,5 +21,5 @@ class TensorBoardTracker:
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
