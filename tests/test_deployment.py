@@ -1,0 +1,47 @@
+"""prefect.yaml works as written: deploy, a process worker, `prefect deployment run` to completion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.runtime import stop_process_group
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PWD": str(REPO)}  # prefect.yaml's pull step records the deploy directory
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_smoke_deployment_runs_through_a_process_worker(prefect_server, tmp_path: Path):
+    assert prefect("work-pool", "create", "sft-local", "--type", "process").returncode == 0
+    deployed = prefect("--no-prompt", "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-local"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out = tmp_path / "out"
+        overrides = [
+            "+experiment=smoke",
+            f"output_dir={out}",
+            f"logging_dir={out}/tb",
+            "sft_train.training_args.max_steps=3",
+        ]
+        run = prefect("deployment", "run", "sft-pipeline/smoke", "--param", f"overrides={json.dumps(overrides)}",
+                      "--watch", timeout=500)  # fmt: skip
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+        assert (out / "sft_train" / "checkpoint-3" / "sft_train" / "model.safetensors").is_file()
+    finally:
+        stop_process_group(worker.pid)
