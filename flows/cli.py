@@ -32,7 +32,7 @@ def _preflight(cfg: SFTConfig) -> None:
         ("validation.data_args.file_name", cfg.validation_files),
     ):
         for f in files:
-            if not Path(f).exists():
+            if not f.startswith("hf://") and not Path(f).exists():
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
     p = cfg.pretrain
     if not p.startswith("embedded:") and p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():

@@ -52,6 +52,7 @@ def encode_settings(cfg: SFTConfig, config_key: str) -> dict[str, Any]:
         },
         "on_bad_row": cfg.sft_train.data_args.on_bad_row,
         "supervise": cfg.sft_train.data_args.supervise,
+        "supervise_empty_think": cfg.sft_train.data_args.supervise_empty_think,
         "truncate_keep_end_token": cfg.sft_train.data_args.truncate_keep_end_token,
         "sequence_length": cfg.sequence_length,
         "length_policy": cfg.sft_train.data_args.length_policy,

@@ -87,6 +87,9 @@ class DataArgs(_Strict):
     # A row that cannot be used: stop naming file, row and field, or skip it into a rejects file.
     on_bad_row: Literal["error", "skip"] = "error"
     supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    # An empty <think></think> block (Qwen3's non-thinking format) teaches only the format: masked
+    # unless this asks for it.
+    supervise_empty_think: bool = False
 
     def files(self) -> list[str]:
         if self.file_name is None:
@@ -343,6 +346,8 @@ def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
     """
 
     def absolute(p: str) -> str:
+        if p.startswith("hf://"):  # a hub dataset id, not a path
+            return p
         return (
             str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(os.path.expanduser(p)) else p
         )

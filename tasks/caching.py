@@ -15,6 +15,14 @@ _CODE_DIRS = ("data", "model")
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
     p = Path(path)
+    if path.startswith("hf://"):
+        return path  # keyed by name only: a change upstream is not seen (use local files to be exact)
+    if p.is_dir():  # a save_to_disk folder: hash its files
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+        return h.hexdigest()
     if not p.is_file():
         return f"missing:{path}"  # the task itself reports the missing file properly
     with p.open("rb") as f:

@@ -44,7 +44,7 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
     data, stats = encode_files(
         files,
         tok,
-        get_template(settings["template"], tok),
+        get_template(settings["template"], tok, settings["supervise_empty_think"]),
         FieldMapping(**settings["fields"]),
         settings["sequence_length"],
         settings["length_policy"],

@@ -261,3 +261,10 @@ def test_a_tokenizer_without_pad_or_with_a_wrong_eos_is_fixed(smollm2_tokenizer)
     changes = fix_tokenizer(tok, LlamaConfig(eos_token_id=2, pad_token_id=None))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|im_end|>"
     assert len(changes) == 2
+
+
+def test_hub_dataset_ids_say_clearly_that_the_hub_is_off(smollm2_tokenizer):
+    with pytest.raises(DataError, match=r"'hf://org/data' is a hub dataset, but the hub is switched off"):
+        encode_files(
+            ["hf://org/data"], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 64
+        )

@@ -120,3 +120,9 @@ def test_fast_render_equals_apply_chat_template(smollm2_tokenizer, name):
         assert template.render(tok, messages, gen) == tok.apply_chat_template(
             messages, chat_template=template.source, tokenize=False, add_generation_prompt=gen
         )
+
+
+def test_empty_think_block_is_supervised_only_when_asked(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    ids, labels = encode_messages(tok, get_template("qwen3", tok, supervise_empty_think=True), CHAT, "t")
+    assert supervised(tok, ids, labels) == "<think>\n\n</think>\n\nBlue.<|im_end|>"

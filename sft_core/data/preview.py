@@ -38,7 +38,12 @@ def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train")
     )
     samples = []
     encoded: Iterator = iter_encoded(
-        files, tokenizer, get_template(cfg.template, tokenizer), fields, opts, EncodeStats()
+        files,
+        tokenizer,
+        get_template(cfg.template, tokenizer, data_args.supervise_empty_think),
+        fields,
+        opts,
+        EncodeStats(),
     )
     for row, ids, labels in encoded:
         samples.append(

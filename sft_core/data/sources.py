@@ -15,6 +15,8 @@ from typing import Any
 
 from sft_core.errors import DataError
 
+HUB_PREFIX = "hf://"
+
 
 @dataclass(frozen=True)
 class Row:
@@ -29,6 +31,9 @@ class Row:
 
 
 def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> Iterator[Row]:
+    if path.startswith(HUB_PREFIX):
+        yield from _hub_rows(path, config_key)
+        return
     p = Path(path)
     if p.is_dir() and (p / "dataset_info.json").is_file():
         yield from _saved_dataset_rows(p)
@@ -98,6 +103,24 @@ def _parquet_rows(p: Path) -> Iterator[Row]:
 
     for i, item in enumerate(pq.read_table(p).to_pylist(), start=1):
         yield Row(str(p), i, item)
+
+
+def _hub_rows(path: str, config_key: str) -> Iterator[Row]:
+    """`hf://org/name` (split train) or `hf://org/name:split`, through datasets.load_dataset."""
+    import os
+
+    name, _, split = path.removeprefix(HUB_PREFIX).partition(":")
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"config key '{config_key}': '{path}' is a hub dataset, but the hub is switched off here "
+                        "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE). Download it and give the local file.")  # fmt: skip
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split or "train")
+    except Exception as err:  # network, a missing dataset or split: the user's to fix
+        raise DataError(f"config key '{config_key}': cannot load hub dataset '{name}' ({err}).") from None
+    for i, item in enumerate(dataset, start=1):
+        yield Row(path, i, dict(item))
 
 
 def _saved_dataset_rows(p: Path) -> Iterator[Row]:

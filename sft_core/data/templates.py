@@ -8,6 +8,7 @@ that the template injects, role headers and the generation prompt are never supe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen2_5": QWEN2_5, "qwen3": QWEN3, "llam
 class ChatTemplate:
     name: str
     source: str | None  # Jinja text; None means the tokenizer's own template
+    supervise_empty_think: bool = False  # train on an empty <think></think> block (Qwen3) too
 
     def render(
         self, tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
@@ -86,7 +88,11 @@ def _compiled(source: str) -> Any:
     return _compile_jinja_template(source)
 
 
-def get_template(name: str, tokenizer: Any) -> ChatTemplate:
+def get_template(name: str, tokenizer: Any, supervise_empty_think: bool = False) -> ChatTemplate:
+    return dataclasses.replace(_named_template(name, tokenizer), supervise_empty_think=supervise_empty_think)
+
+
+def _named_template(name: str, tokenizer: Any) -> ChatTemplate:
     if name == "native":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
@@ -163,7 +169,7 @@ def supervised_char_spans(
                 "given (it rewrites it), so its span cannot be located."
             )
         between = text[start:pos]
-        if not between.strip() or _EMPTY_THINK.match(between):
+        if not between.strip() or (_EMPTY_THINK.match(between) and not template.supervise_empty_think):
             start = pos
         end = pos + len(content)
         end_token = next((s for s in specials if text.startswith(s, end)), "")
