@@ -1,4 +1,4 @@
-"""The one interface every training strategy implements (ddp_train now; fsdp2/megatron later)."""
+"""The one interface every training strategy implements (ddp_train, fsdp2_train; megatron next)."""
 
 from __future__ import annotations
 
@@ -38,5 +38,14 @@ class Strategy(Protocol):
 
     def save_hf(self, out_dir: Path, tokenizer: Any) -> None:
         """Write a Hugging Face folder (rank 0 writes; every rank calls)."""
+
+    def save_state(self, out_dir: Path) -> None:
+        """Write everything exact resume needs (every rank calls)."""
+
+    def load_state(self, state_dir: Path) -> None:
+        """Restore what save_state wrote, on the same layout."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on CPU (collective where sharded)."""
 
     def num_parameters(self) -> int: ...
