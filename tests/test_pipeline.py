@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,12 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Data no other test has encoded (the encode cache is keyed by content, not by path).
+    for split in ("train", "validation"):
+        with (demo_copy / f"{split}.jsonl").open("a") as f:
+            f.write(
+                json.dumps({"instruction": f"Say {uuid.uuid4().hex}", "input": "", "output": "Done."}) + "\n"
+            )
     first, out = smoke(tmp_path, demo_copy)
     run_id = flow_run_id(first.stdout)
 
