@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "a", "model", "data", "answer", "question", "short", "long", "river", "city", "number", "seven", "blue", "green", "quickly", "because", "however", "train", "token", "sample", "pack", "label", "loss", "value", "reason", "simple", "explain", "list"]  # fmt: skip
 
@@ -137,10 +139,7 @@ def main() -> None:
             )
     else:
         print(f"TRL venv not found at {args.trl_python}; see this script's docstring", file=sys.stderr)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,10 +94,7 @@ def main() -> None:
         "steady_mean": {k: statistics.mean(s[k] for s in steady) for k in keys if k in steady[0]},
         "peak_memory_mb": {k: v for k, v in steps[-1].items() if k.startswith("memory/")},
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

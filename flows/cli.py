@@ -134,23 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         set_local_defaults()
         print("stopped" if stop_server() else "no server started by sft is running")
         return 0
-    if args.command == "preview":
-        try:
-            preview(args)
-        except Exception as exc:
-            user = user_error_in(exc)
-            if user is None:
-                raise
-            print(f"sft: error: {user}", file=sys.stderr)
-            return user.exit_code
-        return 0
-    t0 = time.perf_counter()
     try:
+        if args.command == "preview":
+            preview(args)
+            return 0
+        t0 = time.perf_counter()
         result = run(args.config_name, args.overrides, args.config_path)
     except Exception as exc:
         user = user_error_in(exc)
         if user is None:
-            raise
+            raise  # a bug, not a user mistake: keep the traceback
         print(f"\nsft: error: {user}", file=sys.stderr)
         return user.exit_code
     print_summary(result, time.perf_counter() - t0)
