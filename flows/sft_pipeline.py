@@ -14,6 +14,7 @@ from prefect_ray import RayTaskRunner
 from flows.validate import validate
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
+from sft_core.data.encode import encode_settings
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
@@ -37,27 +38,6 @@ def ray_task_runner() -> RayTaskRunner:
             "logging_level": "warning",
         }
     )
-
-
-def encode_settings(cfg: SFTConfig, config_key: str) -> dict[str, Any]:
-    """The part of the config that encoding depends on (and so its cache key)."""
-    return {
-        "template": cfg.template,
-        "fields": {
-            "prompt_key": cfg.prompt_key,
-            "response_key": cfg.response_key,
-            "query_key": cfg.query_key,
-            "system_key": cfg.system_key,
-            "format": cfg.sft_train.data_args.format,
-        },
-        "on_bad_row": cfg.sft_train.data_args.on_bad_row,
-        "supervise": cfg.sft_train.data_args.supervise,
-        "supervise_empty_think": cfg.sft_train.data_args.supervise_empty_think,
-        "truncate_keep_end_token": cfg.sft_train.data_args.truncate_keep_end_token,
-        "sequence_length": cfg.sequence_length,
-        "length_policy": cfg.sft_train.data_args.length_policy,
-        "config_key": config_key,
-    }
 
 
 def _existing(task: Any, future: Any, **params: Any) -> dict[str, Any]:

@@ -9,9 +9,8 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from sft_core.data.encode import EncodedData, FieldMapping, encode_files, write_jsonl
+from sft_core.data.encode import EncodedData, encode_files, encoder_from_settings, write_jsonl
 from sft_core.data.packing import plan_rows
-from sft_core.data.templates import get_template
 from sft_core.model.resolve import load_tokenizer, sft_home
 from tasks.caching import code_digest, digest, file_digest
 
@@ -41,20 +40,19 @@ def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str
     out = _data_dir(key)
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer["tokenizer_dir"])
+    template, fields, opts = encoder_from_settings(settings, tok)
     data, stats = encode_files(
         files,
         tok,
-        get_template(settings["template"], tok, settings["supervise_empty_think"]),
-        FieldMapping(**settings["fields"]),
-        settings["sequence_length"],
-        settings["length_policy"],
-        config_key=settings["config_key"],
-        on_bad_row=settings["on_bad_row"],
-        supervise=settings["supervise"],
-        workers=workers,
-        keep_end_token=settings[
-            "truncate_keep_end_token"
-        ],  # not in the cache key: the result does not depend on it
+        template,
+        fields,
+        opts.sequence_length,
+        opts.length_policy,
+        config_key=opts.config_key,
+        on_bad_row=opts.on_bad_row,
+        supervise=opts.supervise,
+        workers=workers,  # not in the cache key: the result does not depend on it
+        keep_end_token=opts.end_token_id is not None,
     )
     data.save(out / "encoded.npz")
     write_jsonl(stats.report, out / "length_report.jsonl")

@@ -6,14 +6,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.sources import Row, read_rows
-from sft_core.data.templates import ChatTemplate, supervised_char_spans
+from sft_core.data.templates import ChatTemplate, get_template, supervised_char_spans
 from sft_core.errors import DataError
+
+if TYPE_CHECKING:
+    from sft_core.config import SFTConfig
 
 # ShareGPT speaker names -> chat roles.
 SHAREGPT_ROLES = {
@@ -122,6 +125,45 @@ def _checked_messages(
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{row.where}: field '{key}' has no assistant turn, so nothing would be trained on.")
     return out
+
+
+def encode_settings(cfg: SFTConfig, config_key: str) -> dict[str, Any]:
+    """The part of the config that encoding depends on, as plain data (the pipeline's cache key)."""
+    return {
+        "template": cfg.template,
+        "fields": {
+            "prompt_key": cfg.prompt_key,
+            "response_key": cfg.response_key,
+            "query_key": cfg.query_key,
+            "system_key": cfg.system_key,
+            "format": cfg.sft_train.data_args.format,
+        },
+        "on_bad_row": cfg.sft_train.data_args.on_bad_row,
+        "supervise": cfg.sft_train.data_args.supervise,
+        "supervise_empty_think": cfg.sft_train.data_args.supervise_empty_think,
+        "truncate_keep_end_token": cfg.sft_train.data_args.truncate_keep_end_token,
+        "sequence_length": cfg.sequence_length,
+        "length_policy": cfg.sft_train.data_args.length_policy,
+        "config_key": config_key,
+    }
+
+
+def encoder_from_settings(
+    settings: dict[str, Any], tokenizer: Any
+) -> tuple[ChatTemplate, FieldMapping, EncodeOptions]:
+    """What `encode_settings` describes, built for `iter_encoded`: the one way a run and `sft
+    preview` turn the config into an encoder."""
+    template = get_template(settings["template"], tokenizer, settings["supervise_empty_think"])
+    end_token = tokenizer.eos_token_id if settings["truncate_keep_end_token"] else None
+    opts = EncodeOptions(
+        settings["sequence_length"],
+        settings["length_policy"],
+        settings["on_bad_row"],
+        settings["supervise"],
+        settings["config_key"],
+        end_token,
+    )
+    return template, FieldMapping(**settings["fields"]), opts
 
 
 @dataclass

@@ -16,35 +16,27 @@ from typing import Any
 
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.encode import EncodedData, EncodeOptions, EncodeStats, FieldMapping, iter_encoded
+from sft_core.data.encode import (
+    EncodedData,
+    EncodeStats,
+    encode_settings,
+    encoder_from_settings,
+    iter_encoded,
+)
 from sft_core.data.packing import build_row, plan_rows
-from sft_core.data.templates import get_template
 
 GREEN, RESET = "\x1b[30;42m", "\x1b[0m"
 
 
 def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train") -> list[dict[str, Any]]:
     """The first `n` usable samples of the split, encoded exactly as training encodes them."""
-    data_args = cfg.sft_train.data_args
-    files = data_args.files() if split == "train" else cfg.validation_files
-    fields = FieldMapping(cfg.prompt_key, cfg.response_key, cfg.query_key, cfg.system_key, data_args.format)
-    end_token = tokenizer.eos_token_id if data_args.truncate_keep_end_token else None
-    opts = EncodeOptions(
-        cfg.sequence_length,
-        data_args.length_policy,
-        data_args.on_bad_row,
-        data_args.supervise,
-        end_token_id=end_token,
-    )
+    if split == "train":
+        files, key = cfg.sft_train.data_args.files(), "sft_train.data_args.file_name"
+    else:
+        files, key = cfg.validation_files, "validation.data_args.file_name"
+    template, fields, opts = encoder_from_settings(encode_settings(cfg, key), tokenizer)
     samples = []
-    encoded: Iterator = iter_encoded(
-        files,
-        tokenizer,
-        get_template(cfg.template, tokenizer, data_args.supervise_empty_think),
-        fields,
-        opts,
-        EncodeStats(),
-    )
+    encoded: Iterator = iter_encoded(files, tokenizer, template, fields, opts, EncodeStats())
     for row, ids, labels in encoded:
         samples.append(
             {
