@@ -20,10 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sft_core.errors import ConfigError
 
-SUPPORTED_STRATEGIES = ("ddp_train", "fsdp2_train")
-# Recognised names that this version does not run yet, with what to use instead.
+SUPPORTED_STRATEGIES = ("ddp_train", "fsdp2_train", "megatron_train")
+# Recognised names that this version does not run, with what to use instead.
 PLANNED_STRATEGIES = {
-    "megatron_train": "megatron-core tensor/pipeline parallelism is planned (issue 5); use ddp_train or fsdp2_train for now.",
     "deepspeed_train": "DeepSpeed is not part of this project.",
 }
 UNSUPPORTED_TRACKERS = {
@@ -97,6 +96,38 @@ class DataArgs(_Strict):
         return [self.file_name] if isinstance(self.file_name, str) else list(self.file_name)
 
 
+class MegatronConfig(_Strict):
+    """`strategy_config` of megatron_train, with megatron's own names. Data parallel size is what
+    is left: len(device_mapping) / (tensor x pipeline x context parallel)."""
+
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    # Model chunks per pipeline stage (interleaved 1F1B); None: one chunk.
+    virtual_pipeline_model_parallel_size: int | None = Field(None, ge=2)
+    context_parallel_size: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = Field(None, ge=1)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MegatronConfig:
+        if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size < 2:
+            raise ValueError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2")
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ValueError("sequence_parallel needs tensor_model_parallel_size >= 2")
+        if self.recompute_granularity == "full" and not (self.recompute_method and self.recompute_num_layers):
+            raise ValueError("recompute_granularity 'full' needs recompute_method and recompute_num_layers")
+        return self
+
+
 class StrategyArgs(_Strict):
     strategy_name: str = "ddp_train"
     strategy_config: dict[str, Any] = Field(default_factory=dict)
@@ -104,11 +135,43 @@ class StrategyArgs(_Strict):
     @field_validator("strategy_name")
     @classmethod
     def _known(cls, name: str) -> str:
-        # A seed config naming a planned strategy still loads; `check_runnable` stops the run.
-        if name in SUPPORTED_STRATEGIES or name == "megatron_train":
+        if name in SUPPORTED_STRATEGIES:
             return name
         why = PLANNED_STRATEGIES.get(name, f"unknown strategy '{name}'.")
         raise ValueError(f"{why} Supported: {', '.join(SUPPORTED_STRATEGIES)}")
+
+    @model_validator(mode="after")
+    def _strategy_config(self) -> StrategyArgs:
+        if self.strategy_name != "megatron_train":
+            if self.strategy_config:
+                raise ValueError(
+                    f"strategy_config {sorted(self.strategy_config)} applies to megatron_train only; "
+                    f"{self.strategy_name} takes no strategy_config"
+                )
+            return self
+        try:
+            MegatronConfig.model_validate(self.strategy_config)
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                where = ".".join(str(p) for p in e["loc"])
+                msg = (
+                    "unknown key"
+                    if e["type"] == "extra_forbidden"
+                    else e["msg"].removeprefix("Value error, ")
+                )
+                if e["type"] == "extra_forbidden":
+                    close = difflib.get_close_matches(where, list(MegatronConfig.model_fields), n=1)
+                    msg += f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"strategy_config{'.' + where if where else ''}: {msg}")
+            raise ValueError("; ".join(problems)) from None
+        return self
+
+    @property
+    def megatron(self) -> MegatronConfig:
+        return MegatronConfig.model_validate(
+            self.strategy_config if self.strategy_name == "megatron_train" else {}
+        )
 
 
 class WorkerConfig(_Strict):
@@ -202,6 +265,14 @@ class SFTConfig(_Strict):
                 raise ValueError(
                     f"sft_train.device_mapping: device ids {too_big} are not below num_gpus_per_node={self.num_gpus_per_node}"
                 )
+        layout, world = self.megatron_layout, self.sft_train.world_size
+        if world % layout.model_parallel_size:
+            raise ValueError(
+                f"sft_train.device_mapping: {world} workers cannot be split into tensor x pipeline x context "
+                f"parallel groups of {layout.tensor_model_parallel_size} x {layout.pipeline_model_parallel_size} "
+                f"x {layout.context_parallel_size} = {layout.model_parallel_size}; use a multiple of "
+                f"{layout.model_parallel_size} workers"
+            )
         return self
 
     @property
@@ -214,9 +285,18 @@ class SFTConfig(_Strict):
         return self.validation.data_args.files() if self.validation else []
 
     @property
+    def megatron_layout(self) -> MegatronConfig:
+        return self.sft_train.strategy_args.megatron
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Model replicas: every worker for ddp/fsdp2; world / (TP x PP x CP) for megatron."""
+        return self.sft_train.world_size // self.megatron_layout.model_parallel_size
+
+    @property
     def global_batch_size(self) -> int:
         t = self.sft_train.training_args
-        return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.sft_train.world_size
+        return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.data_parallel_size
 
 
 _RANGE = re.compile(r"^\s*list\s*\(\s*range\s*\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?(?:,\s*(\d+)\s*)?\)\s*\)\s*$")
@@ -270,16 +350,22 @@ def available_devices() -> tuple[str, int]:
     return "cpu", os.cpu_count() or 1
 
 
+def _has_transformer_engine() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def check_runnable(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> None:
     """What a valid config may still ask that this machine or version cannot do: stop before any
-    worker starts. A device_mapping larger than the machine, or a strategy not available yet."""
-    name = cfg.sft_train.strategy_args.strategy_name
-    if name not in SUPPORTED_STRATEGIES:
-        raise ConfigError(
-            f"config key 'sft_train.strategy_args.strategy_name': strategy '{name}' is not available in this "
-            f"version. {PLANNED_STRATEGIES[name]}"
-        )
+    worker starts: a device_mapping larger than the machine, or context parallelism without TE."""
     kind, count = devices or available_devices()
+    if cfg.megatron_layout.context_parallel_size > 1 and (kind != "cuda" or not _has_transformer_engine()):
+        raise ConfigError(
+            "config key 'sft_train.strategy_args.strategy_config.context_parallel_size': context parallelism "
+            "needs megatron's Transformer Engine attention (GPU, transformer_engine installed); this machine "
+            f"has {'no GPU' if kind != 'cuda' else 'no transformer_engine'}. Use context_parallel_size: 1."
+        )
     mapping = cfg.sft_train.device_mapping
     if os.environ.get("RAY_ADDRESS"):
         return  # a multi-node cluster: Ray's scheduler is the judge of capacity

@@ -17,4 +17,8 @@ def create_strategy(cfg: SFTConfig, ctx: DistContext) -> Strategy:
         from sft_core.strategies.fsdp2 import FSDP2Strategy
 
         return FSDP2Strategy(cfg, ctx)
+    if name == "megatron_train":
+        from sft_core.strategies.megatron import MegatronStrategy
+
+        return MegatronStrategy(cfg, ctx)
     raise ConfigError(f"strategy '{name}' is not supported; use one of: {', '.join(SUPPORTED_STRATEGIES)}")

@@ -1,4 +1,4 @@
-"""The one interface every training strategy implements (ddp_train, fsdp2_train; megatron next)."""
+"""The one interface every training strategy implements (ddp_train, fsdp2_train, megatron_train)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ class Strategy(Protocol):
     """Owns the model's distribution: wrapping, the step over micro-batches, evaluation, export."""
 
     name: str
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) among model replicas: which share of each global batch this rank trains on.
+        Every rank for ddp/fsdp2; ranks of one tensor/pipeline group share a replica's data."""
+
+    @property
+    def reports_metrics(self) -> bool:
+        """Whether this rank's loss and token counts are its replica's (exactly one rank per replica),
+        so that summing over ranks counts each token once."""
 
     def initialize(self, model_dir: Path, total_steps: int) -> None:
         """Load the model from a Hugging Face folder, wrap it, build optimizer and scheduler."""

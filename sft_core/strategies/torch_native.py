@@ -38,6 +38,12 @@ class TorchStrategy:
         self.autocast_dtype = requested if on_gpu and requested != torch.float32 else None
         self.skipped_steps = 0
 
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        return self.ctx.rank, self.ctx.world_size
+
+    reports_metrics = True
+
     # -- what subclasses provide -------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError

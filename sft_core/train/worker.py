@@ -87,7 +87,8 @@ class SFTWorker:
         else:
             device = torch.device("cpu")
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
-        if self.world_size > 1:
+        # megatron's parallel state needs a process group even for one worker.
+        if self.world_size > 1 or self.cfg.sft_train.strategy_args.strategy_name == "megatron_train":
             dist.init_process_group("nccl" if use_gpu else "gloo", rank=self.rank, world_size=self.world_size)
         self.ctx = DistContext(self.rank, self.world_size, device)
 
@@ -134,18 +135,16 @@ class SFTWorker:
         rows = self.schedule.global_batch(step)
         num_targets = int(self.train_row_targets[rows].sum())
         size = self.cfg.sft_train.training_args.per_device_train_batch_size
-        mine = split_for_rank(rows, self.rank, self.world_size, size)
-        micro = self._padded(
-            [collate_rows(self.train_data, self.train_plan, ids, self.pad_id) for ids in mine],
-            len(split_for_rank(rows, 0, self.world_size, size)),
-        )
+        micro = self._my_micro_batches(self.train_data, self.train_plan, rows, size)
         t1 = time.perf_counter()
         out = self.strategy.train_step(micro, num_targets)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        tokens = sum(mb.num_tokens for mb in micro)
-        real = sum(mb.real_tokens for mb in micro)
+        # Counted once per model replica (tensor/pipeline parallel ranks share their replica's batch).
+        counted = self.strategy.reports_metrics
+        tokens = sum(mb.num_tokens for mb in micro) if counted else 0
+        real = sum(mb.real_tokens for mb in micro) if counted else 0
         flops = 6 * self.strategy.num_parameters() * real
         out.update(
             num_targets=num_targets,
@@ -165,19 +164,23 @@ class SFTWorker:
         if self.val_data is None or self.val_plan is None:
             return {"loss_sum": 0.0, "targets": 0}
         rows = list(range(len(self.val_plan.rows)))
-        size = self.cfg.sft_train.infer_batch_size
-        mine = split_for_rank(rows, self.rank, self.world_size, size)
-        micro = self._padded(
-            [collate_rows(self.val_data, self.val_plan, ids, self.pad_id) for ids in mine],
-            len(split_for_rank(rows, 0, self.world_size, size)),
+        micro = self._my_micro_batches(
+            self.val_data, self.val_plan, rows, self.cfg.sft_train.infer_batch_size
         )
         loss_sum, targets = self.strategy.eval_step(micro)
         return {"loss_sum": loss_sum, "targets": targets}
 
-    @staticmethod
-    def _padded(micro: list[MicroBatch], count: int) -> list[MicroBatch]:
-        """Every rank runs `count` micro-batches (rank 0's count, the largest), so collective calls
-        line up; the masked extras add nothing to loss or gradient."""
+    def _my_micro_batches(
+        self, data: EncodedData, plan: PackedPlan, rows: list[int], size: int
+    ) -> list[MicroBatch]:
+        """This model replica's share of `rows`, cut into micro-batches. Every rank runs rank 0's
+        count (the largest) so collective calls line up; the masked extras add nothing to loss or
+        gradient."""
+        dp_rank, dp_size = self.strategy.data_parallel
+        micro = [
+            collate_rows(data, plan, ids, self.pad_id) for ids in split_for_rank(rows, dp_rank, dp_size, size)
+        ]
+        count = len(split_for_rank(rows, 0, dp_size, size))
         return micro + [masked_batch() for _ in range(count - len(micro))]
 
     def do_checkpoint(self, staged_dir: str) -> dict[str, float]:
