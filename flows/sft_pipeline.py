@@ -15,6 +15,7 @@ from flows.validate import validate
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.data.encode import encode_settings
+from sft_core.model.megatron_bridge import check_model_layout
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
@@ -131,6 +132,8 @@ def sft_pipeline(
     os.environ.update(cfg.system_envs)
 
     model_dir = resolve_model.submit(cfg.pretrain).result()
+    if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
+        check_model_layout(cfg.megatron_layout, model_dir)  # before data work and workers start
     tokenizer = prepare_tokenizer.submit(model_dir).result()
     encoded, packed = prepare_data(cfg, tokenizer)
     data_metrics = report_data(cfg, encoded, packed)

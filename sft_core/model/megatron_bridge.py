@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from sft_core.errors import ModelError
+from sft_core.errors import ConfigError, ModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -90,7 +91,7 @@ def gpt_shape(hf_config: Any) -> GPTShape:
     )
 
 
-def layout_problems(shape: GPTShape, tp: int, pp: int, vpp: int | None, sequence_parallel: bool) -> list[str]:
+def layout_problems(shape: GPTShape, tp: int, pp: int, vpp: int | None) -> list[str]:
     """Why a (TP, PP, VPP) layout cannot split this model; empty when it can."""
     problems = []
     for what, n in (
@@ -109,9 +110,30 @@ def layout_problems(shape: GPTShape, tp: int, pp: int, vpp: int | None, sequence
             else f"pipeline_model_parallel_size ({pp})"
         )
         problems.append(f"layers ({shape.num_layers}) not divisible by {what}")
-    if sequence_parallel and tp == 1:
-        problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
     return problems
+
+
+def check_model_layout(strategy_config: Any, model_dir: str | Path) -> None:
+    """Stop before any worker starts when the model cannot be split as `strategy_config` asks
+    (a `MegatronConfig`), or megatron cannot represent it."""
+    from transformers import AutoConfig
+
+    try:
+        shape = gpt_shape(AutoConfig.from_pretrained(str(model_dir)))
+    except ModelError as err:
+        raise ModelError(f"{model_dir}: {err}") from None
+    lay = strategy_config
+    problems = layout_problems(
+        shape,
+        lay.tensor_model_parallel_size,
+        lay.pipeline_model_parallel_size,
+        lay.virtual_pipeline_model_parallel_size,
+    )
+    if problems:
+        raise ConfigError(
+            "config key 'sft_train.strategy_args.strategy_config': this layout cannot split the model "
+            f"at {model_dir}: " + "; ".join(problems)
+        )
 
 
 # -- full HF <-> full megatron ---------------------------------------------------------------------

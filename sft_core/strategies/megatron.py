@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ from sft_core.model.load import DTYPES
 from sft_core.strategies import megatron_cpu_shim as shim
 from sft_core.strategies.base import DistContext
 from sft_core.train.schedule import lr_factor
+
+# megatron-core announces on import that it falls back from Transformer Engine / Apex to plain torch
+# modules, which is the intended path here (STACK.md); keep the run log for what matters.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"When using async grad allreduce", category=UserWarning)
 
 
 def transformer_config(shape: bridge.GPTShape, layout: MegatronConfig, dtype: torch.dtype) -> Any:
@@ -83,6 +90,9 @@ def transformer_config(shape: bridge.GPTShape, layout: MegatronConfig, dtype: to
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=on_gpu,
+        # gloo mismatches batched isend/irecv pairs under the interleaved schedule (VPP): later
+        # micro-batches received another's activations (measured); single ops pair correctly.
+        batch_p2p_comm=on_gpu,
     )
 
 
@@ -322,9 +332,10 @@ class MegatronStrategy:
                 "position_ids": positions,
                 "labels": labels.masked_fill(~loss_mask, 0),
                 "loss_mask": loss_mask.float(),
-                "attention_mask": block_causal_mask(positions),
             }
-            out.append({k: v.to(self.ctx.device) for k, v in batch.items()})
+            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+            batch["attention_mask"] = block_causal_mask(batch["position_ids"])  # built where it is used
+            out.append(batch)
         return out, rows, width
 
     def _forward_step(

@@ -121,11 +121,11 @@ class TorchStrategy:
             targets += n
         self._sync()
         t1 = time.perf_counter()
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = grad_norm_fp64(grads)
         lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(grad_norm):
+            clip_(grads, self.args.max_grad_norm, grad_norm)
             self.optimizer.step()
         else:
             self.skipped_steps += 1  # a non-finite gradient never reaches the weights
@@ -205,6 +205,28 @@ class TorchStrategy:
 
     def num_parameters(self) -> int:
         return self.num_params
+
+
+@torch.no_grad()
+def grad_norm_fp64(grads: list[torch.Tensor]) -> float:
+    """Global L2 norm of the gradient, accumulated in float64 (sharded DTensor gradients are
+    reduced over their mesh). torch's clip_grad_norm_ sums in float32, ~4e-5 (relative) off on a
+    small model, and differently for each sharding; this is the norm every strategy reports."""
+    if not grads:
+        return 0.0
+    squares = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads)
+    if hasattr(squares, "full_tensor"):
+        squares = squares.full_tensor()
+    return float(squares) ** 0.5
+
+
+@torch.no_grad()
+def clip_(grads: list[torch.Tensor], max_norm: float, total_norm: float) -> None:
+    """Scale gradients so their norm is at most max_norm (0 disables), as torch and megatron do."""
+    coef = max_norm / (total_norm + 1e-6)
+    if max_norm > 0 and coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -1,0 +1,348 @@
+"""megatron_train: the HF <-> megatron mapping, the CPU shim, layout checks, and megatron-core really
+training (gloo, real Ray actors) with the same losses in every parallel layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_core.config import ConfigError, check_runnable
+from sft_core.config_loader import load_config
+from sft_core.model import megatron_bridge as bridge
+from sft_core.strategies import megatron_cpu_shim as shim
+
+MEGATRON = "sft_train.strategy_args.strategy_name=megatron_train"
+
+
+def megatron_overrides(**layout: object) -> list[str]:
+    return [MEGATRON, *(f"+sft_train.strategy_args.strategy_config.{k}={v}" for k, v in layout.items())]
+
+
+def save_model(out: Path, kind: str, layers: int = 2) -> Path:
+    """A tiny random model whose every tensor differs from its neighbours' (norm weights and q/k/v
+    biases randomized too), so a swapped or misplaced tensor changes the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=2,
+    )
+    torch.manual_seed(1)
+    if kind == "qwen2":  # q/k/v biases, untied output layer, another rope theta
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False, rope_theta=50000.0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+# -- weight mapping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_to_megatron_to_hf_is_exact(kind, llama_dir, qwen2_dir):
+    from transformers import AutoConfig
+
+    from sft_core.model.load import load_hf_state_dict
+
+    folder = llama_dir if kind == "llama" else qwen2_dir
+    shape = bridge.gpt_shape(AutoConfig.from_pretrained(folder))
+    hf = load_hf_state_dict(folder)
+    back = bridge.megatron_to_hf(bridge.hf_to_megatron(hf, shape), shape)
+    expected = {k for k in hf if not (shape.tied_embeddings and k == "lm_head.weight")}
+    assert set(back) == expected
+    for key in expected:
+        assert torch.equal(back[key], hf[key]), key
+    assert shape.qkv_bias == (kind == "qwen2") and shape.tied_embeddings == (kind == "llama")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_pieces_reassemble_and_keep_whole_query_groups(tp, qwen2_dir):
+    from transformers import AutoConfig
+
+    from sft_core.model.load import load_hf_state_dict
+
+    hf = load_hf_state_dict(qwen2_dir)
+    shape = bridge.gpt_shape(AutoConfig.from_pretrained(qwen2_dir))
+    shape = bridge.GPTShape(**{**shape.__dict__, "num_query_groups": 4})  # 4 groups: TP up to 4
+    hf = dict(hf)
+    for proj in ("k_proj", "v_proj"):  # widen k/v to 4 groups for this check
+        for suffix in ("weight", "bias"):
+            key = f"model.layers.0.self_attn.{proj}.{suffix}"
+            hf[key] = torch.cat([hf[key], hf[key] + 1])
+    full = bridge.hf_to_megatron(
+        {k: v for k, v in hf.items() if "layers.1." not in k},
+        shape.__class__(**{**shape.__dict__, "num_layers": 1}),
+    )
+    for name, tensor in full.items():
+        pieces = [bridge.shard_for_rank(name, tensor, r, tp) for r in range(tp)]
+        assert torch.equal(bridge.unshard(name, pieces), tensor), name
+    # Rank r's linear_qkv holds query group(s) r*4/tp...: its q heads with their own k and v.
+    q = hf["model.layers.0.self_attn.q_proj.weight"].reshape(4, 16, 64)  # 4 groups x 1 head x 16
+    k = hf["model.layers.0.self_attn.k_proj.weight"].reshape(4, 16, 64)
+    piece = bridge.shard_for_rank("decoder.layers.0.self_attention.linear_qkv.weight",
+                                  full["decoder.layers.0.self_attention.linear_qkv.weight"], 1, tp)  # fmt: skip
+    first_group = 4 // tp
+    assert torch.equal(piece[:16], q[first_group]) and torch.equal(piece[16:32], k[first_group])
+    # linear_fc1: each rank holds its slice of gate, then its slice of up.
+    fc1 = bridge.shard_for_rank(
+        "decoder.layers.0.mlp.linear_fc1.weight", full["decoder.layers.0.mlp.linear_fc1.weight"], 0, tp
+    )
+    gate, up = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(fc1, torch.cat([gate.chunk(tp)[0], up.chunk(tp)[0]]))
+
+
+def test_unsupported_architectures_are_refused_by_name(qwen2_dir):
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
+
+    with pytest.raises(Exception, match="model types llama, qwen2, mistral; this model is 'gpt2'"):
+        bridge.gpt_shape(GPT2Config())
+    with pytest.raises(Exception, match="RoPE scaling 'llama3' is not mapped"):
+        bridge.gpt_shape(LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8192}))  # fmt: skip
+    with pytest.raises(Exception, match="MLP biases"):
+        bridge.gpt_shape(LlamaConfig(mlp_bias=True))
+    assert bridge.gpt_shape(AutoConfig.from_pretrained(qwen2_dir)).rope_theta == 50000.0
+
+
+# -- layout checks, before any worker starts -------------------------------------------------------
+
+
+def load(*overrides: str):
+    return load_config("sft_config", ["+experiment=smoke", *overrides], base_dir=Path.cwd())
+
+
+def test_data_parallel_size_and_global_batch_follow_from_the_layout():
+    cfg = load(*megatron_overrides(tensor_model_parallel_size=2), "sft_train.device_mapping=[0,1,2,3]")
+    assert cfg.data_parallel_size == 2
+    assert cfg.global_batch_size == 2 * 2 * 2  # micro 2 x accumulation 2 x 2 replicas
+    assert load("sft_train.device_mapping=[0,1,2,3]").data_parallel_size == 4  # ddp: every worker
+
+
+def test_impossible_layouts_stop_with_a_message(llama_dir):
+    with pytest.raises(ConfigError, match=r"3 workers cannot be split .* 2 x 1 x 1 = 2"):
+        load(*megatron_overrides(tensor_model_parallel_size=2), "sft_train.device_mapping=[0,1,2]")
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy_config.tensor_model_paralel_size: unknown key \(did you mean 'tensor_model_parallel_size'",
+    ):
+        load(MEGATRON, "+sft_train.strategy_args.strategy_config.tensor_model_paralel_size=2")
+    with pytest.raises(
+        ConfigError, match="virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2"
+    ):
+        load(*megatron_overrides(virtual_pipeline_model_parallel_size=2))
+    with pytest.raises(ConfigError, match="applies to megatron_train only"):
+        load("+sft_train.strategy_args.strategy_config.tensor_model_parallel_size=2")
+
+    def layout(workers: int = 4, **kw: int):
+        return load(
+            *megatron_overrides(**kw), f"sft_train.device_mapping={list(range(workers))}"
+        ).megatron_layout
+
+    with pytest.raises(
+        ConfigError,
+        match=r"key/value heads \(query groups\) \(2\) not divisible by tensor_model_parallel_size \(4\)",
+    ):
+        bridge.check_model_layout(layout(tensor_model_parallel_size=4), llama_dir)
+    with pytest.raises(
+        ConfigError, match=r"attention heads \(4\) not divisible by tensor_model_parallel_size \(3\)"
+    ):
+        bridge.check_model_layout(layout(3, tensor_model_parallel_size=3), llama_dir)
+    with pytest.raises(
+        ConfigError, match=r"layers \(2\) not divisible by pipeline_model_parallel_size x virtual \(2 x 2\)"
+    ):
+        bridge.check_model_layout(
+            layout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), llama_dir
+        )
+    bridge.check_model_layout(layout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), llama_dir)
+
+    cp = load(*megatron_overrides(context_parallel_size=2))
+    with pytest.raises(ConfigError, match="context parallelism needs .* Transformer Engine"):
+        check_runnable(cp, devices=("cpu", 2))  # fmt: skip
+
+
+# -- the CPU shim ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is inactive where CUDA exists (tested below)")
+def test_shim_runs_megatron_cuda_code_on_cpu_and_undoes_its_tensor_patches():
+    from megatron.core.transformer import utils as mg_utils
+
+    shim.install()
+    mask = mg_utils.get_default_causal_mask(4)  # megatron allocates it with device="cuda"
+    assert mask.device.type == "cpu" and mask.tolist()[0] == [False, True, True, True]
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    with shim.active():
+        x = torch.ones(2)
+        assert x.cuda() is x and x.type() == "torch.cuda.FloatTensor"
+        assert x.type(torch.float64).dtype == torch.float64  # conversions still work
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.ones(1).cuda()
+    with pytest.raises(ValueError), shim.active():
+        raise ValueError("restores the patches on the way out")
+    assert torch.ones(1).type() == "torch.FloatTensor"
+
+
+def test_shim_is_inactive_where_cuda_exists(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not shim.needed()
+    original = torch.Tensor.cuda
+    with shim.active():
+        assert torch.Tensor.cuda is original
+
+
+# -- numerics: megatron forward == HF forward ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    from flows.runtime import free_port
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_megatron_logits_equal_hf_logits_on_packed_rows(kind, llama_dir, qwen2_dir, process_group):
+    from sft_core.model.load import load_causal_lm
+    from sft_core.strategies.base import DistContext
+    from sft_core.strategies.megatron import MegatronStrategy, block_causal_mask
+
+    folder = llama_dir if kind == "llama" else qwen2_dir
+    strategy = MegatronStrategy(
+        load(MEGATRON, "sft_train.device_mapping=[0]"), DistContext(0, 1, torch.device("cpu"))
+    )
+    strategy.initialize(folder, total_steps=1)
+    hf = load_causal_lm(folder, torch.float32)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 48))
+    # Row 0 packs samples of 20 and 28 tokens, row 1 one sample of 48.
+    positions = torch.stack([torch.cat([torch.arange(20), torch.arange(28)]), torch.arange(48)])
+    with torch.no_grad(), shim.active():
+        logits = strategy.modules[0](ids, positions, block_causal_mask(positions))
+        reference = hf(input_ids=ids, position_ids=positions).logits
+        separate = hf(input_ids=ids[:1, 20:]).logits  # the second packed sample on its own
+    assert (logits - reference).abs().max() < 1e-4
+    assert (logits[0, 20:] - separate[0]).abs().max() < 1e-4  # nothing leaked across the boundary
+    exported = strategy.full_state_dict()
+    for key, value in hf.state_dict().items():
+        if key == "lm_head.weight" and hf.config.tie_word_embeddings:
+            continue
+        assert torch.equal(exported[key], value), key
+
+
+# -- training on real Ray actors: every layout gives the single-process losses ---------------------
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
+    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.data.packing import plan_rows
+    from sft_core.data.templates import get_template
+    from tests.conftest import DEMO
+
+    out = tmp_path_factory.mktemp("megatron-data")
+    fields = FieldMapping(query_key="input", system_key="system")
+    data, _ = encode_files(
+        [str(DEMO / "train.jsonl")], smollm2_tokenizer, get_template("native", smollm2_tokenizer), fields, 256
+    )
+    data.save(out / "train.npz")
+    # Packed rows: several samples per row, so the block-diagonal mask is exercised too.
+    (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=True).to_dict()))
+    return {
+        "model_dir": str(save_model(out / "model", "llama", layers=4)),
+        "tokenizer_dir": str(tiny_model_dir),
+        "train_encoded": str(out / "train.npz"),
+        "train_plan": str(out / "plan.json"),
+    }
+
+
+STEPS = 5
+
+
+def train(artifacts: dict, workers: int, micro: int, accumulation: int, *overrides: str):
+    from sft_core.cluster.cluster import Cluster
+
+    cfg = load(
+        f"sft_train.device_mapping={list(range(workers))}",
+        f"sft_train.training_args.per_device_train_batch_size={micro}",
+        f"sft_train.training_args.gradient_accumulation_steps={accumulation}",
+        f"sft_train.training_args.max_steps={STEPS}",
+        "sft_train.training_args.learning_rate=1e-4",
+        "sft_train.training_args.max_grad_norm=1.0",  # the gradient norm is above 1: clipping is active
+        *overrides,
+    )
+    cluster = Cluster(cfg, artifacts)
+    try:
+        cluster.execute_all("initialize")
+        steps = [cluster.execute_all("train_step", s) for s in range(STEPS)]
+        for step in steps:  # each supervised token counted exactly once over the ranks
+            assert sum(r["targets"] for r in step) == step[0]["num_targets"]
+        losses = [sum(r["loss_sum"] for r in step) / step[0]["num_targets"] for step in steps]
+        return cluster.execute_all("state_dict")[0], losses, [s[0]["grad_norm"] for s in steps]
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_parallel_layouts_reproduce_the_single_process_run(artifacts):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        ref_weights, ref_losses, ref_norms = train(artifacts, 1, 8, 1, MEGATRON)
+        layouts = {
+            "TP=2 + sequence parallel": train(artifacts, 2, 8, 1, *megatron_overrides(tensor_model_parallel_size=2, sequence_parallel=True)),
+            "PP=2 (1F1B, 4 micro-batches)": train(artifacts, 2, 2, 4, *megatron_overrides(pipeline_model_parallel_size=2)),
+            "PP=2 x VPP=2 (interleaved)": train(artifacts, 2, 2, 4, *megatron_overrides(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
+            "DP=2 + distributed optimizer": train(artifacts, 2, 2, 2, *megatron_overrides(use_distributed_optimizer=True)),
+            "ddp_train, 1 worker": train(artifacts, 1, 8, 1),
+        }  # fmt: skip
+    finally:
+        ray.shutdown()
+    from safetensors.torch import load_file
+
+    initial = load_file(str(Path(artifacts["model_dir"]) / "model.safetensors"))
+    key = "model.layers.3.mlp.up_proj.weight"
+    assert (ref_weights[key] - initial[key]).abs().max() > 5e-5, "training did not move the weights"
+    assert min(ref_norms) > 1.0, "clipping was not exercised"
+    for name, (weights, losses, norms) in layouts.items():
+        assert losses == pytest.approx(ref_losses, rel=1e-5), name
+        assert norms == pytest.approx(ref_norms, rel=1e-5), name  # float64 norms: layout-independent
+        # (HF's state dict also lists the tied lm_head.weight; megatron exports the tensor once.)
+        assert weights.keys() - {"lm_head.weight"} == ref_weights.keys(), name
+        for key, ref in ref_weights.items():
+            diff = (weights[key] - ref).norm() / ref.norm()
+            assert diff < 1e-5, f"{name}: {key} differs by {diff:.2e} (relative)"
