@@ -36,6 +36,20 @@ def start_cluster(
         info[0]["steps_per_epoch"],
         info[0]["train_rows"],
     )
+    if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
+        lay = cfg.megatron_layout
+        get_run_logger().info(
+            "megatron layout: tensor %d x pipeline %d%s x context %d x data %d%s%s",
+            lay.tensor_model_parallel_size,
+            lay.pipeline_model_parallel_size,
+            f" (x{lay.virtual_pipeline_model_parallel_size} virtual)"
+            if lay.virtual_pipeline_model_parallel_size
+            else "",
+            lay.context_parallel_size,
+            cfg.data_parallel_size,
+            ", sequence parallel" if lay.sequence_parallel else "",
+            ", distributed optimizer" if lay.use_distributed_optimizer else "",
+        )
     return cluster, info[0]
 
 

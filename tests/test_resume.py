@@ -17,13 +17,24 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.slow
 
 
-def common(out: Path, data: Path) -> list[str]:
+LAYOUTS = {
+    "ddp": [],
+    # Two data-parallel replicas whose Adam state is sharded between them (megatron's own state).
+    "megatron-dp2-distributed-optimizer": [
+        "sft_train.strategy_args.strategy_name=megatron_train",
+        "+sft_train.strategy_args.strategy_config.use_distributed_optimizer=true",
+    ],
+}
+
+
+def common(out: Path, data: Path, layout: list[str]) -> list[str]:
     return [
         "run", "+experiment=smoke",
         "sft_train.training_args.max_steps=8", "save_steps=4", "eval_steps=4",
         f"output_dir={out}", f"logging_dir={out}/tb",
         f"sft_train.data_args.file_name={data}/train.jsonl",
         f"validation.data_args.file_name={data}/validation.jsonl",
+        *layout,
     ]  # fmt: skip
 
 
@@ -32,16 +43,17 @@ def worker_pids() -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(prefect_server, tmp_path, demo_copy):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, tmp_path, demo_copy):
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    reference = run_cli(common(tmp_path / "ref", demo_copy), cwd=tmp_path)
+    reference = run_cli(common(tmp_path / "ref", demo_copy, LAYOUTS[layout]), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *common(out, demo_copy)],
+        [sys.executable, "-m", "flows.cli", *common(out, demo_copy, LAYOUTS[layout])],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )  # fmt: skip
     deadline = time.monotonic() + 300
@@ -55,7 +67,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(prefect_server, tmp_path
     assert proc.returncode != 0, log[-3000:]
     assert not (out / "sft_train" / "checkpoint-8").exists()
 
-    resumed = run_cli([*common(out, demo_copy), "resume_from_checkpoint=auto"], cwd=tmp_path)
+    resumed = run_cli([*common(out, demo_copy, LAYOUTS[layout]), "resume_from_checkpoint=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
