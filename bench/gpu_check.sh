@@ -5,7 +5,7 @@
 #
 # The GPU machine has Python 3.12, torch and transformers, but none of the project's other packages
 # and no network. The check imports only these besides (measured: sys.modules of both strategy
-# runs), fetched once here into the git-ignored .whl/ (5.4 MiB; /.whl/ is in .git/info/exclude),
+# runs), fetched once here into the git-ignored .whl/ (5.4 MiB),
 # pinned to .venv's versions. typing-extensions and packaging shadow the machine's own copies:
 # pydantic needs typing-extensions>=4.16, megatron-core packaging>=24.2.
 #

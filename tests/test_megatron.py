@@ -360,7 +360,11 @@ def test_smoke_pipeline_end_to_end_with_pipeline_parallel_megatron(prefect_serve
 
     result, out = smoke(tmp_path, demo_copy, *megatron_overrides(pipeline_model_parallel_size=2))
     states = task_states(flow_run_id(result.stdout))
-    assert all(s == "Completed" for s in states.values()), states
+    # Encoding and packing do not depend on the strategy: another test may have cached them.
+    data_stages = ("encode-", "pack-")
+    assert all(s in ("Completed", "Cached") for n, s in states.items() if n.startswith(data_stages)), states
+    assert all(s == "Completed" for n, s in states.items() if not n.startswith(data_stages)), states
+    assert any(n.startswith("train-steps-3-6") for n in states), sorted(states)
     assert sum(n.startswith("val-step") for n in states) == 3
     assert "2 workers" in result.stdout + result.stderr
 
