@@ -41,11 +41,14 @@ def main() -> None:
     from sft_core.data.encode import FieldMapping, encode_files
     from sft_core.data.packing import plan_rows
     from sft_core.data.templates import get_template
+    from sft_core.model.megatron_bridge import check_model_layout
     from sft_core.model.resolve import load_tokenizer, resolve_pretrained
     from sft_core.train.metrics import train_metrics
 
     cfg = load_config("sft_config", args.overrides)
     model_dir = resolve_pretrained(cfg.pretrain)
+    if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
+        check_model_layout(cfg.megatron_layout, model_dir)  # as the flow does, before workers start
     tok = load_tokenizer(model_dir)
     fields = FieldMapping(cfg.prompt_key, cfg.response_key, cfg.query_key, cfg.system_key)
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
