@@ -13,6 +13,7 @@ from sft_core.data.collate import MicroBatch, masked_batch
 from sft_core.strategies import DistContext, create_strategy
 from sft_core.train import checkpoint as ckpt
 from sft_core.train.batching import BatchSchedule, split_for_rank
+from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import lr_factor
 
 
@@ -23,6 +24,21 @@ def test_warmup_then_cosine_decays_to_the_minimum_lr():
     assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
     assert lr_factor(5, 10, 2, "constant_with_warmup", 0.0) == 1.0
     assert lr_factor(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_token_loss_scores_each_position_against_the_next_supervised_label():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 4, -100, 6], [-100, -100, 1, 2, -100]])
+    loss, n = summed_token_loss(logits, labels)
+    # Reference: one position at a time, -log softmax(logits[b, t])[labels[b, t + 1]].
+    pairs = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
+    expected = sum(-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for b, t in pairs)
+    assert n == len(pairs) == 5
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[:, -1]) == 0  # the last position predicts nothing
+    assert torch.count_nonzero(logits.grad[0, 0]) == 7 and torch.count_nonzero(logits.grad[1, 0]) == 0
 
 
 def test_each_epoch_is_a_seeded_permutation_of_every_row():

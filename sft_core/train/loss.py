@@ -19,8 +19,10 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     """Sum of next-token cross-entropy over supervised targets, and their count.
 
     logits [B, T, V] predict labels shifted by one: position t is scored against labels[t + 1].
+    The labels are shifted (the last position gets no target), not the logits: slicing [B, T, V]
+    would copy it, and its gradient, once more per micro-batch.
     """
-    targets = labels[:, 1:]
-    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()
     loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
