@@ -324,6 +324,7 @@ def test_parallel_layouts_reproduce_the_single_process_run(artifacts):
     try:
         ref_weights, ref_losses, ref_norms = train(artifacts, 1, 8, 1, MEGATRON)
         layouts = {
+            "TP=2": train(artifacts, 2, 8, 1, *megatron_overrides(tensor_model_parallel_size=2)),
             "TP=2 + sequence parallel": train(artifacts, 2, 8, 1, *megatron_overrides(tensor_model_parallel_size=2, sequence_parallel=True)),
             "PP=2 (1F1B, 4 micro-batches)": train(artifacts, 2, 2, 4, *megatron_overrides(pipeline_model_parallel_size=2)),
             "PP=2 x VPP=2 (interleaved)": train(artifacts, 2, 2, 4, *megatron_overrides(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
