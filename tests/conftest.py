@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,44 @@ def demo_copy(tmp_path: Path) -> Path:
     out = tmp_path / "data"
     shutil.copytree(DEMO, out)
     return out
+
+
+def encoded_demo(out: Path, tokenizer, model_dir: Path, *, packing: bool) -> dict[str, str]:
+    """The demo train split encoded (native template, 256 tokens) and planned into rows: the
+    artifacts a training Cluster takes, for tests that drive the workers without the flow."""
+    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.data.packing import plan_rows
+    from sft_core.data.templates import get_template
+
+    fields = FieldMapping(query_key="input", system_key="system")
+    data, _ = encode_files(
+        [str(DEMO / "train.jsonl")], tokenizer, get_template("native", tokenizer), fields, 256
+    )
+    data.save(out / "train.npz")
+    (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=packing).to_dict()))
+    return {
+        "model_dir": str(model_dir),
+        "tokenizer_dir": str(model_dir),
+        "train_encoded": str(out / "train.npz"),
+        "train_plan": str(out / "plan.json"),
+    }
+
+
+def train_on_cluster(cfg, artifacts: dict, steps: int) -> tuple[dict, list[float], list[float]]:
+    """Train `steps` steps on real Ray actors; rank 0's final weights, the per-token loss and the
+    grad norm of each step."""
+    from sft_core.cluster.cluster import Cluster
+
+    cluster = Cluster(cfg, artifacts)
+    try:
+        cluster.execute_all("initialize")
+        results = [cluster.execute_all("train_step", s) for s in range(steps)]
+        for step in results:  # each supervised token counted exactly once over the ranks
+            assert sum(r["targets"] for r in step) == step[0]["num_targets"]
+        losses = [sum(r["loss_sum"] for r in step) / step[0]["num_targets"] for step in results]
+        return cluster.execute_all("state_dict")[0], losses, [s[0]["grad_norm"] for s in results]
+    finally:
+        cluster.shutdown()
 
 
 def run_cli(

@@ -3,7 +3,6 @@ training (gloo, real Ray actors) with the same losses in every parallel layout."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from sft_core.config import ConfigError, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.model import megatron_bridge as bridge
 from sft_core.strategies import megatron_cpu_shim as shim
+from tests.conftest import encoded_demo, train_on_cluster
 
 MEGATRON = "sft_train.strategy_args.strategy_name=megatron_train"
 
@@ -268,33 +268,16 @@ def test_megatron_logits_equal_hf_logits_on_packed_rows(kind, llama_dir, qwen2_d
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
-    from sft_core.data.encode import FieldMapping, encode_files
-    from sft_core.data.packing import plan_rows
-    from sft_core.data.templates import get_template
-    from tests.conftest import DEMO
-
     out = tmp_path_factory.mktemp("megatron-data")
-    fields = FieldMapping(query_key="input", system_key="system")
-    data, _ = encode_files(
-        [str(DEMO / "train.jsonl")], smollm2_tokenizer, get_template("native", smollm2_tokenizer), fields, 256
-    )
-    data.save(out / "train.npz")
     # Packed rows: several samples per row, so the block-diagonal mask is exercised too.
-    (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=True).to_dict()))
-    return {
-        "model_dir": str(save_model(out / "model", "llama", layers=4)),
-        "tokenizer_dir": str(tiny_model_dir),
-        "train_encoded": str(out / "train.npz"),
-        "train_plan": str(out / "plan.json"),
-    }
+    artifacts = encoded_demo(out, smollm2_tokenizer, tiny_model_dir, packing=True)
+    return {**artifacts, "model_dir": str(save_model(out / "model", "llama", layers=4))}
 
 
 STEPS = 5
 
 
 def train(artifacts: dict, workers: int, micro: int, accumulation: int, *overrides: str):
-    from sft_core.cluster.cluster import Cluster
-
     cfg = load(
         f"sft_train.device_mapping={list(range(workers))}",
         f"sft_train.training_args.per_device_train_batch_size={micro}",
@@ -304,16 +287,7 @@ def train(artifacts: dict, workers: int, micro: int, accumulation: int, *overrid
         "sft_train.training_args.max_grad_norm=1.0",  # the gradient norm is above 1: clipping is active
         *overrides,
     )
-    cluster = Cluster(cfg, artifacts)
-    try:
-        cluster.execute_all("initialize")
-        steps = [cluster.execute_all("train_step", s) for s in range(STEPS)]
-        for step in steps:  # each supervised token counted exactly once over the ranks
-            assert sum(r["targets"] for r in step) == step[0]["num_targets"]
-        losses = [sum(r["loss_sum"] for r in step) / step[0]["num_targets"] for step in steps]
-        return cluster.execute_all("state_dict")[0], losses, [s[0]["grad_norm"] for s in steps]
-    finally:
-        cluster.shutdown()
+    return train_on_cluster(cfg, artifacts, STEPS)
 
 
 @pytest.mark.slow

@@ -3,19 +3,14 @@ or micro-batches does not change the weights (real Ray actors, gloo, fp32)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from sft_core.cluster.cluster import Cluster
 from sft_core.config_loader import load_config
-from sft_core.data.encode import FieldMapping, encode_files
-from sft_core.data.packing import plan_rows
-from sft_core.data.templates import get_template
-from tests.conftest import DEMO
+from tests.conftest import encoded_demo, train_on_cluster
 
 pytestmark = pytest.mark.slow
 STEPS = 5
@@ -23,20 +18,8 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
-    out = tmp_path_factory.mktemp("data")
-    fields = FieldMapping(query_key="input", system_key="system")
     # No packing: rows differ in length and supervised tokens, which is what exposes a wrong normalization.
-    data, _ = encode_files(
-        [str(DEMO / "train.jsonl")], smollm2_tokenizer, get_template("native", smollm2_tokenizer), fields, 256
-    )
-    data.save(out / "train.npz")
-    (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=False).to_dict()))
-    return {
-        "model_dir": str(tiny_model_dir),
-        "tokenizer_dir": str(tiny_model_dir),
-        "train_encoded": str(out / "train.npz"),
-        "train_plan": str(out / "plan.json"),
-    }
+    return encoded_demo(tmp_path_factory.mktemp("data"), smollm2_tokenizer, tiny_model_dir, packing=False)
 
 
 def train_weights(
@@ -56,15 +39,8 @@ def train_weights(
         ],
         base_dir=Path.cwd(),
     )
-    cluster = Cluster(cfg, artifacts)
-    try:
-        cluster.execute_all("initialize")
-        steps = [cluster.execute_all("train_step", s) for s in range(STEPS)]
-        assert all(sum(r["targets"] for r in step) == step[0]["num_targets"] for step in steps)
-        losses = [sum(r["loss_sum"] for r in step) / step[0]["num_targets"] for step in steps]
-        return cluster.execute_all("state_dict")[0], losses
-    finally:
-        cluster.shutdown()
+    weights, losses, _ = train_on_cluster(cfg, artifacts, STEPS)
+    return weights, losses
 
 
 def test_workers_and_accumulation_do_not_change_the_weights(artifacts):
