@@ -12,6 +12,7 @@ from prefect.context import get_run_context
 from prefect_ray import RayTaskRunner
 
 from flows.validate import validate
+from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.data.encode import encode_settings
@@ -19,10 +20,12 @@ from sft_core.model.megatron_bridge import check_model_layout
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
-from sft_core.train.checkpoint import read_state, resolve_resume
+from sft_core.train.checkpoint import check_data_fingerprint, latest_in_run, read_state
+from sft_core.train.run_folder import RunFolder, RunLock, plan_run
+from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
-from tasks.train import register_model, save_checkpoint, start_cluster, train_steps
+from tasks.train import prune_checkpoints, register_model, save_checkpoint, start_cluster, train_steps
 
 
 def ray_task_runner() -> RayTaskRunner:
@@ -106,20 +109,106 @@ def report_data(cfg: SFTConfig, encoded: dict[str, dict], packed: dict[str, dict
     }
 
 
-def start_tracking(cfg: SFTConfig, flow_run_id: str, state: dict[str, Any]) -> tuple[MLflowTracker, Trackers]:
-    """MLflow (a new run, or the interrupted one when resuming) and TensorBoard."""
+def data_fingerprint(encoded: dict[str, dict], packed: dict[str, dict]) -> str:
+    """What the run trains on: the encode cache keys (file contents, template, encoding settings,
+    tokenizer, data code) and the packing plans. A resume over other data shows as another value."""
+    return digest(
+        sorted((split, enc["key"], Path(packed[split]["path"]).name) for split, enc in encoded.items())
+    )
+
+
+def start_tracking(
+    cfg: SFTConfig, flow_run_id: str, run: RunFolder, state: dict[str, Any]
+) -> tuple[MLflowTracker, Trackers]:
+    """MLflow (a new run, or the one this run folder already logs to) and TensorBoard."""
     mlflow_run = MLflowTracker(
         default_tracking_uri(cfg.output_dir),
         cfg.exp_name,
         str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
-        run_name=f"{cfg.exp_name}-{flow_run_id[:8]}",
-        tags={"prefect.flow_run_id": flow_run_id},
-        resume_run_id=state.get("mlflow_run_id"),
+        run_name=f"{cfg.exp_name}-{run.name}",
+        tags={"prefect.flow_run_id": flow_run_id, "sft.run_folder": str(run.root)},
+        resume_run_id=state.get("mlflow_run_id") or run.info().get("mlflow_run_id"),
         resume_step=state.get("global_step", 0),
     )
+    run.update_info(mlflow_run_id=mlflow_run.run_id)
     trackers = Trackers([mlflow_run, TensorBoardTracker(cfg.tracker_kwargs.get("log_dir", cfg.logging_dir))])
     trackers.log_params(cfg.model_dump(exclude={"hydra"}))
     return mlflow_run, trackers
+
+
+def train(
+    cfg: SFTConfig,
+    artifacts: dict[str, Any],
+    run: RunFolder,
+    resume: Path | None,
+    mlflow_run: MLflowTracker,
+    trackers: Trackers,
+    fingerprint: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Train to the last step from `resume` (or the pretrained model); returns (history,
+    checkpoints, total steps). A worker that dies or stops responding restarts the cluster from the
+    run's newest checkpoint, up to sft_train.max_restarts times."""
+    logger = get_run_logger()
+    restarts = 0
+    checkpoints: list[dict[str, Any]] = []
+    while True:
+        state = read_state(resume) if resume else {}
+        start = state.get("global_step", 0)
+        history: list[dict[str, Any]] = state.get("history", [])
+        cluster = None
+        try:
+            cluster, info = start_cluster(cfg, artifacts, str(resume / "train_state") if resume else None)
+            total = info["total_steps"]
+            if resume and start >= total:
+                logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)
+                checkpoints.append({"step": start, "path": str(resume / cluster.name), "version": None})
+                return history, checkpoints, total
+            val: dict[str, float] = {}
+            if artifacts.get("val_plan") and cfg.eval_at_start and start == 0:
+                val = validate(cluster, 0, trackers)
+                history.append({"step": 0, **val})
+            step = start
+            for end in boundaries(total, cfg.eval_steps, cfg.save_steps, after=start):
+                metrics = train_steps(cluster, step, end, cfg.logging_steps, trackers)
+                step = end
+                history.append({"step": step, **metrics})
+                if artifacts.get("val_plan") and (step % cfg.eval_steps == 0 or step == total):
+                    val = validate(cluster, step, trackers)
+                    history[-1].update(val)
+                if step % cfg.save_steps == 0 or step == total:
+                    state = {
+                        "global_step": step,
+                        "cluster_name": cluster.name,
+                        "mlflow_run_id": mlflow_run.run_id,
+                        "data_fingerprint": fingerprint,
+                        "history": history,
+                    }
+                    saved = save_checkpoint(cluster, str(run.root), step, state)
+                    trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
+                    summary = {
+                        k.split("/")[-1]: v
+                        for k, v in {**metrics, **val}.items()
+                        if k.startswith("sft_train/")
+                    }
+                    version = register_model(mlflow_run.tracking_uri, cfg.exp_name, saved["path"],
+                                             mlflow_run.run_id, step, summary)  # fmt: skip
+                    checkpoints.append({"step": step, "path": saved["path"], "version": version})
+                    if cfg.max_ckpt_to_keep:
+                        prune_checkpoints(cfg, str(run.root), mlflow_run.tracking_uri)
+            return history, checkpoints, total
+        except WorkerFailure as err:
+            if restarts >= cfg.sft_train.max_restarts:
+                raise
+            restarts += 1
+            resume = latest_in_run(run) or resume
+            mlflow_run.skip_logged_after(read_state(resume)["global_step"] if resume else 0)
+            logger.warning(
+                "%s; restarting the cluster (restart %d of sft_train.max_restarts=%d) from %s",
+                err, restarts, cfg.sft_train.max_restarts, resume or "the pretrained model",
+            )  # fmt: skip
+        finally:
+            if cluster is not None:
+                cluster.shutdown()
 
 
 @flow(name="sft-pipeline", task_runner=ray_task_runner(), log_prints=True)
@@ -146,50 +235,29 @@ def sft_pipeline(
         "val_encoded": encoded["validation"]["path"] if has_val else None,
         "val_plan": packed["validation"]["path"] if has_val else None,
     }
+    fingerprint = data_fingerprint(encoded, packed)
 
     flow_run_id = str(get_run_context().flow_run.id)
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-    state = read_state(resume) if resume else {}
-    start = state.get("global_step", 0)
-    if resume:
-        logger.info("resuming from %s (global step %d)", resume, start)
-    mlflow_run, trackers = start_tracking(cfg, flow_run_id, state)
-    trackers.log_metrics(data_metrics, 0)
-
-    cluster, info = start_cluster(cfg, artifacts, str(resume / "train_state") if resume else None)
-    total = info["total_steps"]
-    history: list[dict[str, Any]] = state.get("history", [])
-    checkpoints: list[dict[str, Any]] = []
-    if resume and start >= total:
-        logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)
-        checkpoints.append({"step": start, "path": str(resume / cluster.name), "version": None})
-    status = "FAILED"
-    try:
-        val: dict[str, float] = {}
-        if has_val and cfg.eval_at_start and start == 0:
-            val = validate(cluster, 0, trackers)
-            history.append({"step": 0, **val})
-        step = start
-        for end in boundaries(total, cfg.eval_steps, cfg.save_steps, after=start):
-            metrics = train_steps(cluster, step, end, cfg.logging_steps, trackers)
-            step = end
-            history.append({"step": step, **metrics})
-            if has_val and (step % cfg.eval_steps == 0 or step == total):
-                val = validate(cluster, step, trackers)
-                history[-1].update(val)
-            if step % cfg.save_steps == 0 or step == total:
-                saved = save_checkpoint(cluster, cfg, step, history, mlflow_run.run_id)
-                trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
-                summary = {
-                    k.split("/")[-1]: v for k, v in {**metrics, **val}.items() if k.startswith("sft_train/")
-                }
-                version = register_model(mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id,
-                                         step, summary)  # fmt: skip
-                checkpoints.append({"step": step, "path": saved["path"], "version": version})
-        status = "FINISHED"
-    finally:
-        cluster.shutdown()
-        trackers.close(status)
+    plan = plan_run(cfg.output_dir, cfg.resume_from_checkpoint, flow_run_id, pretrain=cfg.pretrain)
+    logger.info("run folder %s: %s", plan.run.root, plan.why)
+    with RunLock(plan.run, {"flow_run_id": flow_run_id}):
+        plan.run.record_flow_run(flow_run_id)
+        state = read_state(plan.resume) if plan.resume else {}
+        if plan.resume:
+            logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
+        warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
+        if warning:
+            logger.warning("%s; continuing (resume_data_check: warn)", warning)
+        mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
+        trackers.log_metrics(data_metrics, 0)
+        status = "FAILED"
+        try:
+            history, checkpoints, total = train(
+                cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, fingerprint
+            )
+            status = "FINISHED"
+        finally:
+            trackers.close(status)
 
     return {
         "exp_name": cfg.exp_name,
@@ -203,5 +271,6 @@ def sft_pipeline(
         "model_version": checkpoints[-1]["version"],
         "tensorboard_dir": cfg.tracker_kwargs.get("log_dir", cfg.logging_dir),
         "final_metrics": history[-1] if history else {},
+        "run_folder": str(plan.run.root),
         "total_steps": total,
     }

@@ -7,6 +7,7 @@ handles, while the work itself runs in the Ray actors, one per device_mapping en
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -18,6 +19,7 @@ from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import register_checkpoint
 from sft_core.train import checkpoint as ckpt
 from sft_core.train.metrics import train_metrics, val_metrics
+from sft_core.train.run_folder import RunFolder
 
 
 @task(name="start-cluster", cache_policy=NONE, persist_result=False)
@@ -25,7 +27,11 @@ def start_cluster(
     cfg: SFTConfig, artifacts: dict[str, Any], resume_state: str | None = None
 ) -> tuple[Cluster, dict[str, Any]]:
     cluster = Cluster(cfg, artifacts)
-    info = cluster.execute_all("initialize", resume_state)
+    try:
+        info = cluster.execute_all("initialize", resume_state, label="initialize")
+    except BaseException:
+        cluster.shutdown()
+        raise
     get_run_logger().info(
         "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows)",
         cluster.name,
@@ -61,7 +67,7 @@ def train_steps(
     logger = get_run_logger()
     metrics: dict[str, float] = {}
     for step in range(start, end):
-        metrics = train_metrics(cluster.execute_all("train_step", step))
+        metrics = train_metrics(cluster.execute_all("train_step", step, label=f"step {step + 1}"))
         global_step = step + 1
         if global_step % logging_steps == 0 or global_step == end:
             trackers.log_metrics(metrics, global_step)
@@ -79,29 +85,40 @@ def train_steps(
 
 @task(name="val-step", cache_policy=NONE, persist_result=False)
 def val_step(cluster: Cluster) -> dict[str, float]:
-    return val_metrics(cluster.execute_all("val_step"))
+    return val_metrics(cluster.execute_all("val_step", label="validation"))
 
 
 @task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
-def save_checkpoint(
-    cluster: Cluster, cfg: SFTConfig, step: int, history: list[dict[str, Any]], mlflow_run_id: str
-) -> dict[str, Any]:
-    staged = ckpt.staging_dir(cfg.output_dir, step)
-    shutil.rmtree(staged, ignore_errors=True)  # left over by a crash during an earlier save
-    timing = cluster.execute_all("do_checkpoint", str(staged))
-    state = {
-        "global_step": step,
-        "cluster_name": cluster.name,
-        "mlflow_run_id": mlflow_run_id,
-        "history": history,
-    }
-    path = ckpt.publish(cfg.output_dir, step, state)
-    removed = ckpt.prune(cfg.output_dir, cfg.max_ckpt_to_keep)
-    if removed:
-        get_run_logger().info(
-            "max_ckpt_to_keep=%s: removed %s", cfg.max_ckpt_to_keep, [p.name for p in removed]
-        )
+def save_checkpoint(cluster: Cluster, run_root: str, step: int, state: dict[str, Any]) -> dict[str, Any]:
+    """Workers write into the run's staging folder; it is published whole (manifest, rename)."""
+    run = RunFolder(Path(run_root))
+    staged = run.staging(step)
+    shutil.rmtree(staged, ignore_errors=True)  # left by a crash during an earlier save of this run
+    timing = cluster.execute_all("do_checkpoint", str(staged), label=f"checkpoint at step {step}")
+    path = ckpt.publish(run, step, state, cluster.world_size)
     return {"path": str(path / cluster.name), "time": max(t["time"] for t in timing)}
+
+
+@task(name="prune-checkpoints", cache_policy=NONE, persist_result=False)
+def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[str]:
+    """max_ckpt_to_keep over this run's own checkpoints; never its newest nor the registry's `best`.
+    A removed checkpoint's registered versions are deleted with it, so none points at nothing."""
+    if not cfg.max_ckpt_to_keep:
+        return []
+    from sft_core.tracking.mlflow_tracker import best_version_source, delete_versions, versions_for_source
+
+    run = RunFolder(Path(run_root))
+    best = best_version_source(tracking_uri, cfg.exp_name)
+    protected = {Path(best).parent} if best else set()
+    removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected)
+    for path in removed:
+        versions = versions_for_source(tracking_uri, cfg.exp_name, str(path / run.cluster_name))
+        delete_versions(tracking_uri, cfg.exp_name, versions)
+        get_run_logger().info(
+            "max_ckpt_to_keep=%d: removed %s and its registered version(s) %s",
+            cfg.max_ckpt_to_keep, path.name, versions,
+        )  # fmt: skip
+    return [str(p) for p in removed]
 
 
 @task(

@@ -331,6 +331,7 @@ def test_smoke_pipeline_end_to_end_with_pipeline_parallel_megatron(prefect_serve
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tests.conftest import checkpoint_path
     from tests.test_pipeline import flow_run_id, smoke, task_states
 
     result, out = smoke(tmp_path, demo_copy, *megatron_overrides(pipeline_model_parallel_size=2))
@@ -345,7 +346,7 @@ def test_smoke_pipeline_end_to_end_with_pipeline_parallel_megatron(prefect_serve
 
     # Each checkpoint: a Hugging Face folder gathered from both pipeline stages, beside megatron's
     # per-rank state for exact resume.
-    ckpt = out / "sft_train" / "checkpoint-6"
+    ckpt = checkpoint_path(out, 6)
     assert {p.name for p in (ckpt / "train_state").iterdir()} == {"megatron_rank0.pt", "megatron_rank1.pt"}
     model = AutoModelForCausalLM.from_pretrained(ckpt / "sft_train")
     tok = AutoTokenizer.from_pretrained(ckpt / "sft_train")

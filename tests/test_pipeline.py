@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import checkpoint_path, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,8 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
 
     # Checkpoints: Hugging Face folders at the seed's layout, loadable, generating.
     for step in (3, 6):
-        assert (out / "sft_train" / f"checkpoint-{step}" / "sft_train" / "model.safetensors").is_file()
-    final = out / "sft_train" / "checkpoint-6" / "sft_train"
+        assert (checkpoint_path(out, step) / "sft_train" / "model.safetensors").is_file()
+    final = checkpoint_path(out, 6) / "sft_train"
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
@@ -90,7 +90,7 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > ids.shape[1]
-    state = json.loads((out / "sft_train" / "checkpoint-6" / "trainer_state.json").read_text())
+    state = json.loads((checkpoint_path(out, 6) / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and state["history"][-1]["step"] == 6
 
     # MLflow: params, metrics per logging step, every checkpoint registered, alias latest.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import checkpoint_path, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, 
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *common(out, demo_copy, LAYOUTS[layout])],
+    proc = subprocess.Popen(  # no automatic restart: this run must fail, and be resumed by hand
+        [sys.executable, "-m", "flows.cli", *common(out, demo_copy, LAYOUTS[layout]), "sft_train.max_restarts=0"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (out / "sft_train" / "checkpoint-4" / "trainer_state.json").exists():
+    while not list(out.glob("runs/*/sft_train/checkpoint-4/manifest.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before checkpoint-4"
         time.sleep(0.1)
     pids = worker_pids()
@@ -65,16 +65,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, 
     os.kill(pids[-1], signal.SIGKILL)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, log[-3000:]
-    assert not (out / "sft_train" / "checkpoint-8").exists()
+    assert not checkpoint_path(out, 8).exists()
 
     resumed = run_cli([*common(out, demo_copy, LAYOUTS[layout]), "resume_from_checkpoint=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
-    final = load_file(str(out / "sft_train" / "checkpoint-8" / "sft_train" / "model.safetensors"))
-    expected = load_file(
-        str(tmp_path / "ref" / "sft_train" / "checkpoint-8" / "sft_train" / "model.safetensors")
-    )
+    final = load_file(str(checkpoint_path(out, 8) / "sft_train" / "model.safetensors"))
+    expected = load_file(str(checkpoint_path(tmp_path / "ref", 8) / "sft_train" / "model.safetensors"))
     assert final.keys() == expected.keys()
     for key, value in expected.items():
         assert (final[key] - value).abs().max() <= 1e-6, key

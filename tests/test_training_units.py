@@ -11,7 +11,6 @@ import torch
 from sft_core.config_loader import load_config
 from sft_core.data.collate import MicroBatch, masked_batch
 from sft_core.strategies import DistContext, create_strategy
-from sft_core.train import checkpoint as ckpt
 from sft_core.train.batching import BatchSchedule, split_for_rank
 from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import lr_factor
@@ -111,18 +110,6 @@ def test_masked_filler_batches_change_nothing(tiny_model_dir):
     assert ra["loss_sum"] == pytest.approx(rb["loss_sum"]) and ra["grad_norm"] == pytest.approx(
         rb["grad_norm"]
     )
-
-
-def test_max_ckpt_to_keep_removes_the_oldest(tmp_path):
-    for step in (2, 10, 4):
-        (tmp_path / "sft_train" / f"checkpoint-{step}" / "train_state").mkdir(parents=True)
-        (tmp_path / "sft_train" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    (tmp_path / "sft_train" / ".checkpoint-12.tmp").mkdir()  # a save that crashed: never resumed from
-    removed = ckpt.prune(str(tmp_path), keep=2)
-    assert [p.name for p in removed] == ["checkpoint-2"]
-    assert ckpt.latest_checkpoint(str(tmp_path)).name == "checkpoint-10"
-    assert ckpt.resolve_resume("auto", str(tmp_path)).name == "checkpoint-10"
-    assert ckpt.resolve_resume(False, str(tmp_path)) is None
 
 
 def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_dir, smollm2_tokenizer):

@@ -2,18 +2,26 @@
 
 The Ray runtime must already be up: locally the Prefect flow's RayTaskRunner starts it; to run on
 several machines start Ray there (`ray start --head` on one, `ray start --address=HEAD:6379` on the
-others) and set RAY_ADDRESS=HEAD:6379 before `sft run`: the workers are then spread by Ray and
-rank 0's node address is the torch.distributed master.
+others) and set `ray_address` (or RAY_ADDRESS): the workers are then spread by Ray and rank 0's node
+address is the torch.distributed master.
+
+Every call on the workers is bounded by `sft_train.worker_timeout_s`: a worker that dies fails the
+call at once, one that stops responding (frozen, deadlocked, stuck in a collective) fails it when the
+time is up, with the rank and the step in the message. Either is a `WorkerFailure`, which the flow may
+answer by restarting the cluster from the run's newest checkpoint (`sft_train.max_restarts`).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sft_core.config import SFTConfig
+from sft_core.errors import user_error_in
 from sft_core.train.worker import SFTWorker
 
 # Passed to each actor so it sees the same Prefect server, caches and thread settings as the driver.
@@ -24,6 +32,12 @@ _FORWARDED_ENV = (
     "SFT_PEAK_FLOPS",
     "TOKENIZERS_PARALLELISM",
 )
+# How long a worker that is busy in a call has to answer a ping before it counts as not responding.
+_PING_S = 5.0
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died or stopped responding; the run can continue from its newest checkpoint."""
 
 
 class Cluster:
@@ -32,13 +46,16 @@ class Cluster:
             raise RuntimeError("Cluster needs a running Ray runtime (the flow's RayTaskRunner starts one)")
         self.name = cfg.sft_train.name
         self.world_size = cfg.sft_train.world_size
+        self.timeout_s = cfg.sft_train.worker_timeout_s
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.update(cfg.system_envs)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         # CPU workers claim no Ray CPU slot: the Prefect tasks running on Ray must still be schedulable.
         options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0}
-        actor_cls = ray.remote(SFTWorker)
+        # `ping` runs in its own thread (concurrency group), so a worker busy in a long call still
+        # answers it; every other method runs in the default group's one thread, in order.
+        actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorker)
         cfg_dict = cfg.model_dump()
         self.workers = [
             actor_cls.options(name=None, runtime_env={"env_vars": env}, **options).remote(
@@ -46,21 +63,77 @@ class Cluster:
             )
             for rank in range(self.world_size)
         ]
-        addr, port = ray.get(self.workers[0].address.remote())
-        ray.get([w.setup_distributed.remote(addr, port) for w in self.workers])
+        addr, port = self._wait([self.workers[0].address.remote()], "address", "start-up")[0]
+        self._wait(
+            [w.setup_distributed.remote(addr, port) for w in self.workers], "setup_distributed", "start-up"
+        )
 
-    def execute_all(self, method: str, *args: Any) -> list[Any]:
+    def execute_all(self, method: str, *args: Any, label: str | None = None) -> list[Any]:
         """Call `method` on every worker at once and wait for all results (rank order).
 
         Fails as soon as any worker fails or dies: the others may be blocked in a collective with it
-        and would otherwise hold the run until the process-group timeout.
+        and would otherwise hold the run until the process-group timeout. `label` names the step in
+        error messages (default: the arguments).
         """
         refs = [getattr(w, method).remote(*args) for w in self.workers]
+        return self._wait(refs, method, label or ", ".join(map(str, args)) or "no arguments")
+
+    def _wait(self, refs: list[Any], method: str, label: str) -> list[Any]:
+        deadline = time.monotonic() + self.timeout_s
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)  # raises the worker's error (RayActorError if its process died)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise self._timeout(refs, pending, method, label)
+            try:
+                ray.get(ready)
+            except RayActorError as err:
+                raise WorkerFailure(
+                    f"rank {refs.index(ready[0])} died during {method} ({label}): {err}"
+                ) from err
+            except RayTaskError as err:
+                # A peer's death often reaches the survivors first, as a broken collective.
+                dead = self._dead_ranks(refs)
+                if dead and user_error_in(err) is None:
+                    raise WorkerFailure(
+                        f"rank(s) {dead} died during {method} ({label}); "
+                        f"rank {refs.index(ready[0])} failed with it"
+                    ) from err
+                raise
         return ray.get(refs)
+
+    def _dead_ranks(self, refs: list[Any]) -> list[int]:
+        dead = []
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=_PING_S)
+            except RayActorError:
+                dead.append(rank)
+            except (RayTaskError, GetTimeoutError):
+                pass
+        return dead
+
+    def _timeout(self, refs: list[Any], pending: list[Any], method: str, label: str) -> WorkerFailure:
+        waiting = [refs.index(p) for p in pending]
+        frozen = self._unresponsive(waiting)
+        stuck = f"rank(s) {frozen} stopped responding" if frozen else f"rank(s) {waiting} did not finish"
+        others = sorted(set(waiting) - set(frozen)) if frozen else []
+        return WorkerFailure(
+            f"{stuck} during {method} ({label}): no result within sft_train.worker_timeout_s="
+            f"{self.timeout_s:g}s" + (f"; rank(s) {others} were waiting on them" if others else "")
+        )
+
+    def _unresponsive(self, ranks: list[int]) -> list[int]:
+        """Ranks whose process does not answer a ping (a frozen or dead process, not a busy one)."""
+        pings = {r: self.workers[r].ping.remote() for r in ranks}
+        ray.wait(list(pings.values()), num_returns=len(pings), timeout=_PING_S)
+        silent = []
+        for r, ref in pings.items():
+            try:
+                ray.get(ref, timeout=0.1)
+            except Exception:
+                silent.append(r)
+        return silent
 
     def shutdown(self) -> None:
         """Kill the actors: their process exit releases the process group, even mid-collective."""

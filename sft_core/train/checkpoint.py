@@ -1,12 +1,18 @@
-"""Checkpoint layout and atomic publication.
+"""Checkpoint layout, atomic publication and the completeness manifest.
 
-    <output_dir>/sft_train/checkpoint-<step>/<cluster_name>/   Hugging Face folder (from_pretrained loads it)
-    <output_dir>/sft_train/checkpoint-<step>/train_state/      exact resume: DCP model + optimizer,
-                                                               scheduler and RNG per rank
-    <output_dir>/sft_train/checkpoint-<step>/trainer_state.json step, metric history, MLflow run id
+Inside a run folder (run_folder.py):
 
-Workers write into a hidden `.checkpoint-<step>.tmp` folder; `publish` fsyncs it and renames it into
-place, so a checkpoint appears whole or not at all, and a crash mid-save leaves the previous one.
+    sft_train/checkpoint-<step>/<cluster_name>/   Hugging Face folder (from_pretrained loads it; an
+                                                  MLmodel beside the weights makes it an MLflow model)
+    sft_train/checkpoint-<step>/train_state/      exact resume: DCP model + optimizer, scheduler and
+                                                  RNG per rank
+    sft_train/checkpoint-<step>/trainer_state.json step, metric history, MLflow run id, data fingerprint
+    sft_train/checkpoint-<step>/manifest.json     every file above with its size
+
+Workers write into the run's hidden `.checkpoint-<step>.tmp` folder; `publish` writes the manifest,
+fsyncs and renames it into place, so a checkpoint appears whole or not at all. Resume accepts only a
+checkpoint whose manifest lists files that are all there with their sizes. A published checkpoint is
+never replaced: registered model versions point at it.
 """
 
 from __future__ import annotations
@@ -14,16 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+from sft_core.errors import ConfigError
+from sft_core.train.run_folder import RunFolder, runs_root
 
-def checkpoint_dir(output_dir: str, step: int) -> Path:
-    return Path(output_dir) / "sft_train" / f"checkpoint-{step}"
-
-
-def staging_dir(output_dir: str, step: int) -> Path:
-    return Path(output_dir) / "sft_train" / f".checkpoint-{step}.tmp"
+MANIFEST = "manifest.json"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -38,68 +42,129 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def publish(output_dir: str, step: int, state: dict[str, Any]) -> Path:
-    """Write trainer_state.json into the staged checkpoint and rename it into place."""
-    staged, final = staging_dir(output_dir, step), checkpoint_dir(output_dir, step)
-    (staged / "trainer_state.json").write_text(json.dumps(state, indent=2))
+def _files(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def publish(run: RunFolder, step: int, state: dict[str, Any], world_size: int) -> Path:
+    """Write trainer_state.json and the manifest into the staged checkpoint and rename it into place."""
+    staged, final = run.staging(step), run.checkpoint(step)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; a published checkpoint is never replaced")
+    rank_files = sorted((staged / "train_state").glob("*rank*.pt"))
+    if len(rank_files) != world_size:
+        raise RuntimeError(
+            f"{staged}: {len(rank_files)} rank state files for {world_size} workers; not publishing it"
+        )
+    (staged / "trainer_state.json").write_text(json.dumps({**state, "saved_at": time.time()}, indent=2))
+    manifest = {"world_size": world_size, "files": _files(staged)}
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_tree(staged)
-    if final.exists():  # a rerun into the same output_dir replaces its own checkpoint
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staged.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staged.rename(final)
+    staged.rename(final)
     return final
 
 
-def prune(output_dir: str, keep: int | None) -> list[Path]:
-    """Remove all but the newest `keep` checkpoints; returns what was removed."""
-    if not keep:
-        return []
-    root = Path(output_dir) / "sft_train"
-    found = sorted((s, p) for p in root.glob("checkpoint-*") if (s := _step_of(p)) is not None)
-    removed = [p for _, p in found][:-keep]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
+def is_complete(checkpoint: Path) -> bool:
+    """Every file its manifest lists is there with its size (a copy or a deletion shows)."""
+    try:
+        listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for rel, size in listed.items():
+        p = checkpoint / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+    return True
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
     tail = path.name.removeprefix("checkpoint-")
     return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
 
 
+def checkpoints_in_run(run: RunFolder, complete_only: bool = True) -> list[Path]:
+    """The run's published checkpoints, oldest step first."""
+    found = sorted(
+        (s, p.resolve()) for p in run.checkpoints_root.glob("checkpoint-*") if (s := step_of(p)) is not None
+    )
+    return [p for _, p in found if not complete_only or is_complete(p)]
+
+
+def latest_in_run(run: RunFolder) -> Path | None:
+    found = checkpoints_in_run(run)
+    return found[-1] if found else None
+
+
 def latest_checkpoint(output_dir: str) -> Path | None:
-    """The newest complete checkpoint (published ones always are: they appear by rename)."""
-    root = Path(output_dir) / "sft_train"
-    found = [(s, p) for p in root.glob("checkpoint-*") if (s := _step_of(p)) is not None]
-    found = [
-        (s, p) for s, p in found if (p / "trainer_state.json").is_file() and (p / "train_state").is_dir()
+    """The most recently saved complete checkpoint of any run in output_dir."""
+    runs = runs_root(output_dir)
+    candidates = [
+        c for folder in runs.glob("*") if folder.is_dir() for c in checkpoints_in_run(RunFolder(folder))
     ]
-    return max(found)[1] if found else None
+    return max(candidates, key=lambda c: read_state(c).get("saved_at", 0.0), default=None)
+
+
+def prune(
+    run: RunFolder, keep: int | None, protected: frozenset[Path] | set[Path] = frozenset()
+) -> list[Path]:
+    """Remove all but the run's newest `keep` checkpoints, never its newest nor a protected one (the
+    one the registry's `best` alias points at). Only this run's folder is touched. Returns what was
+    removed; the caller deletes their registered versions."""
+    if not keep:
+        return []
+    found = checkpoints_in_run(run, complete_only=False)
+    keep_too = {p.resolve() for p in protected}
+    removed = [p for p in found[:-keep] if p not in keep_too]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
 
 
 def resolve_resume(setting: bool | str, output_dir: str) -> Path | None:
-    """`resume_from_checkpoint`: false -> None; auto -> the latest checkpoint or None; a path ->
-    that checkpoint (the checkpoint-N folder or its Hugging Face subfolder)."""
-    from sft_core.errors import ConfigError
-
+    """`resume_from_checkpoint`: false -> None; auto -> the newest complete checkpoint or None; a path
+    -> that checkpoint (the checkpoint-N folder or its Hugging Face subfolder), which must be complete."""
     if setting in (False, "false", None):
         return None
     if setting == "auto":
         return latest_checkpoint(output_dir)
-    path = Path(str(setting))
-    if (path / "trainer_state.json").is_file():
-        return path
-    if (path.parent / "trainer_state.json").is_file():
-        return path.parent
-    raise ConfigError(
-        f"config key 'resume_from_checkpoint': '{setting}' is not a checkpoint folder "
-        "(expected <output_dir>/sft_train/checkpoint-<step> with trainer_state.json)."
-    )
+    path = Path(str(setting)).expanduser()
+    if not (path / "trainer_state.json").is_file() and (path.parent / "trainer_state.json").is_file():
+        path = path.parent
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"config key 'resume_from_checkpoint': '{setting}' is not a checkpoint folder (expected "
+            "<output_dir>/runs/<run>/sft_train/checkpoint-<step> with trainer_state.json)."
+        )
+    if not is_complete(path):
+        raise ConfigError(
+            f"config key 'resume_from_checkpoint': '{path}' is incomplete (files listed in its "
+            f"{MANIFEST} are missing or have another size); choose another checkpoint."
+        )
+    return path.resolve()
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def check_data_fingerprint(state: dict[str, Any], fingerprint: str, policy: str) -> str | None:
+    """Resume over other data than the checkpoint was trained on: refuse (policy 'error') or return a
+    warning to log (policy 'warn'). None when they match or the checkpoint predates fingerprints."""
+    saved = state.get("data_fingerprint")
+    if saved is None or saved == fingerprint:
+        return None
+    message = (
+        f"the data differs from what the checkpoint at step {state.get('global_step')} was trained on "
+        f"(data fingerprint {saved[:12]} -> {fingerprint[:12]}: a data file, the template or an encoding "
+        "setting changed)"
+    )
+    if policy == "error":
+        raise ConfigError(
+            f"config key 'resume_data_check': {message}. Start a new run (resume_from_checkpoint: false), "
+            "or set resume_data_check: warn to continue on the new data."
+        )
+    return message

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 
@@ -89,8 +91,19 @@ class SFTWorker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
         # megatron's parallel state needs a process group even for one worker.
         if self.world_size > 1 or self.cfg.sft_train.strategy_args.strategy_name == "megatron_train":
-            dist.init_process_group("nccl" if use_gpu else "gloo", rank=self.rank, world_size=self.world_size)
+            # Collectives share the driver's bound: a frozen peer fails them instead of hanging 30 min.
+            dist.init_process_group(
+                "nccl" if use_gpu else "gloo",
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=self.cfg.sft_train.worker_timeout_s),
+            )
         self.ctx = DistContext(self.rank, self.world_size, device)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> int:
+        """Answered from a second actor thread while a long call runs: proves the process is alive."""
+        return self.rank
 
     # -- SFTWorker API (as in the seed) ------------------------------------------------------
     def initialize(self, resume_dir: str | None = None) -> dict[str, Any]:

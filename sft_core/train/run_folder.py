@@ -1,0 +1,170 @@
+"""Run folders: each training run owns its checkpoints.
+
+    <output_dir>/runs/<YYYYmmdd-HHMMSS>-<flow run id[:8]>/
+        run.json                              who made it: flow run(s), MLflow run, base model
+        .lock                                 held (flock) by the process training into it
+        sft_train/checkpoint-<step>/<cluster>/ Hugging Face folder (see checkpoint.py)
+
+A new run never writes into another run's folder, so the weights behind a registered version never
+change. A retry of a flow run (Prefect's Retry, `prefect flow-run retry`, flow retries) finds its own
+folder by the flow run id and continues from its newest checkpoint; `resume_from_checkpoint: auto` (or
+a path) continues the run that owns that checkpoint when it is that run's newest, and branches into a
+new folder otherwise (so nothing after it is overwritten).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sft_core.errors import UserError
+
+RUNS = "runs"
+
+
+class RunFolderBusy(UserError):
+    """Another process is training into the same run folder."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+    cluster_name: str = "sft_train"
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.root / "sft_train"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_root / f"checkpoint-{step}"
+
+    def staging(self, step: int) -> Path:
+        return self.checkpoints_root / f".checkpoint-{step}.tmp"
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "run.json"
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.info_path.read_text()) if self.info_path.is_file() else {}
+
+    def update_info(self, **fields: Any) -> None:
+        """Merge `fields` into run.json (written whole, then renamed: never half a file)."""
+        info = {**self.info(), **fields}
+        tmp = self.info_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(self.info_path)
+
+    def record_flow_run(self, flow_run_id: str) -> None:
+        ids = self.info().get("flow_run_ids", [])
+        if flow_run_id not in ids:
+            self.update_info(flow_run_ids=[*ids, flow_run_id])
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a flow run trains and what it starts from."""
+
+    run: RunFolder
+    resume: Path | None  # a checkpoint-<step> folder, or None to start from the pretrained model
+    why: str  # one line for the log
+
+
+def runs_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / RUNS
+
+
+def run_of(checkpoint: Path) -> RunFolder:
+    """The run folder that owns `checkpoint` (<run>/sft_train/checkpoint-<step>)."""
+    return RunFolder(checkpoint.resolve().parent.parent)
+
+
+def find_run(output_dir: str | Path, flow_run_id: str) -> RunFolder | None:
+    """The folder a flow run trained into before (a retry of it), if any."""
+    root = runs_root(output_dir)
+    if not root.is_dir():
+        return None
+    # Not by name alone: a run continued by another flow run (resume) lists that one's id too.
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if flow_run_id in RunFolder(folder).info().get("flow_run_ids", []):
+            return RunFolder(folder)
+    return None
+
+
+def new_run(output_dir: str | Path, flow_run_id: str, **info: Any) -> RunFolder:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    root = runs_root(output_dir) / f"{stamp}-{flow_run_id[:8]}"
+    root.mkdir(parents=True, exist_ok=False)
+    run = RunFolder(root)
+    run.update_info(flow_run_ids=[flow_run_id], created=datetime.now(UTC).isoformat(), **info)
+    return run
+
+
+def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **info: Any) -> RunPlan:
+    """Decide the run folder and the checkpoint to start from (see the module docstring)."""
+    from sft_core.train.checkpoint import latest_in_run, resolve_resume
+
+    own = find_run(output_dir, flow_run_id)
+    if own is not None:
+        latest = latest_in_run(own)
+        why = f"retry of flow run {flow_run_id}: " + (
+            f"continuing from {latest.name}" if latest else "no checkpoint yet, starting over in the same run"
+        )
+        return RunPlan(own, latest, why)
+    resume = resolve_resume(resume_setting, output_dir)
+    if resume is not None:
+        owner = run_of(resume)
+        if owner.root.parent == runs_root(output_dir).resolve() and latest_in_run(owner) == resume.resolve():
+            owner.record_flow_run(flow_run_id)
+            return RunPlan(owner, resume.resolve(), f"resume_from_checkpoint: continuing run {owner.name}")
+        run = new_run(output_dir, flow_run_id, branched_from=str(resume), **info)
+        return RunPlan(run, resume, f"resume_from_checkpoint: new run {run.name} starting from {resume}")
+    run = new_run(output_dir, flow_run_id, **info)
+    return RunPlan(run, None, f"new run {run.name}")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as a process trains into it.
+
+    flock is released by the kernel when the holder exits, killed or not, so a retry after a crash
+    never finds a stale lock; a live holder is named in the error.
+    """
+
+    def __init__(self, run: RunFolder, holder: dict[str, Any]):
+        self.path = run.root / ".lock"
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **holder}
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = os.read(fd, 4096).decode(errors="replace").strip() or "{}"
+            os.close(fd)
+            raise RunFolderBusy(
+                f"run folder {self.path.parent} is in use by another run: {held}. Wait for it to finish "
+                "or stop it; a new run (resume_from_checkpoint: false) trains into a folder of its own."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.holder).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,120 @@
+"""Each run owns its checkpoints: run folders, the lock, the manifest, pruning, resume decisions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sft_core.errors import ConfigError
+from sft_core.train import checkpoint as ckpt
+from sft_core.train.run_folder import RunFolder, RunFolderBusy, RunLock, find_run, plan_run
+
+
+def fake_save(run: RunFolder, step: int, world_size: int = 2, fingerprint: str = "data-a") -> Path:
+    """What the workers leave in the staging folder, then the driver's publish."""
+    staged = run.staging(step)
+    (staged / "sft_train").mkdir(parents=True)
+    (staged / "sft_train" / "model.safetensors").write_bytes(b"w" * (100 + step))
+    (staged / "train_state").mkdir()
+    for rank in range(world_size):
+        (staged / "train_state" / f"rank{rank}.pt").write_bytes(b"r" * 10)
+    return ckpt.publish(run, step, {"global_step": step, "data_fingerprint": fingerprint}, world_size)
+
+
+def test_a_new_run_never_touches_the_checkpoints_of_an_earlier_one(tmp_path):
+    first = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
+    fake_save(first.run, 3)
+    before = (first.run.checkpoint(3) / "sft_train" / "model.safetensors").read_bytes()
+    second = plan_run(str(tmp_path), False, "bbbbbbbb-2222")
+    assert second.run.root != first.run.root and second.resume is None
+    fake_save(second.run, 3)
+    assert (first.run.checkpoint(3) / "sft_train" / "model.safetensors").read_bytes() == before
+    with pytest.raises(FileExistsError):  # a published checkpoint is never replaced
+        fake_save(RunFolder(second.run.root), 3)
+
+
+def test_a_retry_of_a_flow_run_continues_in_its_own_folder_from_its_newest_checkpoint(tmp_path):
+    first = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
+    fake_save(first.run, 2)
+    fake_save(first.run, 4)
+    plan_run(str(tmp_path), False, "bbbbbbbb-2222")  # another run in between
+    retry = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
+    assert retry.run.root == first.run.root and retry.resume == first.run.checkpoint(4).resolve()
+    assert find_run(str(tmp_path), "cccccccc-3333") is None
+
+
+def test_resume_auto_continues_the_newest_run_and_an_older_checkpoint_branches(tmp_path):
+    first = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
+    fake_save(first.run, 2)
+    fake_save(first.run, 4)
+    auto = plan_run(str(tmp_path), "auto", "bbbbbbbb-2222")
+    assert auto.run.root == first.run.root and auto.resume == first.run.checkpoint(4).resolve()
+    assert find_run(str(tmp_path), "bbbbbbbb-2222").root == first.run.root  # its retry finds it too
+    branch = plan_run(str(tmp_path), str(first.run.checkpoint(2)), "cccccccc-3333")
+    assert branch.run.root != first.run.root and branch.resume == first.run.checkpoint(2).resolve()
+    assert branch.run.info()["branched_from"].endswith("checkpoint-2")
+
+
+def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
+    run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    fake_save(run, 2)
+    newest = fake_save(run, 4)
+    (newest / "train_state" / "rank1.pt").unlink()  # a shard lost after publication
+    assert ckpt.latest_in_run(run) == run.checkpoint(2).resolve()
+    assert ckpt.resolve_resume("auto", str(tmp_path)) == run.checkpoint(2).resolve()
+    with pytest.raises(ConfigError, match="incomplete"):
+        ckpt.resolve_resume(str(newest), str(tmp_path))
+    staged = run.staging(6)  # one rank's state missing: refused before it is published
+    (staged / "train_state").mkdir(parents=True)
+    (staged / "train_state" / "rank0.pt").write_bytes(b"r")
+    with pytest.raises(RuntimeError, match="1 rank state files for 2 workers"):
+        ckpt.publish(run, 6, {}, world_size=2)
+    assert not run.checkpoint(6).exists()
+
+
+def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run(tmp_path):
+    other = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    fake_save(other, 1)
+    run = plan_run(str(tmp_path), False, "bbbbbbbb-2222").run
+    for step in (2, 4, 6, 8):
+        fake_save(run, step)
+    removed = ckpt.prune(run, keep=1, protected={run.checkpoint(4)})
+    assert sorted(p.name for p in removed) == ["checkpoint-2", "checkpoint-6"]
+    assert [p.name for p in ckpt.checkpoints_in_run(run)] == ["checkpoint-4", "checkpoint-8"]
+    assert ckpt.is_complete(other.checkpoint(1))
+
+
+def test_resume_over_changed_data_is_refused_or_warned(tmp_path):
+    state = {"global_step": 4, "data_fingerprint": "a" * 32}
+    assert ckpt.check_data_fingerprint(state, "a" * 32, "error") is None
+    with pytest.raises(ConfigError, match="resume_data_check"):
+        ckpt.check_data_fingerprint(state, "b" * 32, "error")
+    assert "data differs" in ckpt.check_data_fingerprint(state, "b" * 32, "warn")
+
+
+def test_a_second_process_on_the_same_run_folder_is_stopped_naming_the_holder(tmp_path):
+    run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from sft_core.train.run_folder import RunFolder, RunLock\n"
+            f"with RunLock(RunFolder(Path({str(run.root)!r})), {{'flow_run_id': 'holder-flow-run'}}):\n"
+            "    print('locked', flush=True); time.sleep(60)"
+        )],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderBusy, match="holder-flow-run") as err:
+            RunLock(run, {"flow_run_id": "second"}).__enter__()
+        assert f'"pid": {holder.pid}' in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with RunLock(run, {"flow_run_id": "after"}):  # released by the kernel when the holder died
+        assert json.loads((run.root / ".lock").read_text())["flow_run_id"] == "after"
