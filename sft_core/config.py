@@ -188,6 +188,12 @@ class WorkerConfig(_Strict):
     # Peak dense TFLOP/s of one device, the denominator of MFU (e.g. 989 for an H100 in bf16).
     # Unset: measured once per worker with a matmul at start-up.
     peak_tflops: float | None = Field(None, gt=0)
+    # Every call on the workers (a step, a validation, a checkpoint) and every collective must finish
+    # within this many seconds; a frozen or deadlocked worker then fails the step naming its rank.
+    worker_timeout_s: float = Field(300.0, gt=0)
+    # After a worker dies or stops responding, restart the cluster from the run's newest checkpoint
+    # this many times (0: fail the flow run; a Prefect retry of it also continues from there).
+    max_restarts: int = Field(1, ge=0)
 
     @field_validator("device_mapping", mode="before")
     @classmethod
@@ -222,6 +228,9 @@ class SFTConfig(_Strict):
     eval_at_start: bool = True
     resume_from_checkpoint: bool | str = False
     max_ckpt_to_keep: int | None = Field(None, gt=0)
+    # Resuming over data that differs from the checkpoint's (files, template, encoding settings):
+    # error refuses, warn continues and logs it.
+    resume_data_check: Literal["error", "warn"] = "error"
 
     sequence_length: int = Field(2048, gt=8)
     pretrain: str

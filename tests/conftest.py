@@ -119,5 +119,15 @@ def run_cli(
     )
 
 
+def run_folders(out: Path) -> list[Path]:
+    """The run folders a pipeline made in `out`, oldest first (their names start with a UTC stamp)."""
+    return sorted(p for p in (out / "runs").iterdir() if p.is_dir())
+
+
+def checkpoint_path(out: Path, step: int, run: int = -1) -> Path:
+    """<out>/runs/<run>/sft_train/checkpoint-<step> of the newest run (or the `run`-th)."""
+    return run_folders(out)[run] / "sft_train" / f"checkpoint-{step}"
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
