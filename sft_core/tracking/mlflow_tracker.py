@@ -42,16 +42,21 @@ class MLflowTracker:
         self._already_logged: set[tuple[str, int]] = set()
         self._resumed = bool(resume_run_id)
         if resume_run_id:
-            # Continue the interrupted run. Steps it logged after the checkpoint are recomputed
-            # identically by an exact resume; they are not logged twice.
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
-            for key in self.client.get_run(resume_run_id).data.metrics:
-                for m in self.client.get_metric_history(resume_run_id, key):
-                    if m.step > resume_step:
-                        self._already_logged.add((key, m.step))
+            self.skip_logged_after(resume_step)
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def skip_logged_after(self, step: int) -> None:
+        """Continuing from the checkpoint at `step`: what the run logged after it is recomputed
+        identically by an exact resume, so it is not logged twice."""
+        self._already_logged = {
+            (key, m.step)
+            for key in self.client.get_run(self.run_id).data.metrics
+            for m in self.client.get_metric_history(self.run_id, key)
+            if m.step > step
+        }
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
