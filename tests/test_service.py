@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime import stop_process_group
-from tests.conftest import REPO, run_cli, run_folders
+from tests.conftest import REPO, run_folders
 
 pytestmark = pytest.mark.slow
 
