@@ -138,3 +138,26 @@ def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_di
     assert results[True][0] < results[False][0]  # packing did pack
     assert results[True][2] == results[False][2]  # the same supervised targets
     assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
+
+
+def test_resume_state_loads_with_weights_only_and_continues_exactly(tiny_model_dir, tmp_path):
+    import random
+
+    import numpy as np
+
+    a = _strategy(tiny_model_dir)
+    a.train_step([_batch(1)], num_targets=32)
+    a.save_state(tmp_path)
+    for f in tmp_path.glob("rank*.pt"):  # no pickled objects: nothing in it can run code on load
+        torch.load(f, weights_only=True)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    expected = a.train_step([_batch(2)], num_targets=32)
+
+    b = _strategy(tiny_model_dir)
+    b.load_state(tmp_path)
+    assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.rand(3), draws[1])
+    assert random.random() == draws[2]
+    got = b.train_step([_batch(2)], num_targets=32)
+    assert got["loss_sum"] == expected["loss_sum"] and got["grad_norm"] == expected["grad_norm"]
+    for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k

@@ -16,14 +16,12 @@ installed here.)
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,6 +32,7 @@ from sft_core.model import megatron_bridge as bridge
 from sft_core.model.load import DTYPES
 from sft_core.strategies import megatron_cpu_shim as shim
 from sft_core.strategies.base import DistContext
+from sft_core.train import rng
 from sft_core.train.schedule import lr_factor
 
 # megatron-core announces on import that it falls back from Transformer Engine / Apex to plain torch
@@ -195,6 +194,8 @@ class MegatronStrategy:
                 pipeline_model_parallel_size=lay.pipeline_model_parallel_size,
                 virtual_pipeline_model_parallel_size=lay.virtual_pipeline_model_parallel_size,
                 context_parallel_size=lay.context_parallel_size,
+                # megatron's own groups get the same bound as the default group (worker_timeout_s).
+                distributed_timeout_minutes=max(1, math.ceil(self.cfg.sft_train.worker_timeout_s / 60)),
             )
             tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.seed)
             self.hf_config = AutoConfig.from_pretrained(model_dir)
@@ -492,9 +493,7 @@ class MegatronStrategy:
                 "step": self.step,
                 "skipped_steps": self.skipped_steps,
                 "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
+                    **rng.capture(self.ctx.device),
                     "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
                 },
                 "layout": self.layout.model_dump(),
@@ -510,7 +509,7 @@ class MegatronStrategy:
             raise FileNotFoundError(
                 f"{path}: no megatron state for rank {self.ctx.rank} (was the layout changed?)"
             )
-        own = torch.load(path, weights_only=False)
+        own = rng.load_state_file(path)
         if own["layout"] != self.layout.model_dump():
             raise ValueError(
                 f"{path}: saved with megatron layout {own['layout']}, this run uses {self.layout.model_dump()}. "
@@ -524,11 +523,8 @@ class MegatronStrategy:
                 opt.reload_model_params()
         self.step, self.skipped_steps = own["step"], own["skipped_steps"]
         self._set_lr()
-        rng = own["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        rng.restore(own["rng"], self.ctx.device)
+        tensor_parallel.get_cuda_rng_tracker().set_states(own["rng"]["tracker"])
 
     def num_parameters(self) -> int:
         return self.num_params

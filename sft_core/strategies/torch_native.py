@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sft_core.config import SFTConfig
 from sft_core.data.collate import MicroBatch
 from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
 from sft_core.strategies.base import DistContext
+from sft_core.train import rng
 from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import build_scheduler
 
@@ -183,7 +182,7 @@ class TorchStrategy:
             {
                 "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped_steps,
-                "rng": _rng_state(self.ctx.device),
+                "rng": rng.capture(self.ctx.device),
             },
             out_dir / f"rank{self.ctx.rank}.pt",
         )
@@ -198,10 +197,10 @@ class TorchStrategy:
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
-        own = torch.load(state_dir / f"rank{self.ctx.rank}.pt", weights_only=False)
+        own = rng.load_state_file(state_dir / f"rank{self.ctx.rank}.pt")
         self.scheduler.load_state_dict(own["scheduler"])
         self.skipped_steps = own["skipped_steps"]
-        _set_rng_state(own["rng"], self.ctx.device)
+        rng.restore(own["rng"], self.ctx.device)
 
     def num_parameters(self) -> int:
         return self.num_params
@@ -227,18 +226,3 @@ def clip_(grads: list[torch.Tensor], max_norm: float, total_norm: float) -> None
     if max_norm > 0 and coef < 1.0:
         for g in grads:
             g.mul_(coef)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
