@@ -20,6 +20,7 @@ from flows.runtime import ensure_server, set_local_defaults, stop_server
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
+from sft_core.secrets import move_secrets_to_env
 
 
 def _preflight(cfg: SFTConfig) -> None:
@@ -45,6 +46,9 @@ def _preflight(cfg: SFTConfig) -> None:
 
 def run(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
     set_local_defaults()
+    # A secret typed on the command line goes to the environment; the flow run's stored parameters
+    # hold only a ${oc.env:...} reference to it.
+    overrides = move_secrets_to_env(overrides, os.environ)
     cfg = load_config(config_name, overrides, config_path)
     if cfg.ray_address:
         os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's RayTaskRunner is built

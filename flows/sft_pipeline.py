@@ -17,6 +17,7 @@ from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.data.encode import encode_settings
 from sft_core.model.megatron_bridge import check_model_layout
+from sft_core.secrets import literal_secret_overrides
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
@@ -218,6 +219,12 @@ def sft_pipeline(
     logger = get_run_logger()
     cfg = load_config(config_name, overrides or [], config_path)
     check_runnable(cfg)
+    if exposed := literal_secret_overrides(overrides or []):
+        logger.warning(
+            "the overrides %s hold secrets in plain text, now stored with this flow run's parameters; "
+            "pass them as '${oc.env:NAME}' with NAME set in the worker's environment instead",
+            exposed,
+        )
     os.environ.update(cfg.system_envs)
 
     model_dir = resolve_model.submit(cfg.pretrain).result()
