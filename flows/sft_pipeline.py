@@ -184,7 +184,7 @@ def train(
                         "data_fingerprint": fingerprint,
                         "history": history,
                     }
-                    saved = save_checkpoint(cluster, str(run.root), step, state)
+                    saved = save_checkpoint(cluster, str(run.root), step, state, final=step == total)
                     trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
                     summary = {
                         k.split("/")[-1]: v

@@ -36,11 +36,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraArgs(_Strict):
+    """Low-rank adapters (the peft library) on linear layers; the base model's weights stay frozen.
+    Checkpoints hold the adapter (loadable with from_pretrained while the base model's folder
+    exists); `merge_at_end` also writes the merged full model beside the final one."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names (e.g. [q_proj, v_proj]) or every linear layer but the output head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge_at_end: bool = True
+
+
 class ModelArgs(_Strict):
     # Seed name; bf16/fp16 apply on GPU. On CPU training runs in fp32 (CPU autocast gives no speed-up
     # for these kernels and fp32 keeps results comparable), and the run log says so.
     dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    lora: LoraArgs | None = None  # null: full fine-tuning
 
 
 class TrainingArgs(_Strict):
@@ -274,6 +288,11 @@ class SFTConfig(_Strict):
                 raise ValueError(
                     f"sft_train.device_mapping: device ids {too_big} are not below num_gpus_per_node={self.num_gpus_per_node}"
                 )
+        if self.sft_train.model_args.lora and self.sft_train.strategy_args.strategy_name == "megatron_train":
+            raise ValueError(
+                "sft_train.model_args.lora: LoRA is not supported with megatron_train yet; "
+                "use ddp_train or fsdp2_train, or drop the lora block for full fine-tuning"
+            )
         layout, world = self.megatron_layout, self.sft_train.world_size
         if world % layout.model_parallel_size:
             raise ValueError(

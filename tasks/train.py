@@ -89,14 +89,24 @@ def val_step(cluster: Cluster) -> dict[str, float]:
 
 
 @task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
-def save_checkpoint(cluster: Cluster, run_root: str, step: int, state: dict[str, Any]) -> dict[str, Any]:
-    """Workers write into the run's staging folder; it is published whole (manifest, rename)."""
+def save_checkpoint(
+    cluster: Cluster, run_root: str, step: int, state: dict[str, Any], final: bool = False
+) -> dict[str, Any]:
+    """Workers write into the run's staging folder; it is published whole (manifest, rename).
+    `path` is the folder to register: the Hugging Face folder, or for a LoRA run's last checkpoint
+    the merged model beside its adapter (`adapter` then names the adapter folder)."""
     run = RunFolder(Path(run_root))
     staged = run.staging(step)
     shutil.rmtree(staged, ignore_errors=True)  # left by a crash during an earlier save of this run
-    timing = cluster.execute_all("do_checkpoint", str(staged), label=f"checkpoint at step {step}")
+    timing = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
     path = ckpt.publish(run, step, state, cluster.world_size)
-    return {"path": str(path / cluster.name), "time": max(t["time"] for t in timing)}
+    hf, merged = path / cluster.name, path / f"{cluster.name}-merged"
+    adapter = (hf / "adapter_config.json").is_file()
+    return {
+        "path": str(merged if merged.is_dir() else hf),
+        "adapter": str(hf) if adapter else None,
+        "time": max(t["time"] for t in timing),
+    }
 
 
 @task(name="prune-checkpoints", cache_policy=NONE, persist_result=False)

@@ -23,7 +23,7 @@ def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
 
 
 def train_weights(
-    artifacts: dict, workers: int, micro: int, accumulation: int, strategy: str = "ddp_train"
+    artifacts: dict, workers: int, micro: int, accumulation: int, strategy: str = "ddp_train", *extra: str
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     cfg = load_config(
         "sft_config",
@@ -36,6 +36,7 @@ def train_weights(
             "sft_train.training_args.learning_rate=1e-4",
             "sft_train.training_args.max_grad_norm=0",
             f"sft_train.strategy_args.strategy_name={strategy}",
+            *extra,
         ],
         base_dir=Path.cwd(),
     )
@@ -61,6 +62,29 @@ def test_workers_and_accumulation_do_not_change_the_weights(artifacts):
     assert (reference[key] - initial[key]).abs().max() > 5e-5, "training did not move the weights"
     # Adam divides by sqrt(v): float noise in near-zero gradients (different padding, summation
     # order) becomes update noise of order lr, hence a modest lr; the losses are compared tightly.
+    for name, (weights, losses) in layouts.items():
+        assert losses == pytest.approx(ref_losses, rel=1e-6), name
+        for key, ref in reference.items():
+            diff = (weights[key] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert diff < 1e-5, f"{name}: {key} differs by {diff:.2e} (relative)"
+
+
+LORA = "+sft_train.model_args.lora={rank: 4, alpha: 8, target_modules: all-linear}"
+
+
+def test_workers_and_accumulation_do_not_change_the_lora_adapter(artifacts):
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        reference, ref_losses = train_weights(artifacts, 1, 8, 1, "ddp_train", LORA)
+        layouts = {
+            "ddp 2x2x2": train_weights(artifacts, 2, 2, 2, "ddp_train", LORA),
+            "fsdp2 2x2x2": train_weights(artifacts, 2, 2, 2, "fsdp2_train", LORA),
+        }
+    finally:
+        ray.shutdown()
+    adapter = [k for k in reference if "lora_" in k]
+    assert adapter and all("lora_" in k or "base_layer" in k or "lora_" not in k for k in reference)
+    assert max(reference[k].abs().max().item() for k in adapter if "lora_B" in k) > 0, "adapter did not train"
     for name, (weights, losses) in layouts.items():
         assert losses == pytest.approx(ref_losses, rel=1e-6), name
         for key, ref in reference.items():

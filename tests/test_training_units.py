@@ -161,3 +161,50 @@ def test_resume_state_loads_with_weights_only_and_continues_exactly(tiny_model_d
     assert got["loss_sum"] == expected["loss_sum"] and got["grad_norm"] == expected["grad_norm"]
     for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+LORA = "+sft_train.model_args.lora={rank: 4, alpha: 8, target_modules: all-linear}"
+
+
+def test_lora_trains_only_the_adapter_and_its_exports_load_as_the_trained_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sft_core.model.resolve import load_tokenizer
+
+    strategy = _strategy(tiny_model_dir, LORA)
+    before = {k: v.clone() for k, v in strategy.module.state_dict().items()}
+    for seed in range(3):
+        strategy.train_step([_batch(seed)], num_targets=32)
+    after = strategy.module.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)  # the base model stayed frozen
+    assert any("lora_B" in k for k in changed)
+
+    out = tmp_path / "sft_train"
+    strategy.save_hf(out, load_tokenizer(tiny_model_dir), final=True)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    ids = _batch(9).input_ids
+    strategy.module.eval()
+    with torch.no_grad():
+        expected = strategy.module(input_ids=ids).logits
+        adapter = AutoModelForCausalLM.from_pretrained(out)  # base from adapter_config + adapter
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sft_train-merged")
+        assert not any("lora" in k for k in merged.state_dict())
+        torch.testing.assert_close(adapter(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_resume_state_holds_only_the_adapter_and_continues_exactly(tiny_model_dir, tmp_path):
+    a = _strategy(tiny_model_dir, LORA)
+    a.train_step([_batch(1)], num_targets=32)
+    a.save_state(tmp_path)
+    saved = sum(f.stat().st_size for f in (tmp_path / "dcp").iterdir())
+    full = sum(v.numel() * v.element_size() for v in a.module.state_dict().values())
+    assert saved < full / 4, (saved, full)  # adapter + its Adam moments, not the frozen base
+    expected = a.train_step([_batch(2)], num_targets=32)
+    b = _strategy(tiny_model_dir, LORA)
+    b.load_state(tmp_path)
+    got = b.train_step([_batch(2)], num_targets=32)
+    assert got["loss_sum"] == expected["loss_sum"] and got["grad_norm"] == expected["grad_norm"]
+    for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k

@@ -46,8 +46,8 @@ class Strategy(Protocol):
     def eval_step(self, micro_batches: list[MicroBatch]) -> tuple[float, int]:
         """(summed loss, supervised targets) over this rank's validation micro-batches."""
 
-    def save_hf(self, out_dir: Path, tokenizer: Any) -> None:
-        """Write a Hugging Face folder (rank 0 writes; every rank calls)."""
+    def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
+        """Write a Hugging Face folder (rank 0 writes; every rank calls); `final` at the run's end."""
 
     def save_state(self, out_dir: Path) -> None:
         """Write everything exact resume needs (every rank calls)."""

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from sft_core.model.lora import base_model
 from sft_core.strategies.torch_native import TorchStrategy
 
 
@@ -50,7 +51,7 @@ class FSDP2Strategy(TorchStrategy):
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    layers = getattr(getattr(base_model(model), "model", None), "layers", None)
     if layers is None:
         raise ValueError(
             f"fsdp2_train: cannot find decoder layers (model.model.layers) in {type(model).__name__}"

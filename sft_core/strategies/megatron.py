@@ -468,7 +468,7 @@ class MegatronStrategy:
                 mine.update(part)
         return bridge.megatron_to_hf(mine, self.shape) if self.ctx.rank == 0 else {}
 
-    def save_hf(self, out_dir: Path, tokenizer: Any) -> None:
+    def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
         with shim.active():
             state = self.full_state_dict()
         if not self.ctx.is_main:

@@ -17,6 +17,7 @@ import torch
 
 from sft_core.config import SFTConfig
 from sft_core.data.collate import MicroBatch
+from sft_core.model import lora
 from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
 from sft_core.strategies.base import DistContext
 from sft_core.train import rng
@@ -36,6 +37,7 @@ class TorchStrategy:
         # Weights stay fp32 (the optimizer's master copy); bf16/fp16 is autocast, on GPU only.
         self.autocast_dtype = requested if on_gpu and requested != torch.float32 else None
         self.skipped_steps = 0
+        self.lora = cfg.sft_train.model_args.lora
 
     @property
     def data_parallel(self) -> tuple[int, int]:
@@ -62,16 +64,20 @@ class TorchStrategy:
 
     # -- setup -----------------------------------------------------------------------------------
     def initialize(self, model_dir: Path, total_steps: int) -> None:
+        self.model_dir = model_dir
         model = load_causal_lm(model_dir, torch.float32, self.cfg.sft_train.model_args.attn_implementation)
         if self.args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora:
+            model = lora.apply_lora(model, self.lora)
         model.to(self.ctx.device)
         self.module = model
         self.num_params = count_parameters(model)  # before sharding: the full model's size
         self.model = self._wrap(model)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            if p.requires_grad:  # with LoRA only the adapter trains
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.args.weight_decay},
@@ -159,9 +165,19 @@ class TorchStrategy:
         return loss_sum, targets
 
     # -- export and exact resume -------------------------------------------------------------------
-    def save_hf(self, out_dir: Path, tokenizer: Any) -> None:
+    def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
+        """A Hugging Face folder; with LoRA the adapter folder, and at the end (merge_at_end) the
+        merged model in `<out_dir>-merged` beside it."""
         state = self.full_state_dict()
         if not self.ctx.is_main:
+            return
+        if self.lora:
+            lora.save_adapter(self.module, state, out_dir)
+            tokenizer.save_pretrained(out_dir)
+            if final and self.lora.merge_at_end:
+                merged = out_dir.with_name(out_dir.name + "-merged")
+                lora.save_merged(self.model_dir, self.lora, state, merged, torch.float32)
+                tokenizer.save_pretrained(merged)
             return
         config = self.module.config
         config.use_cache = True  # the exported model generates with its KV cache
@@ -176,7 +192,9 @@ class TorchStrategy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = self._trainable(
+            get_state_dict(self.model, self.optimizer, options=self._state_options())
+        )
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out_dir / "dcp"))
         torch.save(
             {
@@ -191,16 +209,38 @@ class TorchStrategy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = self._trainable(
+            get_state_dict(self.model, self.optimizer, options=self._state_options())
+        )
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(state_dir / "dcp"))
         set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self._state_options(),
         )
         own = rng.load_state_file(state_dir / f"rank{self.ctx.rank}.pt")
         self.scheduler.load_state_dict(own["scheduler"])
         self.skipped_steps = own["skipped_steps"]
         rng.restore(own["rng"], self.ctx.device)
+
+    def _state_options(self) -> Any:
+        """Frozen weights (a LoRA run's base model) come from the pretrained folder on resume."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True, strict=not self.lora)
+
+    def _trainable(
+        self, state: tuple[dict[str, Any], dict[str, Any]]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Drop what ignore_frozen_params lets through under another name (a tied, frozen LM head)."""
+        model_sd, optim_sd = state
+        if self.lora:
+            trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+        return model_sd, optim_sd
 
     def num_parameters(self) -> int:
         return self.num_params

@@ -196,7 +196,7 @@ class SFTWorker:
         count = len(split_for_rank(rows, 0, dp_size, size))
         return micro + [masked_batch() for _ in range(count - len(micro))]
 
-    def do_checkpoint(self, staged_dir: str) -> dict[str, float]:
+    def do_checkpoint(self, staged_dir: str, final: bool = False) -> dict[str, float]:
         """Write `<staged>/<cluster name>/` (Hugging Face folder) and `<staged>/train_state/` (exact
         resume: sharded model + optimizer, scheduler, every rank's RNG). The driver publishes it."""
         t = time.perf_counter()
@@ -205,7 +205,7 @@ class SFTWorker:
             root.mkdir(parents=True, exist_ok=True)
         if self.world_size > 1:
             dist.barrier()
-        self.strategy.save_hf(root / self.cfg.sft_train.name, self.tokenizer)
+        self.strategy.save_hf(root / self.cfg.sft_train.name, self.tokenizer, final)
         self.strategy.save_state(root / "train_state")
         if self.world_size > 1:
             dist.barrier()

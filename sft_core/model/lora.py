@@ -1,0 +1,57 @@
+"""LoRA through the peft library: wrap a loaded model, export its adapter, merge it for release.
+
+Parameter names follow peft (`base_model.model.<hf name>` with `base_layer` / `lora_A` / `lora_B`
+inside each adapted linear layer). Only the adapter's weights train; everything else is frozen, so
+the exact-resume state holds just the adapter and its optimizer state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sft_core.config import LoraArgs
+
+
+def peft_config(args: LoraArgs) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: torch.nn.Module, args: LoraArgs) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(args))
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_adapter(peft_model: Any, full_state: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors, taken from a full (gathered) state dict; the
+    config names the base model's folder, so from_pretrained(out_dir) loads base + adapter."""
+    peft_model.save_pretrained(out_dir, state_dict=full_state, save_embedding_layers=False)
+
+
+def save_merged(
+    model_dir: Path, args: LoraArgs, full_state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype
+) -> None:
+    """The base model with the adapter folded into its weights: a plain Hugging Face folder."""
+    from sft_core.model.load import load_causal_lm
+
+    fresh = apply_lora(load_causal_lm(model_dir, dtype), args)
+    fresh.load_state_dict(full_state)
+    merged = fresh.merge_and_unload()
+    merged.config.use_cache = True  # the exported model generates with its KV cache
+    merged.save_pretrained(out_dir, safe_serialization=True)
