@@ -158,7 +158,11 @@ def train(
         history: list[dict[str, Any]] = state.get("history", [])
         cluster = None
         try:
-            cluster, info = start_cluster(cfg, artifacts, str(resume / "train_state") if resume else None)
+            cluster, info = start_cluster(
+                cfg,
+                {**artifacts, "shared_dir": str(run.root)},
+                str(resume / "train_state") if resume else None,
+            )
             total = info["total_steps"]
             if resume and start >= total:
                 logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)

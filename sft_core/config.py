@@ -208,6 +208,9 @@ class WorkerConfig(_Strict):
     # After a worker dies or stops responding, restart the cluster from the run's newest checkpoint
     # this many times (0: fail the flow run; a Prefect retry of it also continues from there).
     max_restarts: int = Field(1, ge=0)
+    # Ray placement of the workers (one bundle per device_mapping entry): pack fills a node before
+    # the next; spread puts each on another node where it can.
+    placement: Literal["pack", "spread"] = "pack"
 
     @field_validator("device_mapping", mode="before")
     @classmethod

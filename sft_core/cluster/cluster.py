@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sft_core.config import SFTConfig
-from sft_core.errors import user_error_in
+from sft_core.errors import ConfigError, user_error_in
 from sft_core.train.worker import SFTWorker
 
 # Passed to each actor so it sees the same Prefect server, caches and thread settings as the driver.
@@ -32,6 +35,9 @@ _FORWARDED_ENV = (
     "SFT_PEAK_FLOPS",
     "TOKENIZERS_PARALLELISM",
 )
+# sft_train.placement -> Ray's placement strategy: pack fills a node before the next (collectives stay
+# on one machine), spread puts each worker on another node where it can.
+_PLACEMENT = {"pack": "PACK", "spread": "SPREAD"}
 # How long a worker that is busy in a call has to answer a ping before it counts as not responding.
 _PING_S = 5.0
 
@@ -51,19 +57,61 @@ class Cluster:
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.update(cfg.system_envs)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # CPU workers claim no Ray CPU slot: the Prefect tasks running on Ray must still be schedulable.
-        options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0}
+        # One bundle per device_mapping entry; rank r runs in bundle r. CPU workers claim only a
+        # sliver of a CPU slot: the Prefect tasks running on Ray must still be schedulable.
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
+        self.placement = placement_group(
+            [bundle] * self.world_size, strategy=_PLACEMENT[cfg.sft_train.placement]
+        )
+        if not self.placement.wait(timeout_seconds=self.timeout_s):
+            remove_placement_group(self.placement)
+            raise WorkerFailure(
+                f"cannot place {self.world_size} workers ({bundle} each, sft_train.placement="
+                f"{cfg.sft_train.placement}) on this Ray cluster ({ray.available_resources()} available) "
+                f"within {self.timeout_s:g}s"
+            )
+        self.workers: list[Any] = []
+        try:
+            self._start(cfg, artifacts, env, bundle)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, cfg: SFTConfig, artifacts: dict[str, Any], env: dict[str, str], bundle: dict) -> None:
         # `ping` runs in its own thread (concurrency group), so a worker busy in a long call still
         # answers it; every other method runs in the default group's one thread, in order.
         actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorker)
         cfg_dict = cfg.model_dump()
         self.workers = [
-            actor_cls.options(name=None, runtime_env={"env_vars": env}, **options).remote(
-                cfg_dict, rank, self.world_size, artifacts
-            )
+            actor_cls.options(
+                runtime_env={"env_vars": env},
+                num_gpus=bundle.get("GPU", 0),
+                num_cpus=bundle["CPU"],
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, rank),
+            ).remote(cfg_dict, rank, self.world_size, artifacts)
             for rank in range(self.world_size)
         ]
+        self.nodes = self._wait([w.node.remote() for w in self.workers], "node", "start-up")
+        # Every worker must see the data and the run folder the driver wrote (multi-node: shared
+        # storage); a node that cannot is named before any work starts.
+        shared = [p for p in (artifacts.get("train_encoded"), artifacts.get("val_encoded")) if p]
+        probe_dir = artifacts.get("shared_dir")
+        self._wait(
+            [w.check_storage.remote(shared, probe_dir) for w in self.workers], "check_storage", "start-up"
+        )
+        if probe_dir:
+            missing = [
+                r for r in range(self.world_size) if not (Path(probe_dir) / f".probe-rank{r}").is_file()
+            ]
+            for r in range(self.world_size):
+                (Path(probe_dir) / f".probe-rank{r}").unlink(missing_ok=True)
+            if missing:
+                raise ConfigError(
+                    f"rank(s) {missing} on node(s) {[self.nodes[r]['ip'] for r in missing]} wrote a probe file "
+                    f"into {probe_dir} that the driver cannot see: the output_dir must be on storage every node shares"
+                )
         addr, port = self._wait([self.workers[0].address.remote()], "address", "start-up")[0]
+        self.master = (addr, port)
         self._wait(
             [w.setup_distributed.remote(addr, port) for w in self.workers], "setup_distributed", "start-up"
         )
@@ -139,3 +187,4 @@ class Cluster:
         """Kill the actors: their process exit releases the process group, even mid-collective."""
         for w in self.workers:
             ray.kill(w)
+        remove_placement_group(self.placement)

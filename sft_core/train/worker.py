@@ -100,6 +100,23 @@ class SFTWorker:
             )
         self.ctx = DistContext(self.rank, self.world_size, device)
 
+    def node(self) -> dict[str, Any]:
+        """Where this worker runs (Ray node id and address)."""
+        ctx = ray.get_runtime_context()
+        return {"rank": self.rank, "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+    def check_storage(self, paths: list[str], probe_dir: str | None) -> None:
+        """The driver's files must be readable here, and a probe written here visible to the driver."""
+        node = ray.util.get_node_ip_address()
+        for p in paths:
+            if not Path(p).is_file():
+                raise FileNotFoundError(
+                    f"rank {self.rank} on node {node} cannot read {p}: the data cache (SFT_HOME) must be "
+                    "on storage every node shares"
+                )
+        if probe_dir:
+            (Path(probe_dir) / f".probe-rank{self.rank}").write_text(node)
+
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
         """Answered from a second actor thread while a long call runs: proves the process is alive."""
