@@ -83,9 +83,7 @@ def test_a_worker_that_cannot_see_the_data_is_named(tmp_path, tiny_model_dir, sm
     artifacts["train_encoded"] = str(tmp_path / "elsewhere" / "train.npz")  # not on this node
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
-        with pytest.raises(
-            Exception, match=r"rank \d on node \S+ cannot read .*elsewhere/train\.npz"
-        ):
+        with pytest.raises(Exception, match=r"rank \d on node \S+ cannot read .*elsewhere/train\.npz"):
             Cluster(config("pack"), artifacts)
         assert ray.util.placement_group_table() == {} or all(
             pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
