@@ -5,6 +5,7 @@ random conversations, and agreement with transformers' own assistant mask where 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -126,3 +127,40 @@ def test_empty_think_block_is_supervised_only_when_asked(smollm2_tokenizer):
     tok = smollm2_tokenizer
     ids, labels = encode_messages(tok, get_template("qwen3", tok, supervise_empty_think=True), CHAT, "t")
     assert supervised(tok, ids, labels) == "<think>\n\n</think>\n\nBlue.<|im_end|>"
+
+
+# Real answers: leading/trailing whitespace and newlines, unicode, literal special-token text.
+UGLY = st.lists(
+    st.sampled_from(
+        ["\n", " ", "\t", "\n\n", "  \n", "é", "日本", "🙂", "<|im_end|>", "<|im_start|>", "ok", "A b."]
+    ),
+    min_size=1,
+    max_size=6,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(answers=st.lists(UGLY, min_size=1, max_size=3), question=UGLY)
+def test_end_of_turn_is_supervised_whatever_the_answer_ends_with(smollm2_tokenizer, answers, question):
+    tok = smollm2_tokenizer
+    messages = [
+        m
+        for a in answers
+        for m in ({"role": "user", "content": question}, {"role": "assistant", "content": a})
+    ]
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    for name in ("native", "chatml"):
+        ids, labels = encode_messages(tok, get_template(name, tok), messages, "property")
+        expected = "".join(a + "<|im_end|>" for a in answers)  # ChatML renders content as given
+        # A token may straddle the prompt's last newline and the answer's first whitespace (BPE
+        # merges "\n\n"): it is supervised, so compare without whitespace; HF's mask is exact below.
+        assert re.sub(r"\s", "", supervised(tok, ids, labels)) == re.sub(r"\s", "", expected)
+        supervised_ends = sum(1 for i, lab in zip(ids, labels, strict=True) if lab == end_id and i == end_id)
+        assert supervised_ends >= len(answers)
+    ids, labels = encode_messages(tok, ChatTemplate("generation", GENERATION_CHATML), messages, "property")
+    reference = tok.apply_chat_template(
+        messages, chat_template=GENERATION_CHATML, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )  # fmt: skip
+    assert reference["input_ids"] == ids
+    assert reference["assistant_masks"] == [int(lab != IGNORE_INDEX) for lab in labels]

@@ -161,8 +161,16 @@ def supervised_char_spans(
                 "earlier turns do not change with later ones (e.g. chatml)."
             )
         start = len(prompt)
-        content = message["content"].strip() or message["content"]
-        pos = text.find(content, start, len(turn))
+        # The content as rendered: raw first (ChatML keeps a trailing "\n"), then as a trimming
+        # template (llama3's `| trim`) renders it.
+        raw = message["content"]
+        pos, content = -1, raw
+        for candidate in dict.fromkeys((raw, raw.strip(), raw.rstrip(), raw.lstrip())):
+            if candidate or not raw:
+                pos = text.find(candidate, start, len(turn))
+                if pos >= 0:
+                    content = candidate
+                    break
         if pos < 0:
             raise DataError(
                 f"{where}: template '{template.name}' does not render assistant turn {i + 1}'s content as "
@@ -172,6 +180,12 @@ def supervised_char_spans(
         if not between.strip() or (_EMPTY_THINK.match(between) and not template.supervise_empty_think):
             start = pos
         end = pos + len(content)
-        end_token = next((s for s in specials if text.startswith(s, end)), "")
-        spans.append((start, end + len(end_token)))
+        # Whitespace a template puts between the content and its end-of-turn token is generated
+        # too: the end token must be supervised whatever the answer ends with.
+        after = text[end : len(turn)]
+        gap = len(after) - len(after.lstrip())
+        end_token = next((s for s in specials if text.startswith(s, end + gap)), "")
+        if end_token:
+            end += gap + len(end_token)
+        spans.append((start, end))
     return text, spans
