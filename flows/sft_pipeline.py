@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect_ray import RayTaskRunner
@@ -34,8 +35,14 @@ def ray_task_runner() -> RayTaskRunner:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         return RayTaskRunner(address=address)
+    # Ray binds its GCS, raylet, object manager, agents and workers to the node IP, which it takes
+    # from the route to the outside unless told otherwise: a local run would be reachable from the
+    # network (with token auth off). Loopback it is, for this process and the ones Ray starts.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; Ray is imported already
     return RayTaskRunner(
         init_kwargs={
+            "_node_ip_address": "127.0.0.1",
             "num_cpus": max(2, os.cpu_count() or 2),
             "include_dashboard": False,
             "log_to_driver": True,

@@ -13,12 +13,16 @@ answer by restarting the cluster from the run's newest checkpoint (`sft_train.ma
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.accelerators  # noqa: F401 - Ray's option validation uses it without importing it
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -112,8 +116,14 @@ class Cluster:
                 )
         addr, port = self._wait([self.workers[0].address.remote()], "address", "start-up")[0]
         self.master = (addr, port)
+        # All on loopback (a local run): rendezvous through a file, so nothing listens on the network.
+        store = None
+        if all(ipaddress.ip_address(n["ip"]).is_loopback for n in self.nodes):
+            store = str(Path(tempfile.gettempdir()) / f"sft-store-{uuid.uuid4().hex}")
         self._wait(
-            [w.setup_distributed.remote(addr, port) for w in self.workers], "setup_distributed", "start-up"
+            [w.setup_distributed.remote(addr, port, store) for w in self.workers],
+            "setup_distributed",
+            "start-up",
         )
 
     def execute_all(self, method: str, *args: Any, label: str | None = None) -> list[Any]:

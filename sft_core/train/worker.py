@@ -74,7 +74,10 @@ class SFTWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup_distributed(self, master_addr: str, master_port: int) -> None:
+    def setup_distributed(self, master_addr: str, master_port: int, store_path: str | None = None) -> None:
+        """Join the process group. With `store_path` (every worker on this machine's loopback) the
+        rendezvous is a file and gloo talks over `lo`: torch's TCP store would listen on every
+        interface, whatever MASTER_ADDR says."""
         use_gpu = torch.cuda.is_available()
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -91,9 +94,14 @@ class SFTWorker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
         # megatron's parallel state needs a process group even for one worker.
         if self.world_size > 1 or self.cfg.sft_train.strategy_args.strategy_name == "megatron_train":
+            store = None
+            if store_path:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                store = dist.FileStore(store_path, self.world_size)
             # Collectives share the driver's bound: a frozen peer fails them instead of hanging 30 min.
             dist.init_process_group(
                 "nccl" if use_gpu else "gloo",
+                store=store,
                 rank=self.rank,
                 world_size=self.world_size,
                 timeout=timedelta(seconds=self.cfg.sft_train.worker_timeout_s),
