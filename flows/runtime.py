@@ -8,6 +8,7 @@ workers inherit it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -80,7 +81,6 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
                 f"the Prefect server exited early (code {proc.returncode}); see {home / 'server.log'}"
             )
         if _healthy(api_url):
-            (home / "server.pid").write_text(str(proc.pid))
             return api_url, proc
         time.sleep(0.5)
     stop_process_group(proc.pid)
@@ -89,17 +89,31 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
     )
 
 
+def _own_server(home: Path) -> str | None:
+    """The API URL of the server `sft` started under this PREFECT_HOME, if it is still that server."""
+    record = home / "server.json"
+    try:
+        info = json.loads(record.read_text())
+        os.kill(info["pid"], 0)  # still running (pids are recorded with the port they serve)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info["api_url"] if _healthy(info["api_url"]) else None
+
+
 def ensure_server() -> tuple[str, bool]:
-    """Use PREFECT_API_URL if set; else reuse or start a local server. Returns (api_url, started)."""
+    """Use PREFECT_API_URL if set; else reuse the server sft started before (recorded under
+    PREFECT_HOME) or start one: on 4200 when free, else on a free port. Another program on 4200,
+    even another Prefect server, is never taken for ours. Returns (api_url, started)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"], False
     home = Path(os.environ["PREFECT_HOME"])
-    api_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
-    if _healthy(api_url):
+    api_url = _own_server(home)
+    if api_url:
         os.environ["PREFECT_API_URL"] = api_url
         return api_url, False
     port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
-    api_url, _ = start_server(home, port)
+    api_url, proc = start_server(home, port)
+    (home / "server.json").write_text(json.dumps({"pid": proc.pid, "api_url": api_url}))
     os.environ["PREFECT_API_URL"] = api_url
     return api_url, True
 
@@ -120,9 +134,12 @@ def stop_process_group(pid: int) -> None:
 
 
 def stop_server() -> bool:
-    pid_file = Path(os.environ["PREFECT_HOME"]) / "server.pid"
-    if not pid_file.exists():
+    """Stop the server `sft run` started (and everything it spawned); False if none is running."""
+    home = Path(os.environ["PREFECT_HOME"])
+    record = home / "server.json"
+    if _own_server(home) is None:
+        record.unlink(missing_ok=True)
         return False
-    stop_process_group(int(pid_file.read_text()))
-    pid_file.unlink()
+    stop_process_group(json.loads(record.read_text())["pid"])
+    record.unlink(missing_ok=True)
     return True

@@ -9,6 +9,7 @@ never reaches the Prefect database as a flow-run parameter.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _SECRET_NAME = re.compile(r"token|secret|passw|api[_-]?key|access[_-]?key|private[_-]?key|credential", re.I)
 _OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<key>[\w.\-]+)=(?P<value>.*)$", re.S)
@@ -51,4 +52,25 @@ def move_secrets_to_env(overrides: list[str], environ: dict[str, str]) -> list[s
             environ[name] = m["value"].strip("'\"")
             item = f"{m['prefix']}{key}=${{oc.env:{name}}}"
         out.append(item)
+    return out
+
+
+REDACTED = "***"
+
+
+def redact(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A copy of a (nested) config with every secret's value replaced.
+
+    >>> redact({"system_envs": {"HF_TOKEN": "hf_x"}, "seed": 1, "tracker_kwargs": {"api_key": "k"}})
+    {'system_envs': {'HF_TOKEN': '***'}, 'seed': 1, 'tracker_kwargs': {'api_key': '***'}}
+    """
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out[k] = redact(v, key + ".")
+        elif is_secret_key(key) and v not in (None, ""):
+            out[k] = REDACTED
+        else:
+            out[k] = v
     return out

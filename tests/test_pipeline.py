@@ -36,6 +36,16 @@ def task_states(run_id: str) -> dict[str, str]:
     return asyncio.run(read())
 
 
+def flow_run_parameters(run_id: str) -> dict:
+    from prefect.client.orchestration import get_client
+
+    async def read() -> dict:
+        async with get_client() as client:
+            return (await client.read_flow_run(run_id)).parameters
+
+    return asyncio.run(read())
+
+
 def smoke(tmp_path: Path, data: Path, *extra: str):
     out = tmp_path / "out"
     args = [
@@ -64,7 +74,8 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
             f.write(
                 json.dumps({"instruction": f"Say {uuid.uuid4().hex}", "input": "", "output": "Done."}) + "\n"
             )
-    first, out = smoke(tmp_path, demo_copy)
+    secret = f"hf_{uuid.uuid4().hex}"
+    first, out = smoke(tmp_path, demo_copy, f"+system_envs.HF_TOKEN={secret}")
     run_id = flow_run_id(first.stdout)
 
     # Prefect: every stage ran and was recorded on OUR server (a Ray worker with its own temporary
@@ -118,6 +129,12 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
         reloaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"]
     )
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+    # The secret reached no store: MLflow params, TensorBoard, the Prefect flow run's parameters.
+    assert run.data.params["system_envs.HF_TOKEN"] == "***"
+    assert all(secret not in v for v in run.data.params.values())
+    assert all(secret.encode() not in f.read_bytes() for f in (out / "tb").glob("events.out.tfevents.*"))
+    assert secret not in json.dumps(flow_run_parameters(run_id))
 
     # Same config again: encoding and packing come from the cache.
     second, _ = smoke(tmp_path, demo_copy)

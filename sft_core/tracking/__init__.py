@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from sft_core.secrets import redact
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -20,8 +22,9 @@ class Trackers:
         self.trackers = trackers
 
     def log_params(self, params: dict[str, Any]) -> None:
+        safe = redact(params)  # here, so no tracker and no caller can forget it
         for t in self.trackers:
-            t.log_params(params)
+            t.log_params(safe)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for t in self.trackers:
