@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.data.encode import encode_settings
 from sft_core.model.megatron_bridge import check_model_layout
-from sft_core.secrets import literal_secret_overrides
+from sft_core.secrets import literal_secret_overrides, redact
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
@@ -125,6 +128,35 @@ def data_fingerprint(encoded: dict[str, dict], packed: dict[str, dict]) -> str:
     )
 
 
+def version_provenance(cfg: SFTConfig) -> dict[str, str]:
+    """Tags every registered version carries: where it came from and how to find its run."""
+    flow_run_id = str(get_run_context().flow_run.id)
+    ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"  # fmt: skip
+    except OSError:
+        commit = "unknown"
+    config = redact(cfg.model_dump(exclude={"hydra"}))
+    return {
+        "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[
+            :16
+        ],
+        "git_commit": commit,
+        "prefect_flow_run": f"{ui}/runs/flow-run/{flow_run_id}" if ui else flow_run_id,
+        "base_model": cfg.pretrain,
+    }
+
+
+def model_description(cfg: SFTConfig) -> str:
+    which = "highest" if cfg.greater_is_better else "lowest"
+    return (
+        f"Supervised fine-tuning of {cfg.pretrain} on {', '.join(cfg.sft_train.data_args.files())} "
+        f"(template {cfg.template}). Aliases: best = the {which} {cfg.metric_for_best_model} so far, "
+        "last_saved = the newest version."
+    )
+
+
 def start_tracking(
     cfg: SFTConfig, flow_run_id: str, run: RunFolder, state: dict[str, Any]
 ) -> tuple[MLflowTracker, Trackers]:
@@ -159,6 +191,7 @@ def train(
     logger = get_run_logger()
     restarts = 0
     checkpoints: list[dict[str, Any]] = []
+    version_tags = version_provenance(cfg)
     while True:
         state = read_state(resume) if resume else {}
         start = state.get("global_step", 0)
@@ -202,8 +235,13 @@ def train(
                         for k, v in {**metrics, **val}.items()
                         if k.startswith("sft_train/")
                     }
-                    version = register_model(mlflow_run.tracking_uri, cfg.exp_name, saved["path"],
-                                             mlflow_run.run_id, step, summary)  # fmt: skip
+                    tags = {**version_tags, "data_fingerprint": fingerprint}
+                    if saved["adapter"]:
+                        tags.update(lora_adapter=saved["adapter"], base_model=cfg.pretrain)
+                    version = register_model(
+                        mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, summary,
+                        tags, model_description(cfg), cfg.metric_for_best_model, cfg.greater_is_better,
+                    )  # fmt: skip
                     checkpoints.append({"step": step, "path": saved["path"], "version": version})
                     if cfg.max_ckpt_to_keep:
                         prune_checkpoints(cfg, str(run.root), mlflow_run.tracking_uri)

@@ -248,6 +248,10 @@ class SFTConfig(_Strict):
     # Resuming over data that differs from the checkpoint's (files, template, encoding settings):
     # error refuses, warn continues and logs it.
     resume_data_check: Literal["error", "warn"] = "error"
+    # The registry's `best` alias moves to a new version only when this metric (a key of the
+    # version's tags: val_loss, loss) improves on the version it points at, across runs.
+    metric_for_best_model: str = "val_loss"
+    greater_is_better: bool = False
 
     sequence_length: int = Field(2048, gt=8)
     pretrain: str

@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE
 from sft_core.cluster.cluster import Cluster
 from sft_core.config import SFTConfig
 from sft_core.tracking import Trackers
+from sft_core.tracking.mlflow_model import write_mlflow_model
 from sft_core.tracking.mlflow_tracker import register_checkpoint
 from sft_core.train import checkpoint as ckpt
 from sft_core.train.metrics import train_metrics, val_metrics
@@ -99,6 +100,9 @@ def save_checkpoint(
     staged = run.staging(step)
     shutil.rmtree(staged, ignore_errors=True)  # left by a crash during an earlier save of this run
     timing = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
+    for folder in (staged / cluster.name, staged / f"{cluster.name}-merged"):
+        if (folder / "config.json").is_file():  # a full model (not a LoRA adapter): an MLflow model too
+            write_mlflow_model(folder)
     path = ckpt.publish(run, step, state, cluster.world_size)
     hf, merged = path / cluster.name, path / f"{cluster.name}-merged"
     adapter = (hf / "adapter_config.json").is_file()
@@ -122,7 +126,7 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     protected = {Path(best).parent} if best else set()
     removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected)
     for path in removed:
-        versions = versions_for_source(tracking_uri, cfg.exp_name, str(path / run.cluster_name))
+        versions = versions_for_source(tracking_uri, cfg.exp_name, str(path))
         delete_versions(tracking_uri, cfg.exp_name, versions)
         get_run_logger().info(
             "max_ckpt_to_keep=%d: removed %s and its registered version(s) %s",
@@ -140,8 +144,22 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     task_run_name="register-model-step-{step}",
 )
 def register_model(
-    tracking_uri: str, name: str, path: str, run_id: str, step: int, metrics: dict[str, float]
+    tracking_uri: str,
+    name: str,
+    path: str,
+    run_id: str,
+    step: int,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    description: str,
+    best_metric: str,
+    greater_is_better: bool,
 ) -> int:
-    version = register_checkpoint(tracking_uri, name, path, run_id, step, metrics)
-    get_run_logger().info("registered %s version %d (step %d) from %s", name, version, step, path)
-    return version
+    registered = register_checkpoint(
+        tracking_uri, name, path, run_id, step, metrics, tags, description, best_metric, greater_is_better
+    )
+    get_run_logger().info(
+        "registered %s version %d (step %d) from %s%s",
+        name, registered.version, step, path, "; it is the new 'best'" if registered.is_best else "",
+    )  # fmt: skip
+    return registered.version

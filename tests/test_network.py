@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -38,7 +39,7 @@ def test_a_local_run_listens_on_loopback_only(prefect_server, tmp_path, demo_cop
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
          f"logging_dir={out}/tb", f"sft_train.data_args.file_name={demo_copy}/train.jsonl",
-         f"validation.data_args.file_name={demo_copy}/validation.jsonl"],
+         f"validation.data_args.file_name={demo_copy}/validation.jsonl", "max_ckpt_to_keep=1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     sockets: dict[tuple[str, int], str] = {}
@@ -58,3 +59,17 @@ def test_a_local_run_listens_on_loopback_only(prefect_server, tmp_path, demo_cop
     print(sorted(sockets))
     exposed = {addr: who for addr, who in sockets.items() if not is_loopback(addr[0])}
     assert not exposed, exposed
+
+    # max_ckpt_to_keep=1 pruned this run's older checkpoint together with its registered version,
+    # unless the registry's `best` points at it.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{out}/mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    left = {p.name for p in out.glob("runs/*/sft_train/checkpoint-*")}
+    versions = {int(v.version): v for v in client.search_model_versions("name='smoke-sft'")}
+    best = int(client.get_model_version_by_alias("smoke-sft", "best").version)
+    assert "checkpoint-6" in left and versions.keys() == ({1, 2} if best == 1 else {2})
+    assert left == ({"checkpoint-3", "checkpoint-6"} if best == 1 else {"checkpoint-6"})
+    for v in versions.values():
+        assert (Path(v.source.removeprefix("file://")) / "model.safetensors").is_file()

@@ -64,6 +64,7 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     prefect_server, tmp_path, demo_copy, monkeypatch
 ):
     import mlflow
+    import mlflow.transformers
     import torch
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +110,13 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("smoke-sft", "last_saved")
     assert str(mv.version) == "2" and mv.tags["global_step"] == "6"
+    for tag in ("val_loss", "loss", "data_fingerprint", "config_hash", "git_commit"):
+        assert mv.tags.get(tag), tag
+    assert mv.tags["prefect_flow_run"].endswith(f"/runs/flow-run/{run_id}")
+    best = client.get_model_version_by_alias("smoke-sft", "best")
+    v1 = client.get_model_version("smoke-sft", "1")
+    assert float(best.tags["val_loss"]) == min(float(v1.tags["val_loss"]), float(mv.tags["val_loss"]))
+    assert "embedded:tiny-smollm2" in client.get_registered_model("smoke-sft").description
     run = client.get_run(mv.run_id)
     assert run.data.params["sft_train.strategy_args.strategy_name"] == "ddp_train"
     assert run.data.tags["prefect.flow_run_id"] == run_id
@@ -125,6 +133,8 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     fetched = mlflow.artifacts.download_artifacts("models:/smoke-sft@latest", dst_path=str(tmp_path / "dl"))
     reloaded = AutoModelForCausalLM.from_pretrained(fetched)
+    served = mlflow.transformers.load_model("models:/smoke-sft@last_saved")  # a real MLflow model
+    assert served("Hi", max_new_tokens=2)[0]["generated_text"].startswith("Hi")
     torch.testing.assert_close(
         reloaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"]
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,30 +85,90 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def register_checkpoint(
-    tracking_uri: str, model_name: str, checkpoint_dir: str, run_id: str, step: int, metrics: dict[str, float]
-) -> int:
-    """Register a checkpoint folder as a new version of `model_name`; returns the version number.
+@dataclass(frozen=True)
+class RegisteredVersion:
+    version: int
+    is_best: bool
 
-    The version's source is the checkpoint folder itself (no copy of the weights). MLflow 3 reserves
-    the alias `latest` and resolves `models:/<name>@latest` to the newest version by itself; we also
-    set the alias `last_saved` explicitly, and tag the version with its step and metrics.
-    """
+
+def _client(tracking_uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def register_checkpoint(
+    tracking_uri: str,
+    model_name: str,
+    checkpoint_dir: str,
+    run_id: str,
+    step: int,
+    metrics: dict[str, float],
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    best_metric: str = "val_loss",
+    greater_is_better: bool = False,
+) -> RegisteredVersion:
+    """Register a checkpoint folder as a new version of `model_name`.
+
+    The version's source is the checkpoint folder itself (no copy of the weights; its MLmodel makes
+    it loadable by mlflow.transformers / pyfunc). MLflow 3 reserves the alias `latest` and resolves
+    `models:/<name>@latest` to the newest version by itself; we set `last_saved` on every version and
+    move `best` only when `best_metric` improves on the version `best` points at now, across runs.
+    """
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = _client(tracking_uri)
     try:
         client.get_registered_model(model_name)
     except MlflowException:
-        client.create_registered_model(model_name, description="SFT checkpoints registered by sft-pipeline")
-    tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}}
+        client.create_registered_model(model_name, description=description)
+    all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
     version = client.create_model_version(
         model_name,
         source=Path(checkpoint_dir).as_uri(),
         run_id=run_id,
-        tags=tags,
+        tags=all_tags,
         description=f"checkpoint at global step {step}",
     )
+    if description:
+        client.update_registered_model(model_name, description=description)
     client.set_registered_model_alias(model_name, "last_saved", version.version)
-    return int(version.version)
+    value = metrics.get(best_metric)
+    is_best = False
+    if value is not None:
+        try:
+            current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
+        except MlflowException:
+            current = None
+        better = current is None or (
+            value > float(current) if greater_is_better else value < float(current)
+        )  # ties keep the earlier version
+        if better:
+            client.set_registered_model_alias(model_name, "best", version.version)
+            is_best = True
+    return RegisteredVersion(int(version.version), is_best)
+
+
+def best_version_source(tracking_uri: str, model_name: str) -> str | None:
+    """The local folder the `best` alias points at, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _client(tracking_uri).get_model_version_by_alias(model_name, "best")
+    except MlflowException:
+        return None
+    return mv.source.removeprefix("file://")
+
+
+def versions_for_source(tracking_uri: str, model_name: str, folder: str) -> list[int]:
+    """Registered versions whose source is `folder` (or a folder inside it)."""
+    prefix = Path(folder).as_uri()
+    versions = _client(tracking_uri).search_model_versions(f"name='{model_name}'")
+    return sorted(int(v.version) for v in versions if v.source == prefix or v.source.startswith(prefix + "/"))
+
+
+def delete_versions(tracking_uri: str, model_name: str, versions: list[int]) -> None:
+    client = _client(tracking_uri)
+    for v in versions:
+        client.delete_model_version(model_name, str(v))

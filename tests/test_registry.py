@@ -1,0 +1,62 @@
+"""The registry: `best` moves only on improvement (across runs), `last_saved` always; pruning helpers
+find a checkpoint's versions; a registered checkpoint folder is a real MLflow model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sft_core.tracking.mlflow_tracker import (
+    best_version_source,
+    delete_versions,
+    register_checkpoint,
+    versions_for_source,
+)
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True])
+def test_best_moves_only_when_the_metric_improves(tmp_path, greater_is_better):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    sign = -1 if greater_is_better else 1
+    # Two "runs" of three versions each; the metric as it comes, and which version should be best.
+    plan = [(1.0, 1), (0.8, 2), (0.9, 2), (0.8, 2), (0.7, 5), (None, 5)]
+    runs = [client.create_run(exp).info.run_id for _ in range(2)]
+    for i, (metric, best) in enumerate(plan, start=1):
+        run = runs[i > 3]
+        folder = tmp_path / f"run{1 + (i > 3)}" / f"checkpoint-{i}" / "sft_train"
+        folder.mkdir(parents=True)
+        metrics = {} if metric is None else {"val_loss": sign * metric}
+        got = register_checkpoint(uri, "m", str(folder), run, i, metrics, {"data_fingerprint": "x"},
+                                  "desc", "val_loss", greater_is_better)  # fmt: skip
+        assert got.version == i and got.is_best == (best == i)
+        assert int(client.get_model_version_by_alias("m", "best").version) == best
+        assert int(client.get_model_version_by_alias("m", "last_saved").version) == i
+        assert client.get_model_version("m", str(i)).source == folder.as_uri()  # never moved
+    assert client.get_registered_model("m").description == "desc"
+    assert best_version_source(uri, "m").endswith("run2/checkpoint-5/sft_train")
+    assert versions_for_source(uri, "m", str(tmp_path / "run1" / "checkpoint-2")) == [2]
+    delete_versions(uri, "m", [2])
+    assert versions_for_source(uri, "m", str(tmp_path / "run1" / "checkpoint-2")) == []
+
+
+def test_a_checkpoint_folder_is_a_loadable_mlflow_model_and_stays_a_hf_folder(tmp_path, tiny_model_dir):
+    import mlflow.pyfunc
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM
+
+    from sft_core.tracking.mlflow_model import write_mlflow_model
+
+    folder = tmp_path / "sft_train"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = {p.name: p.stat().st_size for p in folder.glob("*.safetensors")}
+    write_mlflow_model(folder)
+    assert {p.name: p.stat().st_size for p in folder.rglob("*.safetensors")} == weights  # no copy
+    pipe = mlflow.transformers.load_model(str(folder))
+    assert pipe("Hello", max_new_tokens=2)[0]["generated_text"].startswith("Hello")
+    assert isinstance(mlflow.pyfunc.load_model(str(folder)).predict(["Hi"])[0], str)
+    AutoModelForCausalLM.from_pretrained(folder)
