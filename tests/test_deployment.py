@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime import stop_process_group
-from tests.conftest import REPO
+from tests.conftest import REPO, checkpoint_path
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,6 @@ def test_smoke_deployment_runs_through_a_process_worker(prefect_server, tmp_path
         run = prefect("deployment", "run", "sft-pipeline/smoke", "--param", f"overrides={json.dumps(overrides)}",
                       "--watch", timeout=500)  # fmt: skip
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
-        assert (out / "sft_train" / "checkpoint-3" / "sft_train" / "model.safetensors").is_file()
+        assert (checkpoint_path(out, 3) / "sft_train" / "model.safetensors").is_file()
     finally:
         stop_process_group(worker.pid)
