@@ -278,6 +278,17 @@ class SFTConfig(_Strict):
             "TensorBoard, so tracker_kwargs.log_dir sets the TensorBoard folder."
         )
 
+    @field_validator("exp_name")
+    @classmethod
+    def _registry_name(cls, name: str) -> str:
+        # It names the MLflow experiment and registered model: the registry refuses '/' and ':'.
+        if not name.strip() or re.search(r"[/:%]", name):
+            raise ValueError(
+                f"'{name}' cannot name an MLflow registered model (no '/', ':' or '%', not empty); "
+                "use letters, digits, '-', '_' or '.'"
+            )
+        return name
+
     @field_validator("resume_from_checkpoint")
     @classmethod
     def _resume(cls, value: bool | str) -> bool | str:
@@ -287,6 +298,13 @@ class SFTConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SFTConfig:
+        from sft_core.data.templates import BUILTIN_TEMPLATES
+
+        if self.template not in ("native", *BUILTIN_TEMPLATES) and not self.template.endswith(".jinja"):
+            raise ValueError(
+                f"global_template / sft_train.data_args.template: unknown template '{self.template}'; use "
+                f"native, one of {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file"
+            )
         if not self.sft_train.data_args.files():
             raise ValueError("sft_train.data_args.file_name: at least one training data file is required")
         if self.num_gpus_per_node is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,27 @@ def test_smoke_experiment_composes():
 def test_bad_override_syntax_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot compose"):
         load("sft_train.training_args.learning_rate")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("exp_name=team/model", "exp_name"),
+        ("exp_name=a:b", "exp_name"),
+        ("sft_train.data_args.template=chatml3", "unknown template 'chatml3'"),
+        ("global_template=no_such", "unknown template 'no_such'"),
+    ],
+)
+def test_names_the_registry_or_a_template_cannot_take_stop_at_config_time(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config("sft_config", ["+experiment=smoke", override])
+
+
+def test_data_policies_are_listed_so_overrides_need_no_plus():
+    cfg = load_config(
+        "sft_config",
+        ["sft_train.data_args.on_bad_row=skip", "sft_train.data_args.format=sharegpt",
+         "sft_train.data_args.supervise=last_assistant_turn"],
+    )  # fmt: skip
+    args = cfg.sft_train.data_args
+    assert (args.on_bad_row, args.format, args.supervise) == ("skip", "sharegpt", "last_assistant_turn")
