@@ -268,3 +268,24 @@ def test_hub_dataset_ids_say_clearly_that_the_hub_is_off(smollm2_tokenizer):
         encode_files(
             ["hf://org/data"], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 64
         )
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}], r"messages\[2\]\.role' is 'bot'"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}],
+         "ends with a user turn"),
+    ],
+)  # fmt: skip
+def test_an_unknown_role_or_an_unanswered_last_question_is_a_bad_row_naming_file_and_row(
+    tmp_path, messages, expected
+):
+    from sft_core.data.encode import FieldMapping, row_to_messages
+    from sft_core.data.sources import Row
+    from sft_core.errors import DataError
+
+    row = Row(file=f"{tmp_path}/d.jsonl", index=7, data={"messages": messages})
+    with pytest.raises(DataError, match=expected) as err:
+        row_to_messages(row, FieldMapping(format="messages"))
+    assert "d.jsonl" in str(err.value) and "7" in str(err.value)

@@ -54,6 +54,10 @@ class EncodeOptions:
     end_token_id: int | None = None  # set to end a truncated answer with it (truncate_keep_end_token)
 
 
+# The roles a chat template knows; anything else would be rendered and silently never trained on.
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+
+
 def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
     """Map one row to chat messages; a missing or empty required field names file, row and field."""
     data = row.data
@@ -69,7 +73,7 @@ def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
             else "alpaca"
         )
     if kind == "messages":
-        return _checked_messages(row, data.get("messages"), "messages", "role", "content", None)
+        return _checked_messages(row, data.get("messages"), "messages", "role", "content", MESSAGE_ROLES)
     if kind == "sharegpt":
         return _checked_messages(
             row, data.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES
@@ -102,8 +106,10 @@ def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
 
 
 def _checked_messages(
-    row: Row, turns: Any, key: str, role_key: str, content_key: str, roles: dict[str, str] | None
+    row: Row, turns: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]
 ) -> list[dict[str, str]]:
+    """The turns as {role, content}; a role outside `roles` (rendered, it would be silently
+    unsupervised), no answer at all, or a question left unanswered at the end is a bad row."""
     if not isinstance(turns, list) or not turns:
         raise DataError(
             f"{row.where}: field '{key}' must be a non-empty list of {{{role_key}, {content_key}}} objects."
@@ -116,7 +122,7 @@ def _checked_messages(
             or not isinstance(m.get(content_key), str)
         ):
             raise DataError(f"{row.where}: field '{key}[{j}]' needs string '{role_key}' and '{content_key}'.")
-        role = m[role_key] if roles is None else roles.get(m[role_key])
+        role = roles.get(m[role_key])
         if role is None:
             raise DataError(
                 f"{row.where}: field '{key}[{j}].{role_key}' is '{m[role_key]}'; expected one of {sorted(roles)}."
@@ -124,6 +130,11 @@ def _checked_messages(
         out.append({"role": role, "content": m[content_key]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{row.where}: field '{key}' has no assistant turn, so nothing would be trained on.")
+    if out[-1]["role"] == "user":
+        raise DataError(
+            f"{row.where}: field '{key}' ends with a user turn that has no answer; end it with the "
+            "assistant's answer (or drop the last question)."
+        )
     return out
 
 
