@@ -13,35 +13,14 @@ import os
 import sys
 import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 from flows.runtime import ensure_server, set_local_defaults, stop_server
-from sft_core.config import SFTConfig, check_runnable
+from sft_core.config import check_runnable
 from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
+from sft_core.preflight import preflight
 from sft_core.secrets import move_secrets_to_env
-
-
-def _preflight(cfg: SFTConfig) -> None:
-    """Cheap checks before any server or cluster starts: paths that must exist."""
-    from sft_core.data.sources import read_rows
-    from sft_core.errors import DataError, ModelError
-
-    for key, files in (
-        ("sft_train.data_args.file_name", cfg.sft_train.data_args.files()),
-        ("validation.data_args.file_name", cfg.validation_files),
-    ):
-        for f in files:
-            if not f.startswith("hf://") and not Path(f).exists():
-                next(read_rows(f, key), None)  # raises the DataError naming file and key
-    p = cfg.pretrain
-    if not p.startswith("embedded:") and p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():
-        raise ModelError(f"config key 'pretrain': '{p}' does not exist.")
-    if cfg.template.endswith(".jinja") and not Path(cfg.template).is_file():
-        raise DataError(
-            f"config key 'global_template' / 'sft_train.data_args.template': '{cfg.template}' does not exist."
-        )
 
 
 def run(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
@@ -53,7 +32,7 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     if cfg.ray_address:
         os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's RayTaskRunner is built
     check_runnable(cfg)
-    _preflight(cfg)
+    preflight(cfg)
     t0 = time.perf_counter()
     api_url, started = ensure_server()
     print(
@@ -70,7 +49,7 @@ def preview(args: argparse.Namespace) -> None:
     from sft_core.model.resolve import load_tokenizer, resolve_pretrained
 
     cfg = load_config(args.config_name, args.overrides, args.config_path)
-    _preflight(cfg)
+    preflight(cfg)
     tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))
     samples = encode_preview(cfg, tokenizer, args.n, args.split)
     for line in preview_lines(cfg, tokenizer, samples, args.json, color=sys.stdout.isatty()):

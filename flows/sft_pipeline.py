@@ -20,7 +20,9 @@ from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.data.encode import encode_settings
+from sft_core.errors import ConfigError
 from sft_core.model.megatron_bridge import check_model_layout
+from sft_core.preflight import preflight
 from sft_core.secrets import literal_secret_overrides, redact
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
@@ -268,6 +270,14 @@ def sft_pipeline(
     logger = get_run_logger()
     cfg = load_config(config_name, overrides or [], config_path)
     check_runnable(cfg)
+    preflight(cfg)  # the CLI ran it too; a deployment run starts here
+    connected = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    if cfg.ray_address and connected and cfg.ray_address.split(":")[-1] != connected.split(":")[-1]:
+        raise ConfigError(
+            f"config key 'ray_address': {cfg.ray_address} is not the Ray cluster this flow run joined "
+            f"({connected}): the task runner starts before the config is read. Set RAY_ADDRESS in the "
+            "worker's environment (work pool job_variables.env) to run a deployment on that cluster."
+        )
     if exposed := literal_secret_overrides(overrides or []):
         logger.warning(
             "the overrides %s hold secrets in plain text, now stored with this flow run's parameters; "
