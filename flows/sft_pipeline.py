@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect_ray import RayTaskRunner
 
+from flows.artifacts import publish_run_artifacts
 from flows.validate import validate
 from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
@@ -324,6 +325,13 @@ def sft_pipeline(
             status = "FINISHED"
         finally:
             trackers.close(status)
+        final = checkpoints[-1]
+        publish_run_artifacts(
+            cfg.exp_name,
+            history,
+            f"Final checkpoint: `{final['path']}` (registered version {final['version']} of "
+            f"`{cfg.exp_name}`); run folder `{plan.run.root}`; MLflow run `{mlflow_run.run_id}`.",
+        )
 
     return {
         "exp_name": cfg.exp_name,

@@ -36,6 +36,20 @@ def task_states(run_id: str) -> dict[str, str]:
     return asyncio.run(read())
 
 
+def flow_run_artifacts(run_id: str) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
+            return {a.key: a.type for a in found}
+
+    return asyncio.run(read())
+
+
 def flow_run_parameters(run_id: str) -> dict:
     from prefect.client.orchestration import get_client
 
@@ -88,6 +102,9 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
         assert any(n.startswith(name) for n in states), f"{name} missing from {sorted(states)}"
     assert all(s == "Completed" for s in states.values()), states
     assert sum(n.startswith("val-step") for n in states) == 3
+    # The flow run's page: a metrics table and the loss chart as artifacts.
+    kinds = flow_run_artifacts(run_id)
+    assert kinds.get("smoke-sft-metrics") == "table" and kinds.get("smoke-sft-loss") == "markdown", kinds
 
     # Checkpoints: Hugging Face folders at the seed's layout, loadable, generating.
     for step in (3, 6):

@@ -1,0 +1,49 @@
+"""What a flow run shows on its Prefect page: the metrics table and the loss curves as artifacts."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+_COLUMNS = ("step", "sft_train/loss", "sft_train/val_loss", "sft_train/grad_norm", "sft_train/lr",
+            "sft_train/tokens_per_sec")  # fmt: skip
+
+
+def _key(exp_name: str, what: str) -> str:
+    """Artifact keys take lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{exp_name}-{what}".lower()).strip("-")
+
+
+def loss_chart(history: list[dict[str, Any]], width: int = 40) -> str:
+    """Train and validation loss per step as a bar chart in markdown (one bar per logged point).
+
+    >>> print(loss_chart([{"step": 1, "sft_train/loss": 2.0}, {"step": 2, "sft_train/loss": 1.0}], 4))
+    | step | train loss | | validation loss | |
+    |---:|---:|:---|---:|:---|
+    | 1 | 2.0000 | `████` |  |  |
+    | 2 | 1.0000 | `██` |  |  |
+    """
+    values = [h[k] for h in history for k in ("sft_train/loss", "sft_train/val_loss") if k in h]
+    top = max(values, default=1.0) or 1.0
+
+    def cells(value: float | None) -> str:
+        if value is None:
+            return "  |  |"
+        return f" {value:.4f} | `{'█' * max(1, round(width * value / top))}` |"
+
+    lines = ["| step | train loss | | validation loss | |", "|---:|---:|:---|---:|:---|"]
+    for h in history:
+        lines.append(f"| {h['step']} |" + cells(h.get("sft_train/loss")) + cells(h.get("sft_train/val_loss")))
+    return "\n".join(lines)
+
+
+def publish_run_artifacts(exp_name: str, history: list[dict[str, Any]], summary: str) -> None:
+    rows = [{c.split("/")[-1]: h.get(c) for c in _COLUMNS} for h in history]
+    create_table_artifact(rows, key=_key(exp_name, "metrics"), description=f"{exp_name}: metrics per step")
+    create_markdown_artifact(
+        f"## {exp_name}: loss\n\n{loss_chart(history)}\n\n{summary}",
+        key=_key(exp_name, "loss"),
+        description="train and validation loss per step",
+    )
