@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.utilities.annotations import quote
 from prefect_ray import RayTaskRunner
 
 from flows.artifacts import publish_run_artifacts
@@ -231,7 +232,10 @@ def train(
                         "data_fingerprint": fingerprint,
                         "history": history,
                     }
-                    saved = save_checkpoint(cluster, str(run.root), step, state, final=step == total)
+                    # quote(): plain values, no lineage. Prefect links inputs to the runs that made
+                    # them by object id (recycled ids included), and a subflow run as a task input
+                    # makes the default UI's Task Runs tab list nothing ("Invalid TaskInputResponse").
+                    saved = save_checkpoint(cluster, str(run.root), step, quote(state), final=step == total)
                     trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
                     summary = {
                         k.split("/")[-1]: v
@@ -242,7 +246,7 @@ def train(
                     if saved["adapter"]:
                         tags.update(lora_adapter=saved["adapter"], base_model=cfg.pretrain)
                     version = register_model(
-                        mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, summary,
+                        mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, quote(summary),
                         tags, model_description(cfg), cfg.metric_for_best_model, cfg.greater_is_better,
                     )  # fmt: skip
                     checkpoints.append({"step": step, "path": saved["path"], "version": version})

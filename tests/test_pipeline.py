@@ -36,6 +36,20 @@ def task_states(run_id: str) -> dict[str, str]:
     return asyncio.run(read())
 
 
+def task_input_kinds(run_id: str) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> set[str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            )
+            return {type(x).__name__ for t in runs for v in t.task_inputs.values() for x in v}
+
+    return asyncio.run(read())
+
+
 def flow_run_artifacts(run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -102,6 +116,8 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
         assert any(n.startswith(name) for n in states), f"{name} missing from {sorted(states)}"
     assert all(s == "Completed" for s in states.values()), states
     assert sum(n.startswith("val-step") for n in states) == 3
+    # The default Prefect UI lists task runs only if no task input is a subflow run.
+    assert "FlowRunResult" not in task_input_kinds(run_id), task_input_kinds(run_id)
     # The flow run's page: a metrics table and the loss chart as artifacts.
     kinds = flow_run_artifacts(run_id)
     assert kinds.get("smoke-sft-metrics") == "table" and kinds.get("smoke-sft-loss") == "markdown", kinds
