@@ -173,11 +173,8 @@ def test_retry_of_a_failed_deployment_run_resumes_from_its_newest_checkpoint(dep
     assert len({v.source for v in versions}) == 2 and all(v.run_id == runs[0].info.run_id for v in versions)
     first_new_step = min(m.timestamp for m in loss if m.step == 4) / 1000
     seconds = first_new_step - retried_at
-    print(f"retry -> first new step: {seconds:.1f}s")
-    (REPO / "bench" / "results").mkdir(exist_ok=True)
-    (REPO / "bench" / "results" / "retry-resume.json").write_text(
-        json.dumps({"retry_to_first_new_step_s": round(seconds, 1), "model": "tiny-smollm2", "workers": 2})
-    )
+    print(f"retry -> first new step: {seconds:.1f}s")  # bench/results/retry-resume.json holds one measure
+    assert seconds > 0
 
 
 def test_a_frozen_worker_fails_the_step_by_the_timeout_and_the_run_recovers_by_itself(
