@@ -129,5 +129,19 @@ def checkpoint_path(out: Path, step: int, run: int = -1) -> Path:
     return run_folders(out)[run] / "sft_train" / f"checkpoint-{step}"
 
 
+def worker_pids(root: int) -> list[int]:
+    """SFTWorker processes under `root` (one test's run only, never another run's on the machine)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            if p.cmdline() and p.cmdline()[0].startswith("ray::SFTWorker"):
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(found)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import checkpoint_path, run_cli
+from tests.conftest import checkpoint_path, run_cli, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +38,6 @@ def common(out: Path, data: Path, layout: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::SFTWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, tmp_path, demo_copy):
     from mlflow import MlflowClient
@@ -60,7 +55,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, 
     while not list(out.glob("runs/*/sft_train/checkpoint-4/manifest.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before checkpoint-4"
         time.sleep(0.1)
-    pids = worker_pids()
+    pids = worker_pids(proc.pid)
     assert pids, "no SFTWorker process found"
     os.kill(pids[-1], signal.SIGKILL)
     log, _ = proc.communicate(timeout=300)

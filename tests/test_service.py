@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime import stop_process_group
-from tests.conftest import REPO, run_folders
+from tests.conftest import REPO, run_folders, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,9 @@ def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def deployment(prefect_server, tmp_path_factory) -> str:
-    """The `smoke` deployment of prefect.yaml on a pool of this module's own, with a process worker."""
+def deployment(prefect_server, tmp_path_factory) -> int:
+    """The `smoke` deployment of prefect.yaml on a pool of this module's own, with a process worker;
+    yields the worker's pid (flow runs, Ray and the SFT workers run under it)."""
     prefect("work-pool", "create", POOL, "--type", "process")  # may exist from an earlier module
     deployed = prefect("--no-prompt", "deploy", "--name", "smoke", "--pool", POOL)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
@@ -50,12 +51,12 @@ def deployment(prefect_server, tmp_path_factory) -> str:
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
             cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    yield "sft-pipeline/smoke"
+    yield worker.pid
     stop_process_group(worker.pid)
 
 
-def start_run(deployment: str, overrides: list[str]) -> str:
-    out = prefect("deployment", "run", deployment, "--param", f"overrides={json.dumps(overrides)}")
+def start_run(overrides: list[str]) -> str:
+    out = prefect("deployment", "run", "sft-pipeline/smoke", "--param", f"overrides={json.dumps(overrides)}")
     assert out.returncode == 0, out.stdout + out.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
 
@@ -108,11 +109,6 @@ def wait_for(pattern: str, root: Path, proc_ok=lambda: True, timeout: float = 40
     raise AssertionError(f"{pattern} did not appear in {timeout}s")
 
 
-def worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::SFTWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -140,10 +136,10 @@ def mlflow_client(out: Path):
 
 def test_retry_of_a_failed_deployment_run_resumes_from_its_newest_checkpoint(deployment, tmp_path, demo_copy):
     out = tmp_path / "out"
-    run_id = start_run(deployment, smoke_overrides(out, demo_copy, "sft_train.max_restarts=0"))
+    run_id = start_run(smoke_overrides(out, demo_copy, "sft_train.max_restarts=0"))
     ckpt3 = wait_for("runs/*/sft_train/checkpoint-3/manifest.json", out).parent
     before = tree_digest(ckpt3)
-    os.kill(worker_pids()[-1], signal.SIGKILL)
+    os.kill(worker_pids(deployment)[-1], signal.SIGKILL)
     assert wait_state(run_id, {"FAILED", "CRASHED", "COMPLETED"}) in ("FAILED", "CRASHED")
     assert not (ckpt3.parent / "checkpoint-6").exists()
 
@@ -190,7 +186,7 @@ def test_a_frozen_worker_fails_the_step_by_the_timeout_and_the_run_recovers_by_i
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     ckpt3 = wait_for("runs/*/sft_train/checkpoint-3/manifest.json", out, lambda: proc.poll() is None).parent
     before = tree_digest(ckpt3)
-    frozen = worker_pids()[-1]
+    frozen = worker_pids(proc.pid)[-1]
     os.kill(frozen, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
@@ -216,7 +212,7 @@ def test_the_same_config_run_twice_keeps_the_first_runs_checkpoints_and_versions
 ):
     out = tmp_path / "out"
     overrides = smoke_overrides(out, demo_copy)
-    first = start_run(deployment, overrides)
+    first = start_run(overrides)
     assert wait_state(first, {"FAILED", "CRASHED", "COMPLETED"}) == "COMPLETED"
     client = mlflow_client(out)
     v1 = client.get_model_version("smoke-sft", "1")
@@ -225,7 +221,7 @@ def test_the_same_config_run_twice_keeps_the_first_runs_checkpoints_and_versions
     # New data arrives before the next scheduled run: only the changed file is encoded again.
     with (demo_copy / "train.jsonl").open("a") as f:
         f.write(json.dumps({"instruction": "One more row", "input": "", "output": "Indeed."}) + "\n")
-    second = start_run(deployment, overrides)
+    second = start_run(overrides)
     assert wait_state(second, {"FAILED", "CRASHED", "COMPLETED"}) == "COMPLETED"
     states = task_states(second)
     assert states["encode-train"] == ["Completed"] and states["encode-validation"] == ["Cached"], states
