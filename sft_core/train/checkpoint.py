@@ -139,7 +139,8 @@ def resolve_resume(setting: bool | str, output_dir: str) -> Path | None:
             f"config key 'resume_from_checkpoint': '{setting}' is not a checkpoint folder (expected "
             "<output_dir>/runs/<run>/sft_train/checkpoint-<step> with trainer_state.json)."
         )
-    if not is_complete(path):
+    # A checkpoint from before manifests (no manifest.json) is taken as given when named by path.
+    if (path / MANIFEST).exists() and not is_complete(path):
         raise ConfigError(
             f"config key 'resume_from_checkpoint': '{path}' is incomplete (files listed in its "
             f"{MANIFEST} are missing or have another size); choose another checkpoint."
