@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 
 LAYOUTS = {
     "ddp": [],
+    # Only the adapter (and its Adam state) is in the resume state; the base comes from the pretrained folder.
+    "ddp-lora": ["+sft_train.model_args.lora={rank: 4, alpha: 8}"],
     # Two data-parallel replicas whose Adam state is sharded between them (megatron's own state).
     "megatron-dp2-distributed-optimizer": [
         "sft_train.strategy_args.strategy_name=megatron_train",
@@ -66,8 +68,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
-    final = load_file(str(checkpoint_path(out, 8) / "sft_train" / "model.safetensors"))
-    expected = load_file(str(checkpoint_path(tmp_path / "ref", 8) / "sft_train" / "model.safetensors"))
+    weights = "adapter_model.safetensors" if "lora" in layout else "model.safetensors"
+    final = load_file(str(checkpoint_path(out, 8) / "sft_train" / weights))
+    expected = load_file(str(checkpoint_path(tmp_path / "ref", 8) / "sft_train" / weights))
     assert final.keys() == expected.keys()
     for key, value in expected.items():
         assert (final[key] - value).abs().max() <= 1e-6, key
