@@ -141,11 +141,9 @@ def version_provenance(cfg: SFTConfig) -> dict[str, str]:
                                 text=True, timeout=10).stdout.strip() or "unknown"  # fmt: skip
     except OSError:
         commit = "unknown"
-    config = redact(cfg.model_dump(exclude={"hydra"}))
+    config = json.dumps(redact(cfg.model_dump(exclude={"hydra"})), sort_keys=True, default=str)
     return {
-        "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[
-            :16
-        ],
+        "config_hash": hashlib.sha256(config.encode()).hexdigest()[:16],
         "git_commit": commit,
         "prefect_flow_run": f"{ui}/runs/flow-run/{flow_run_id}" if ui else flow_run_id,
         "base_model": cfg.pretrain,
@@ -195,7 +193,7 @@ def train(
     logger = get_run_logger()
     restarts = 0
     checkpoints: list[dict[str, Any]] = []
-    version_tags = version_provenance(cfg)
+    version_tags, description = version_provenance(cfg), model_description(cfg)
     while True:
         state = read_state(resume) if resume else {}
         start = state.get("global_step", 0)
@@ -244,10 +242,10 @@ def train(
                     }
                     tags = {**version_tags, "data_fingerprint": fingerprint}
                     if saved["adapter"]:
-                        tags.update(lora_adapter=saved["adapter"], base_model=cfg.pretrain)
+                        tags["lora_adapter"] = saved["adapter"]
                     version = register_model(
                         mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, quote(summary),
-                        tags, model_description(cfg), cfg.metric_for_best_model, cfg.greater_is_better,
+                        tags, description, cfg.metric_for_best_model, cfg.greater_is_better,
                     )  # fmt: skip
                     checkpoints.append({"step": step, "path": saved["path"], "version": version})
                     if cfg.max_ckpt_to_keep:

@@ -77,7 +77,7 @@ def write_mlflow_model(hf_dir: Path) -> None:
                 "transformers_version": transformers.__version__,
             },
         },
-        "mlflow_version": _requirements()[0].split("==")[1],
+        "mlflow_version": requirements[0].split("==")[1],
         "model_size_bytes": size,
         "model_uuid": uuid.uuid4().hex,
         "signature": {
