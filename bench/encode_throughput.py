@@ -43,15 +43,17 @@ def generate_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def ours(path: Path, model_dir: Path, max_length: int, workers: int) -> dict[str, float]:
-    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.config_loader import load_config
+    from sft_core.data.encode import encode_files
     from sft_core.data.packing import plan_rows
-    from sft_core.data.templates import get_template
+    from sft_core.data.spec import EncodeSpec
     from sft_core.model.resolve import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    fields = FieldMapping(query_key="input", system_key="system")
+    # The demo config's encoding (native template, alpaca mapping with input and system), as a run builds it.
+    spec = EncodeSpec.from_config(load_config("sft_config", [f"sequence_length={max_length}"]))
     t = time.perf_counter()
-    data, _ = encode_files([str(path)], tok, get_template("native", tok), fields, max_length, workers=workers)
+    data, _ = encode_files([str(path)], tok, spec, workers=workers)
     t_encode = time.perf_counter() - t
     plan = plan_rows(data, max_length, packing=True)
     total = time.perf_counter() - t

@@ -38,9 +38,9 @@ def main() -> None:
 
     from sft_core.cluster.cluster import Cluster
     from sft_core.config_loader import load_config
-    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.data.encode import encode_files
     from sft_core.data.packing import plan_rows
-    from sft_core.data.templates import get_template
+    from sft_core.data.spec import EncodeSpec
     from sft_core.model.megatron_bridge import check_model_layout
     from sft_core.model.resolve import load_tokenizer, resolve_pretrained
     from sft_core.train.metrics import train_metrics
@@ -50,11 +50,8 @@ def main() -> None:
     if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
         check_model_layout(cfg.megatron_layout, model_dir)  # as the flow does, before workers start
     tok = load_tokenizer(model_dir)
-    fields = FieldMapping(cfg.prompt_key, cfg.response_key, cfg.query_key, cfg.system_key)
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
-    data, _ = encode_files(
-        cfg.sft_train.data_args.files(), tok, get_template(cfg.template, tok), fields, cfg.sequence_length
-    )
+    data, _ = encode_files(cfg.sft_train.data_args.files(), tok, EncodeSpec.from_config(cfg))
     data.save(work / "train.npz")
     plan = plan_rows(data, cfg.sequence_length, cfg.sft_train.use_sequence_packing)
     (work / "plan.json").write_text(json.dumps(plan.to_dict()))

@@ -21,7 +21,7 @@ from flows.validate import validate
 from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
-from sft_core.data.encode import encode_settings
+from sft_core.data.spec import SPLIT_KEYS, EncodeSpec
 from sft_core.errors import ConfigError
 from sft_core.model.megatron_bridge import check_model_layout
 from sft_core.preflight import preflight
@@ -79,14 +79,13 @@ def boundaries(total: int, eval_steps: int, save_steps: int, after: int = 0) -> 
 
 def prepare_data(cfg: SFTConfig, tokenizer: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict]]:
     """Encode then pack every split (Ray tasks, cached); returns ({split: encoded}, {split: packed})."""
-    splits = {"train": ("sft_train.data_args.file_name", cfg.sft_train.data_args.files())}
+    splits = {"train": cfg.sft_train.data_args.files()}
     if cfg.validation_files:
-        splits["validation"] = ("validation.data_args.file_name", cfg.validation_files)
-    workers = cfg.sft_train.data_args.preprocessing_num_workers
+        splits["validation"] = cfg.validation_files
     enc_params = {
-        split: {"files": files, "tokenizer": tokenizer, "settings": encode_settings(cfg, key), "split": split,
-                "workers": workers}
-        for split, (key, files) in splits.items()
+        split: {"files": files, "tokenizer": tokenizer, "spec": EncodeSpec.from_config(cfg, split), "split": split,
+                "workers": cfg.data_args_for(split).preprocessing_num_workers}
+        for split, files in splits.items()
     }  # fmt: skip
     futures = {split: encode_dataset.submit(**p) for split, p in enc_params.items()}
     # Wait on every encoding before packing, so a bad row surfaces as its own error.
@@ -104,24 +103,22 @@ def prepare_data(cfg: SFTConfig, tokenizer: dict[str, Any]) -> tuple[dict[str, d
 def report_data(cfg: SFTConfig, encoded: dict[str, dict], packed: dict[str, dict]) -> dict[str, float]:
     """Log what the length and bad-row policies did; return the data metrics for the trackers."""
     logger = get_run_logger()
-    for enc in encoded.values():
+    metrics: dict[str, float] = {}
+    for split, enc in encoded.items():
         if enc["truncated"] or enc["dropped"]:
             logger.warning("%s: %d samples truncated, %d dropped (longer than sequence_length=%d); listed in %s",
-                           enc["split"], enc["truncated"], enc["dropped"], cfg.sequence_length, enc["report"])  # fmt: skip
+                           split, enc["truncated"], enc["dropped"], cfg.sequence_length, enc["report"])  # fmt: skip
         if enc["rejected"]:
-            logger.warning("%s: %d bad rows skipped (on_bad_row=skip); each with its reason in %s",
-                           enc["split"], enc["rejected"], enc["rejects"])  # fmt: skip
-    train, rows = encoded["train"], packed["train"]
+            logger.warning("%s: %d bad rows skipped (%s.on_bad_row=skip); each with its reason in %s",
+                           split, enc["rejected"], SPLIT_KEYS[split].rsplit(".", 1)[0], enc["rejects"])  # fmt: skip
+        # Training's keep their short names (data/truncated ...); validation's are prefixed.
+        prefix = "data/" if split == "train" else f"data/{split}_"
+        metrics.update({f"{prefix}{k}": enc[k] for k in ("truncated", "dropped", "rejected")})
+        metrics[f"data/{split}_samples"] = enc["samples"]
+    rows = packed["train"]
     logger.info("train: %d samples -> %d rows (padding %.1f%%)", rows["samples"], rows["rows"],
                 100 * rows["padding_fraction"])  # fmt: skip
-    return {
-        "data/train_samples": train["samples"],
-        "data/train_rows": rows["rows"],
-        "data/truncated": train["truncated"],
-        "data/dropped": train["dropped"],
-        "data/rejected": train["rejected"],
-        "data/padding_fraction": rows["padding_fraction"],
-    }
+    return {**metrics, "data/train_rows": rows["rows"], "data/padding_fraction": rows["padding_fraction"]}
 
 
 def data_fingerprint(encoded: dict[str, dict], packed: dict[str, dict]) -> str:

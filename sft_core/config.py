@@ -300,11 +300,14 @@ class SFTConfig(_Strict):
     def _cross_checks(self) -> SFTConfig:
         from sft_core.data.templates import BUILTIN_TEMPLATES
 
-        if self.template not in ("native", *BUILTIN_TEMPLATES) and not self.template.endswith(".jinja"):
-            raise ValueError(
-                f"global_template / sft_train.data_args.template: unknown template '{self.template}'; use "
-                f"native, one of {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file"
-            )
+        for split in ("train", "validation"):
+            name = self.template_for(split)
+            if name not in ("native", *BUILTIN_TEMPLATES) and not name.endswith(".jinja"):
+                where = "sft_train" if split == "train" else "validation"
+                raise ValueError(
+                    f"global_template / {where}.data_args.template: unknown template '{name}'; use "
+                    f"native, one of {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file"
+                )
         if not self.sft_train.data_args.files():
             raise ValueError("sft_train.data_args.file_name: at least one training data file is required")
         if self.num_gpus_per_node is not None:
@@ -330,8 +333,20 @@ class SFTConfig(_Strict):
 
     @property
     def template(self) -> str:
-        """`global_template` wins over `sft_train.data_args.template`, as in the seed."""
-        return self.global_template or self.sft_train.data_args.template or "native"
+        return self.template_for("train")
+
+    def template_for(self, split: str) -> str:
+        """`global_template` wins over the split's `data_args.template`, as in the seed."""
+        return self.global_template or self.data_args_for(split).template or "native"
+
+    def data_args_for(self, split: str) -> DataArgs:
+        """A split's data settings: validation takes training's, except the keys it sets itself
+        (e.g. `validation.data_args.on_bad_row: skip` with a strict training split)."""
+        train = self.sft_train.data_args
+        if split == "train" or self.validation is None:
+            return train
+        own = self.validation.data_args
+        return train.model_copy(update={k: getattr(own, k) for k in own.model_fields_set if k != "file_name"})
 
     @property
     def validation_files(self) -> list[str]:
@@ -498,6 +513,11 @@ def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
     data.file_name = [absolute(f) for f in data.files()]
     if cfg.validation and cfg.validation.data_args.file_name:
         cfg.validation.data_args.file_name = [absolute(f) for f in cfg.validation_files]
+    if cfg.global_template and cfg.global_template.endswith(".jinja"):
+        cfg.global_template = absolute(cfg.global_template)
+    for args in (data, cfg.validation.data_args if cfg.validation else None):
+        if args is not None and args.template and args.template.endswith(".jinja"):
+            args.template = absolute(args.template)
     if not cfg.pretrain.startswith("embedded:") and (
         cfg.pretrain.startswith((".", "/", "~")) or (base / cfg.pretrain).exists()
     ):

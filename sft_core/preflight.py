@@ -1,15 +1,17 @@
-"""Cheap checks of a config before any server, cluster or data work starts: paths that must exist.
-Run by the CLI before it starts a server and by the flow itself, so deployment runs get them too."""
+"""Cheap checks of a config before any server, cluster or data work starts: paths that must exist,
+and a built-in template's special tokens in the model's tokenizer. Run by the CLI before it starts
+a server and by the flow itself, so deployment runs get them too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from sft_core.config import SFTConfig
+from sft_core.data.templates import TEMPLATE_TOKENS, check_template_tokens
 
 
 def preflight(cfg: SFTConfig) -> None:
-    """Cheap checks before any server or cluster starts: paths that must exist."""
+    """Cheap checks before any server or cluster starts."""
     from sft_core.data.sources import read_rows
     from sft_core.errors import DataError, ModelError
 
@@ -23,7 +25,15 @@ def preflight(cfg: SFTConfig) -> None:
     p = cfg.pretrain
     if not p.startswith("embedded:") and p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():
         raise ModelError(f"config key 'pretrain': '{p}' does not exist.")
-    if cfg.template.endswith(".jinja") and not Path(cfg.template).is_file():
-        raise DataError(
-            f"config key 'global_template' / 'sft_train.data_args.template': '{cfg.template}' does not exist."
-        )
+    templates = {cfg.template_for(split) for split in ("train", "validation")}
+    for name in templates:
+        if name.endswith(".jinja") and not Path(name).is_file():
+            raise DataError(
+                f"config key 'global_template' / '*.data_args.template': '{name}' does not exist."
+            )
+    if builtins := sorted(templates & set(TEMPLATE_TOKENS)):
+        from sft_core.model.resolve import load_tokenizer, resolve_pretrained
+
+        tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))  # resolved once, cached on disk
+        for name in builtins:
+            check_template_tokens(name, tokenizer)

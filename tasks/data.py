@@ -9,8 +9,10 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from sft_core.data.encode import EncodedData, encode_files, encoder_from_settings, write_jsonl
+from sft_core.data.encode import encode_to_dir
 from sft_core.data.packing import plan_rows
+from sft_core.data.spec import EncodeSpec
+from sft_core.data.store import EncodedData
 from sft_core.model.resolve import load_tokenizer, sft_home
 from tasks.caching import code_digest, digest, file_digest
 
@@ -19,48 +21,33 @@ def _data_dir(key: str) -> Path:
     return sft_home() / "data" / key
 
 
-def encode_key(files: list[str], tokenizer: dict, settings: dict) -> str:
+def encode_key(files: list[str], tokenizer: dict, spec: EncodeSpec) -> str:
     return digest(
-        "encode", [file_digest(f) for f in files], tokenizer["fingerprint"], settings, code_digest()
+        "encode", [file_digest(f) for f in files], tokenizer["fingerprint"], spec.as_dict(), code_digest()
     )
 
 
 # The key is computed before the task runs and names the cache record; the flow re-runs a task
 # with refresh_cache=True if a cached result points at files that were deleted since.
 def _encode_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
-    return encode_key(params["files"], params["tokenizer"], params["settings"])
+    return encode_key(params["files"], params["tokenizer"], params["spec"])
 
 
 @task(
     name="encode-dataset", cache_key_fn=_encode_cache_key, persist_result=True, task_run_name="encode-{split}"
 )
-def encode_dataset(files: list[str], tokenizer: dict, settings: dict, split: str, workers: int = 1) -> dict:
-    """Rows -> chat template -> ids + labels (answer only). `settings` holds the config it depends on."""
-    key = encode_key(files, tokenizer, settings)
+def encode_dataset(files: list[str], tokenizer: dict, spec: EncodeSpec, split: str, workers: int = 1) -> dict:
+    """Rows -> chat template -> ids + labels (answer only), stored with the length and rejects reports."""
+    key = encode_key(files, tokenizer, spec)
     out = _data_dir(key)
-    out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer["tokenizer_dir"])
-    template, fields, opts = encoder_from_settings(settings, tok)
-    data, stats = encode_files(
-        files,
-        tok,
-        template,
-        fields,
-        opts.sequence_length,
-        opts.length_policy,
-        config_key=opts.config_key,
-        on_bad_row=opts.on_bad_row,
-        supervise=opts.supervise,
-        workers=workers,  # not in the cache key: the result does not depend on it
-        keep_end_token=opts.end_token_id is not None,
-    )
-    data.save(out / "encoded.npz")
-    write_jsonl(stats.report, out / "length_report.jsonl")
-    write_jsonl(stats.rejects, out / "rejects.jsonl")
+    # workers is not in the cache key: the result does not depend on it.
+    stats = encode_to_dir(files, tok, spec, out, workers)
     return {
         "key": key,
         "split": split,
         "path": str(out / "encoded.npz"),
+        "rows_read": stats.rows,
         "report": str(out / "length_report.jsonl"),
         "samples": stats.samples,
         "tokens": stats.tokens,

@@ -70,14 +70,13 @@ def demo_copy(tmp_path: Path) -> Path:
 def encoded_demo(out: Path, tokenizer, model_dir: Path, *, packing: bool) -> dict[str, str]:
     """The demo train split encoded (native template, 256 tokens) and planned into rows: the
     artifacts a training Cluster takes, for tests that drive the workers without the flow."""
-    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.data.encode import encode_files
+    from sft_core.data.messages import FieldMapping
     from sft_core.data.packing import plan_rows
-    from sft_core.data.templates import get_template
+    from sft_core.data.spec import EncodeSpec
 
-    fields = FieldMapping(query_key="input", system_key="system")
-    data, _ = encode_files(
-        [str(DEMO / "train.jsonl")], tokenizer, get_template("native", tokenizer), fields, 256
-    )
+    spec = EncodeSpec(256, fields=FieldMapping(query_key="input", system_key="system"))
+    data, _ = encode_files([str(DEMO / "train.jsonl")], tokenizer, spec)
     data.save(out / "train.npz")
     (out / "plan.json").write_text(json.dumps(plan_rows(data, 256, packing=packing).to_dict()))
     return {

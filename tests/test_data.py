@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.encode import FieldMapping, encode_files, encode_messages
+from sft_core.data.encode import encode_files
+from sft_core.data.labels import encode_messages
+from sft_core.data.messages import FieldMapping
 from sft_core.data.packing import build_row, pack_best_fit_decreasing, plan_rows
+from sft_core.data.spec import EncodeSpec
 from sft_core.data.templates import get_template
 from sft_core.errors import DataError
 
 FIELDS = FieldMapping(prompt_key="instruction", response_key="output", query_key="input", system_key="system")
+
+
+def spec(sequence_length: int = 256, template: str = "native", **kw) -> EncodeSpec:
+    return EncodeSpec(sequence_length, template, FIELDS, **kw)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -69,7 +76,7 @@ def test_field_mapping_joins_prompt_and_query_and_uses_system(tmp_path, smollm2_
     f = write_jsonl(
         tmp_path / "d.jsonl", [{"instruction": "Sum:", "input": "2 3", "output": "5", "system": "Math."}]
     )
-    data, stats = encode_files([f], tok, get_template("native", tok), FIELDS, 256)
+    data, stats = encode_files([f], tok, spec(256, "native"))
     ids, labels = data.sample(0)
     text = tok.decode(ids)
     assert "<|im_start|>system\nMath.<|im_end|>" in text and "SmolLM" not in text
@@ -90,7 +97,7 @@ def test_row_without_a_required_field_names_file_row_and_field(
 ):
     f = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, row])
     with pytest.raises(DataError) as err:
-        encode_files([f], smollm2_tokenizer, get_template("native", smollm2_tokenizer), FIELDS, 256)
+        encode_files([f], smollm2_tokenizer, spec(256, "native"))
     assert f"{f}, row 2: field '{field}'" in str(err.value) and state in str(err.value)
 
 
@@ -98,15 +105,13 @@ def test_unreadable_json_line_names_file_and_line(tmp_path, smollm2_tokenizer):
     f = tmp_path / "broken.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
     with pytest.raises(DataError, match=rf"{f}, line 2: not valid JSON"):
-        encode_files([str(f)], smollm2_tokenizer, get_template("native", smollm2_tokenizer), FIELDS, 256)
+        encode_files([str(f)], smollm2_tokenizer, spec(256, "native"))
 
 
 def test_json_list_files_are_read_like_jsonl(tmp_path, smollm2_tokenizer):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
     (tmp_path / "d.json").write_text(json.dumps(rows))
-    data, _ = encode_files(
-        [str(tmp_path / "d.json")], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 256
-    )
+    data, _ = encode_files([str(tmp_path / "d.json")], smollm2_tokenizer, spec(256, "chatml"))
     assert len(data) == 3
 
 
@@ -121,16 +126,15 @@ def test_length_policy_truncates_drops_or_stops_and_counts(tmp_path, smollm2_tok
             {"instruction": " ".join(["prompt"] * 200), "output": "unseen"},
         ],
     )
-    tpl = get_template("chatml", tok)
-    data, stats = encode_files([f], tok, tpl, FIELDS, 64, "truncate")
+    data, stats = encode_files([f], tok, spec(64, "chatml", length_policy="truncate"))
     # Row 2 is cut (answer partly kept); row 3 loses its whole answer: dropped, never trained on.
     assert (stats.truncated, stats.dropped, len(data)) == (1, 1, 2)
     assert [(e["row"], e["action"]) for e in stats.report] == [(2, "truncated"), (3, "dropped")]
     assert max(data.lengths()) == 64
-    _, stats = encode_files([f], tok, tpl, FIELDS, 64, "drop")
+    _, stats = encode_files([f], tok, spec(64, "chatml", length_policy="drop"))
     assert (stats.truncated, stats.dropped) == (0, 2)
     with pytest.raises(DataError, match=r"row 2: the sample has \d+ tokens, more than sequence_length=64"):
-        encode_files([f], tok, tpl, FIELDS, 64, "error")
+        encode_files([f], tok, spec(64, "chatml", length_policy="error"))
 
 
 def test_best_fit_decreasing_is_deterministic_and_respects_capacity():
@@ -152,7 +156,7 @@ def test_packed_samples_do_not_attend_to_each_other(tmp_path, smollm2_tokenizer,
         tmp_path / "d.jsonl",
         [{"instruction": f"question {i}", "output": "answer " * (i + 1)} for i in range(4)],
     )
-    data, _ = encode_files([f], tok, get_template("native", tok), FIELDS, 512)
+    data, _ = encode_files([f], tok, spec(512, "native"))
     plan = plan_rows(data, 512, packing=True)
     assert len(plan.rows) == 1 and len(plan.rows[0]) == 4
     ids, labels, positions = build_row(data, plan.rows[0])
@@ -180,7 +184,7 @@ def test_on_bad_row_skip_counts_and_lists_every_rejected_row(tmp_path, smollm2_t
         '{"instruction": "c", "output": "d"}\n'
     )
     tok = smollm2_tokenizer
-    data, stats = encode_files([str(f)], tok, get_template("chatml", tok), FIELDS, 256, on_bad_row="skip")
+    data, stats = encode_files([str(f)], tok, spec(256, "chatml", on_bad_row="skip"))
     assert len(data) == 2 and stats.rejected == 2
     assert [(r["row"], r["file"]) for r in stats.rejects] == [(2, str(f)), (3, str(f))]
     assert "field 'output'" in stats.rejects[0]["reason"] and "not valid JSON" in stats.rejects[1]["reason"]
@@ -205,7 +209,7 @@ def test_sharegpt_parquet_and_saved_dataset_sources(tmp_path, smollm2_tokenizer)
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
     for source in (tmp_path / "d.parquet", tmp_path / "saved"):
-        data, _ = encode_files([str(source)], tok, get_template("chatml", tok), FIELDS, 256)
+        data, _ = encode_files([str(source)], tok, spec(256, "chatml"))
         texts = [supervised_text(tok, *data.sample(i)) for i in range(len(data))]
         assert texts == ["Hello!<|im_end|>", "4<|im_end|>"], source
 
@@ -213,7 +217,7 @@ def test_sharegpt_parquet_and_saved_dataset_sources(tmp_path, smollm2_tokenizer)
 def test_sharegpt_unknown_speaker_names_the_field(tmp_path, smollm2_tokenizer):
     f = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}])
     with pytest.raises(DataError, match=r"row 1: field 'conversations\[1\].from' is 'robot'"):
-        encode_files([f], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 256)
+        encode_files([f], smollm2_tokenizer, spec(256, "chatml"))
 
 
 def test_last_assistant_turn_only(smollm2_tokenizer):
@@ -230,7 +234,7 @@ def test_worker_processes_encode_exactly_like_one_process(tmp_path, smollm2_toke
     from tests.conftest import DEMO
 
     tok = smollm2_tokenizer
-    args = ([str(DEMO / "train.jsonl")], tok, get_template("native", tok), FIELDS, 128)
+    args = ([str(DEMO / "train.jsonl")], tok, spec(128, "native"))
     one, stats1 = encode_files(*args, workers=1)
     two, stats2 = encode_files(*args, workers=2)
     assert np.array_equal(one.input_ids, two.input_ids) and np.array_equal(one.labels, two.labels)
@@ -240,11 +244,11 @@ def test_worker_processes_encode_exactly_like_one_process(tmp_path, smollm2_toke
 def test_truncate_can_keep_the_end_token_supervised(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "long", "output": " ".join(["word"] * 200)}])
-    data, stats = encode_files([f], tok, get_template("chatml", tok), FIELDS, 64, keep_end_token=True)
+    data, stats = encode_files([f], tok, spec(64, "chatml", truncate_keep_end_token=True))
     ids, labels = data.sample(0)
     assert stats.truncated == 1 and len(ids) == 64
     assert ids[-1] == labels[-1] == tok.convert_tokens_to_ids("<|im_end|>")
-    plain, _ = encode_files([f], tok, get_template("chatml", tok), FIELDS, 64)
+    plain, _ = encode_files([f], tok, spec(64, "chatml"))
     assert plain.sample(0)[0][-1] != tok.convert_tokens_to_ids("<|im_end|>")
 
 
@@ -265,9 +269,7 @@ def test_a_tokenizer_without_pad_or_with_a_wrong_eos_is_fixed(smollm2_tokenizer)
 
 def test_hub_dataset_ids_say_clearly_that_the_hub_is_off(smollm2_tokenizer):
     with pytest.raises(DataError, match=r"'hf://org/data' is a hub dataset, but the hub is switched off"):
-        encode_files(
-            ["hf://org/data"], smollm2_tokenizer, get_template("chatml", smollm2_tokenizer), FIELDS, 64
-        )
+        encode_files(["hf://org/data"], smollm2_tokenizer, spec(64, "chatml"))
 
 
 @pytest.mark.parametrize(
@@ -281,9 +283,8 @@ def test_hub_dataset_ids_say_clearly_that_the_hub_is_off(smollm2_tokenizer):
 def test_an_unknown_role_or_an_unanswered_last_question_is_a_bad_row_naming_file_and_row(
     tmp_path, messages, expected
 ):
-    from sft_core.data.encode import FieldMapping, row_to_messages
+    from sft_core.data.messages import row_to_messages
     from sft_core.data.sources import Row
-    from sft_core.errors import DataError
 
     row = Row(file=f"{tmp_path}/d.jsonl", index=7, data={"messages": messages})
     with pytest.raises(DataError, match=expected) as err:

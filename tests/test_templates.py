@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.encode import encode_messages
+from sft_core.data.labels import encode_messages
 from sft_core.data.templates import ChatTemplate, get_template
 from sft_core.errors import ConfigError
 

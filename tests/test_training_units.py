@@ -114,20 +114,15 @@ def test_masked_filler_batches_change_nothing(tiny_model_dir):
 
 def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_dir, smollm2_tokenizer):
     from sft_core.data.collate import collate_rows
-    from sft_core.data.encode import FieldMapping, encode_files
+    from sft_core.data.encode import encode_files
+    from sft_core.data.messages import FieldMapping
     from sft_core.data.packing import plan_rows
-    from sft_core.data.templates import get_template
+    from sft_core.data.spec import EncodeSpec
     from tests.conftest import DEMO
 
     tok = smollm2_tokenizer
-    data, _ = encode_files(
-        [str(DEMO / "validation.jsonl")],
-        tok,
-        get_template("native", tok),
-        FieldMapping(query_key="input"),
-        256,
-        limit=24,
-    )
+    spec = EncodeSpec(256, fields=FieldMapping(query_key="input"))
+    data, _ = encode_files([str(DEMO / "validation.jsonl")], tok, spec, limit=24)
     strategy = _strategy(tiny_model_dir)
     results = {}
     for packing in (True, False):

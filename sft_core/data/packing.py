@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.encode import EncodedData
+from sft_core.data.store import EncodedData
 
 
 @dataclass

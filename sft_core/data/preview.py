@@ -16,27 +16,23 @@ from typing import Any
 
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.encode import (
-    EncodedData,
-    EncodeStats,
-    encode_settings,
-    encoder_from_settings,
-    iter_encoded,
-)
+from sft_core.data.encode import EncodeStats, iter_encoded
 from sft_core.data.packing import build_row, plan_rows
+from sft_core.data.spec import EncodeSpec
+from sft_core.data.store import EncodedData
 
 GREEN, RESET = "\x1b[30;42m", "\x1b[0m"
 
 
-def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train") -> list[dict[str, Any]]:
-    """The first `n` usable samples of the split, encoded exactly as training encodes them."""
-    if split == "train":
-        files, key = cfg.sft_train.data_args.files(), "sft_train.data_args.file_name"
-    else:
-        files, key = cfg.validation_files, "validation.data_args.file_name"
-    template, fields, opts = encoder_from_settings(encode_settings(cfg, key), tokenizer)
-    samples = []
-    encoded: Iterator = iter_encoded(files, tokenizer, template, fields, opts, EncodeStats())
+def encode_preview(
+    cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train"
+) -> tuple[list[dict[str, Any]], EncodeStats]:
+    """The first `n` usable samples of the split, encoded exactly as training encodes them, and
+    the counts of the rows read up to there (skipped bad rows, dropped samples)."""
+    files = cfg.sft_train.data_args.files() if split == "train" else cfg.validation_files
+    samples: list[dict[str, Any]] = []
+    stats = EncodeStats()
+    encoded: Iterator = iter_encoded(files, tokenizer, EncodeSpec.from_config(cfg, split), stats)
     for row, ids, labels in encoded:
         samples.append(
             {
@@ -48,7 +44,19 @@ def encode_preview(cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train")
         )
         if len(samples) >= n:
             break
-    return samples
+    return samples, stats
+
+
+def skipped_summary(stats: EncodeStats) -> list[str]:
+    """What the preview passed over on its way to the samples shown, and why."""
+    lines = []
+    if stats.rejected:
+        lines.append(f"skipped {stats.rejected} bad row(s) of {stats.rows} read: {stats.reasons(top=5)}")
+    if stats.dropped:
+        lines.append(f"dropped {stats.dropped} sample(s) longer than sequence_length (length_policy)")
+    if stats.truncated:
+        lines.append(f"truncated {stats.truncated} sample(s) to sequence_length")
+    return lines
 
 
 def render(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:

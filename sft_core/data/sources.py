@@ -52,8 +52,44 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
         yield from _json_rows(p)
 
 
+# Files are read as UTF-8 (a leading BOM is skipped); bytes that are not UTF-8 are kept as surrogate
+# escapes, so the row holding them is a bad row naming its field, and every other row still reads.
+_OPEN = {"encoding": "utf-8-sig", "errors": "surrogateescape"}
+
+
+def _not_utf8(value: Any, path: str = "") -> str | None:
+    """The field path of the first string that is not valid text: bytes that were not UTF-8 (kept
+    as surrogate escapes) or a lone surrogate from a JSON escape; the tokenizer cannot take either."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if found := _not_utf8(item, sub):
+            return found
+    return None
+
+
+def _checked(p: Path, index: int, unit: str, data: Any, raw: Any) -> Row:
+    if not isinstance(data, dict):
+        return Row(
+            str(p), index, {"raw": raw}, f"{unit} {index}: expected a JSON object, got {type(data).__name__}"
+        )
+    if (bad := _not_utf8(data)) is not None:
+        return Row(
+            str(p), index, {"raw": _printable(raw)}, f"{unit} {index}: field '{bad}' is not valid UTF-8 text"
+        )
+    return Row(str(p), index, data)
+
+
+def _printable(raw: Any) -> Any:
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return raw
+
+
 def _jsonl_rows(p: Path) -> Iterator[Row]:
-    with p.open(encoding="utf-8") as f:
+    with p.open(**_OPEN) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -63,45 +99,43 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
                 yield Row(
                     str(p),
                     line_no,
-                    {"raw": line.rstrip("\n")},
+                    {"raw": _printable(line.rstrip("\n"))},
                     f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})",
                 )
                 continue
-            if not isinstance(data, dict):
-                yield Row(
-                    str(p),
-                    line_no,
-                    {"raw": data},
-                    f"line {line_no}: expected a JSON object, got {type(data).__name__}",
-                )
-                continue
-            yield Row(str(p), line_no, data)
+            yield _checked(p, line_no, "line", data, line.rstrip("\n"))
 
 
 def _json_rows(p: Path) -> Iterator[Row]:
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(**_OPEN)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+        if not text.lstrip().startswith("["):  # objects one per line in a .json file: read as JSON lines
             yield from _jsonl_rows(p)
             return
-        raise DataError(f"{p}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+        raise DataError(
+            f"{p}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}). A JSON list is read "
+            "whole, so one broken row stops it; fix it, or write one object per line to have bad rows "
+            "handled by on_bad_row."
+        ) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}.")
     for i, item in enumerate(data, start=1):
-        if not isinstance(item, dict):
-            yield Row(str(p), i, {"raw": item}, f"row {i}: expected a JSON object, got {type(item).__name__}")
-            continue
-        yield Row(str(p), i, item)
+        yield _checked(p, i, "row", item, item)
 
 
 def _parquet_rows(p: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, item in enumerate(pq.read_table(p).to_pylist(), start=1):
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{p}: cannot be read as Parquet ({err}).") from None
+    for i, item in enumerate(table.to_pylist(), start=1):
         yield Row(str(p), i, item)
 
 

@@ -52,6 +52,15 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen2_5": QWEN2_5, "qwen3": QWEN3, "llama3": LLAMA3}
+# The special tokens each built-in writes: a tokenizer without them would split them into plain
+# text pieces, and the model would never see a real end-of-turn token.
+_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+TEMPLATE_TOKENS = {
+    "chatml": _CHATML_TOKENS,
+    "qwen2_5": _CHATML_TOKENS,
+    "qwen3": _CHATML_TOKENS,
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ def _named_template(name: str, tokenizer: Any) -> ChatTemplate:
             )
         return ChatTemplate("native", None)
     if name in BUILTIN_TEMPLATES:
+        check_template_tokens(name, tokenizer)
         return ChatTemplate(name, BUILTIN_TEMPLATES[name])
     if name.endswith(".jinja"):
         path = Path(name)
@@ -113,6 +123,18 @@ def _named_template(name: str, tokenizer: Any) -> ChatTemplate:
         f"config key 'sft_train.data_args.template' (or global_template): unknown template '{name}'. "
         f"Use 'native', one of {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file."
     )
+
+
+def check_template_tokens(name: str, tokenizer: Any) -> None:
+    """A built-in template needs its special tokens to be single tokens of this tokenizer."""
+    known = set(special_tokens(tokenizer))
+    missing = [t for t in TEMPLATE_TOKENS.get(name, ()) if t not in known]
+    if missing:
+        raise ConfigError(
+            f"config key 'sft_train.data_args.template' (or global_template): template '{name}' writes "
+            f"{', '.join(missing)}, which this tokenizer does not have as special tokens, so the model would "
+            "see them as plain text. Use 'native' (the tokenizer's own template) or a template for this model."
+        )
 
 
 def special_tokens(tokenizer: Any) -> list[str]:
@@ -146,14 +168,23 @@ def supervised_char_spans(
     prompt and the content is supervised too (the model generates it), except an empty
     `<think></think>` block (Qwen3), which would teach the model nothing but the format.
     """
-    text = template.render(tokenizer, messages)
+
+    def render(upto: int, add_generation_prompt: bool = False) -> str:
+        try:
+            return template.render(tokenizer, messages[:upto], add_generation_prompt)
+        except Exception as err:  # a template's raise_exception, or Jinja tripping on this row's values
+            raise DataError(
+                f"{where}: template '{template.name}' failed on this row: {type(err).__name__}: {err}"
+            ) from None
+
+    text = render(len(messages))
     specials = special_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn = text if i == len(messages) - 1 else template.render(tokenizer, messages[: i + 1])
+        prompt = render(i, add_generation_prompt=True)
+        turn = text if i == len(messages) - 1 else render(i + 1)
         if not (text.startswith(prompt) and text.startswith(turn)):
             raise DataError(
                 f"{where}: template '{template.name}' renders turn {i + 1} differently inside the whole "

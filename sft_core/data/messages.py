@@ -1,0 +1,134 @@
+"""Row formats -> chat messages: alpaca field mapping, `messages`, ShareGPT `conversations`.
+
+Every rule that makes a row unusable raises a DataError naming file, row and field; the encoder
+turns it into a bad row for the `on_bad_row` policy. The rule for conversations: roles must be
+system/user/assistant (after the format's mapping), there must be an answer to train on, and the
+last turn must not be an unanswered question. An assistant turn may come first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sft_core.data.sources import Row
+from sft_core.errors import DataError
+
+RowFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
+
+# The roles a chat template knows; anything else would be rendered and silently never trained on.
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+# ShareGPT speaker names -> chat roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    """How a row becomes a conversation.
+
+    format: `alpaca` (user = prompt + "\\n" + query, assistant = response, optional system),
+    `messages` (a list of {role, content}), `sharegpt` (`conversations` with {from, value}), or
+    `auto` (alpaca when the prompt key is present, else messages, else sharegpt). `system_key`
+    also names a top-level system prompt of a messages/ShareGPT row.
+    """
+
+    prompt_key: str = "instruction"
+    response_key: str = "output"
+    query_key: str | None = None
+    system_key: str | None = None
+    format: RowFormat = "auto"
+
+
+def row_format(data: dict[str, Any], fields: FieldMapping) -> str:
+    if fields.format != "auto":
+        return fields.format
+    if fields.prompt_key in data:
+        return "alpaca"
+    if "messages" in data:
+        return "messages"
+    return "sharegpt" if "conversations" in data else "alpaca"
+
+
+def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
+    """Map one row to chat messages; a missing or empty required field names file, row and field."""
+    kind = row_format(row.data, fields)
+    if kind == "messages":
+        turns = _checked_turns(row, "messages", "role", "content", MESSAGE_ROLES)
+    elif kind == "sharegpt":
+        turns = _checked_turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+    else:
+        return _alpaca(row, fields)
+    system = _text(row, fields.system_key, "system_key", required=False) if fields.system_key else ""
+    if system:
+        if turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": system})
+        elif turns[0]["content"] != system:
+            raise DataError(
+                f"{row.where}: field '{fields.system_key}' (system_key) and the conversation's own system "
+                "turn differ; keep one of them."
+            )
+    return turns
+
+
+def _text(row: Row, key: str, role: str, required: bool) -> str:
+    value = row.data.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            state = "is missing" if key not in row.data else "is empty"
+            raise DataError(
+                f"{row.where}: field '{key}' ({role}) {state}. Every row needs it; "
+                f"set {role} in the config if your data names it differently."
+            )
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{row.where}: field '{key}' ({role}) must be a string, got {type(value).__name__}.")
+    return value
+
+
+def _alpaca(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
+    prompt = _text(row, fields.prompt_key, "prompt_key", required=True)
+    query = _text(row, fields.query_key, "query_key", required=False) if fields.query_key else ""
+    response = _text(row, fields.response_key, "response_key", required=True)
+    system = _text(row, fields.system_key, "system_key", required=False) if fields.system_key else ""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": f"{prompt}\n{query}" if query else prompt})
+    messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def _checked_turns(
+    row: Row, key: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> list[dict[str, str]]:
+    turns = row.data.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            f"{row.where}: field '{key}' must be a non-empty list of {{{role_key}, {content_key}}} objects."
+        )
+    out = []
+    for j, m in enumerate(turns, start=1):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get(role_key), str)
+            or not isinstance(m.get(content_key), str)
+        ):
+            raise DataError(f"{row.where}: field '{key}[{j}]' needs string '{role_key}' and '{content_key}'.")
+        role = roles.get(m[role_key])
+        if role is None:
+            raise DataError(
+                f"{row.where}: field '{key}[{j}].{role_key}' is '{m[role_key]}'; expected one of {sorted(roles)}."
+            )
+        out.append({"role": role, "content": m[content_key]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{row.where}: field '{key}' has no assistant turn, so nothing would be trained on.")
+    if out[-1]["role"] == "user":
+        raise DataError(
+            f"{row.where}: field '{key}' ends with a user turn that has no answer; end it with the "
+            "assistant's answer (or drop the last question)."
+        )
+    return out

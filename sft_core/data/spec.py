@@ -1,0 +1,56 @@
+"""The encoding spec: everything an encoded split depends on besides its files and tokenizer.
+
+Built once from the config (`EncodeSpec.from_config`); the encoder takes it and the pipeline's
+cache key hashes it, so a setting cannot change the samples without changing the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from sft_core.data.messages import FieldMapping
+
+if TYPE_CHECKING:
+    from sft_core.config import SFTConfig
+
+SPLIT_KEYS = {"train": "sft_train.data_args.file_name", "validation": "validation.data_args.file_name"}
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    sequence_length: int
+    template: str = "native"  # native | a built-in name | a .jinja path
+    fields: FieldMapping = FieldMapping()
+    # Longer than sequence_length: cut the answer (counted), drop the sample, or stop.
+    length_policy: Literal["truncate", "drop", "error"] = "truncate"
+    truncate_keep_end_token: bool = False  # end a cut answer with the (supervised) end token
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: into the rejects file, counted
+    supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    supervise_empty_think: bool = False
+    config_key: str = SPLIT_KEYS["train"]  # the key that names these files, in error messages
+
+    @classmethod
+    def from_config(cls, cfg: SFTConfig, split: str = "train") -> EncodeSpec:
+        args = cfg.data_args_for(split)
+        return cls(
+            sequence_length=cfg.sequence_length,
+            template=cfg.template_for(split),
+            fields=FieldMapping(cfg.prompt_key, cfg.response_key, cfg.query_key, cfg.system_key, args.format),
+            length_policy=args.length_policy,
+            truncate_keep_end_token=args.truncate_keep_end_token,
+            on_bad_row=args.on_bad_row,
+            supervise=args.supervise,
+            supervise_empty_think=args.supervise_empty_think,
+            config_key=SPLIT_KEYS[split],
+        )
+
+    @property
+    def args_key(self) -> str:
+        """The config block of this split's data settings, e.g. `validation.data_args`."""
+        return self.config_key.rsplit(".", 1)[0]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data: what the cache key hashes."""
+        return dataclasses.asdict(self)

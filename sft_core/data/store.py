@@ -1,0 +1,55 @@
+"""The stored arrays of an encoded split, and the JSON-lines reports written beside them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class EncodedData:
+    """All samples as flat arrays: sample i is `input_ids[offsets[i]:offsets[i+1]]`."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where not supervised
+    offsets: np.ndarray  # int64, len = samples + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[a:b], self.labels[a:b]
+
+    @classmethod
+    def from_samples(cls, ids: list[np.ndarray], labels: list[np.ndarray]) -> EncodedData:
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in ids], out=offsets[1:])
+        empty = np.zeros(0, dtype=np.int32)
+        return cls(
+            np.concatenate(ids) if ids else empty, np.concatenate(labels) if labels else empty, offsets
+        )
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EncodedData:
+        with np.load(path) as z:
+            return cls(z["input_ids"], z["labels"], z["offsets"])
+
+
+def write_jsonl(entries: list[dict[str, Any]], path: Path) -> None:
+    # backslashreplace: a rejected row may hold bytes that were not UTF-8 (kept as surrogate escapes).
+    with path.open("w", encoding="utf-8", errors="backslashreplace") as f:
+        for entry in entries:
+            f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
