@@ -30,7 +30,7 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     overrides = move_secrets_to_env(overrides, os.environ)
     cfg = load_config(config_name, overrides, config_path)
     if cfg.ray_address:
-        os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's RayTaskRunner is built
+        os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's task runner starts
     check_runnable(cfg)
     preflight(cfg)
     t0 = time.perf_counter()

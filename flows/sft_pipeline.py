@@ -14,9 +14,9 @@ import ray
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.utilities.annotations import quote
-from prefect_ray import RayTaskRunner
 
 from flows.artifacts import publish_run_artifacts
+from flows.ray_runner import SFTRayTaskRunner
 from flows.validate import validate
 from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
@@ -35,28 +35,6 @@ from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
 from tasks.train import prune_checkpoints, register_model, save_checkpoint, start_cluster, train_steps
-
-
-def ray_task_runner() -> RayTaskRunner:
-    """Join RAY_ADDRESS when set (multi-node), else start a local Ray on loopback."""
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        return RayTaskRunner(address=address)
-    # Ray binds its GCS, raylet, object manager, agents and workers to the node IP, which it takes
-    # from the route to the outside unless told otherwise: a local run would be reachable from the
-    # network (with token auth off). Loopback it is, for this process and the ones Ray starts.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; Ray is imported already
-    return RayTaskRunner(
-        init_kwargs={
-            "_node_ip_address": "127.0.0.1",
-            "num_cpus": max(2, os.cpu_count() or 2),
-            "include_dashboard": False,
-            "log_to_driver": True,
-            "configure_logging": True,
-            "logging_level": "warning",
-        }
-    )
 
 
 def _existing(task: Any, future: Any, **params: Any) -> dict[str, Any]:
@@ -263,7 +241,7 @@ def train(
                 cluster.shutdown()
 
 
-@flow(name="sft-pipeline", task_runner=ray_task_runner(), log_prints=True)
+@flow(name="sft-pipeline", task_runner=SFTRayTaskRunner(), log_prints=True)
 def sft_pipeline(
     config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
 ) -> dict[str, Any]:
@@ -275,8 +253,8 @@ def sft_pipeline(
     if cfg.ray_address and connected and cfg.ray_address.split(":")[-1] != connected.split(":")[-1]:
         raise ConfigError(
             f"config key 'ray_address': {cfg.ray_address} is not the Ray cluster this flow run joined "
-            f"({connected}): the task runner starts before the config is read. Set RAY_ADDRESS in the "
-            "worker's environment (work pool job_variables.env) to run a deployment on that cluster."
+            f"({connected}), which RAY_ADDRESS={os.environ.get('RAY_ADDRESS')} in the environment chose; "
+            "unset one of them."
         )
     if exposed := literal_secret_overrides(overrides or []):
         logger.warning(

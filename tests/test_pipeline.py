@@ -103,8 +103,11 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
             f.write(
                 json.dumps({"instruction": f"Say {uuid.uuid4().hex}", "input": "", "output": "Done."}) + "\n"
             )
+    with (demo_copy / "validation.jsonl").open("a") as f:  # skipped by validation's own policy
+        f.write(json.dumps({"instruction": "An unanswered question"}) + "\n")
+    val_skip = "+validation.data_args.on_bad_row=skip"
     secret = f"hf_{uuid.uuid4().hex}"
-    first, out = smoke(tmp_path, demo_copy, f"+system_envs.HF_TOKEN={secret}")
+    first, out = smoke(tmp_path, demo_copy, val_skip, f"+system_envs.HF_TOKEN={secret}")
     run_id = flow_run_id(first.stdout)
 
     # Prefect: every stage ran and was recorded on OUR server (a Ray worker with its own temporary
@@ -157,6 +160,8 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     assert [m.step for m in loss] == [1, 2, 3, 4, 5, 6]
     assert all(m.value > 0 for m in loss)
     assert [m.step for m in client.get_metric_history(mv.run_id, "sft_train/val_loss")] == [0, 3, 6]
+    # Bad rows are counted per split: the validation file's one skipped row, none in training.
+    assert run.data.metrics["data/validation_rejected"] == 1 and run.data.metrics["data/rejected"] == 0
     for name in ("sft_train/grad_norm", "sft_train/lr", "sft_train/tokens_per_sec", "sft_train/mfu",
                  "sft_train/pad_ratio", "time/data", "time/fwd_bwd", "time/optimizer", "time/comm", "sft_train/supervised_tokens", "time/step_train", "time/val",
                  "time/checkpoint"):  # fmt: skip
@@ -180,7 +185,7 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     assert secret not in json.dumps(flow_run_parameters(run_id))
 
     # Same config again: encoding and packing come from the cache.
-    second, _ = smoke(tmp_path, demo_copy)
+    second, _ = smoke(tmp_path, demo_copy, val_skip)
     states = task_states(flow_run_id(second.stdout))
     for name in ("encode-train", "encode-validation", "pack-train", "pack-validation"):
         assert states[name] == "Cached", (name, states)
@@ -188,6 +193,6 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     # A changed training file is encoded again; the unchanged validation file is still cached.
     with (demo_copy / "train.jsonl").open("a") as f:
         f.write(json.dumps({"instruction": "One more row", "input": "", "output": "Indeed."}) + "\n")
-    third, _ = smoke(tmp_path, demo_copy)
+    third, _ = smoke(tmp_path, demo_copy, val_skip)
     states = task_states(flow_run_id(third.stdout))
     assert states["encode-train"] == "Completed" and states["encode-validation"] == "Cached", states

@@ -35,3 +35,17 @@ def test_preview_json_gives_packed_rows_with_restarting_positions(tmp_path):
         (x["file"], x["row"]) for r in rows for x in r["samples"]
     )
     assert sum(len(s["input_ids"]) for s in samples) == sum(len(r["input_ids"]) for r in rows)
+
+
+def test_preview_says_how_many_rows_it_skipped_and_why(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "no answer"}\nnot json\n'
+        '{"instruction": "c", "output": "d"}\n'
+    )
+    args = ["preview", "+experiment=smoke", "-n", "2", f"sft_train.data_args.file_name={data}"]
+    result = run_cli([*args, "sft_train.data_args.on_bad_row=skip"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("── sample") == 2
+    assert "skipped 2 bad row(s) of 4 read" in result.stderr
+    assert "field 'output' (response_key) is missing" in result.stderr and "not valid JSON" in result.stderr

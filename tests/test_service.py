@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.runtime import stop_process_group
-from tests.conftest import REPO, run_folders, worker_pids
+from flows.runtime import free_port, stop_process_group
+from tests.conftest import REPO, run_cli, run_folders, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,15 @@ def deployment(prefect_server, tmp_path_factory) -> int:
     prefect("work-pool", "create", POOL, "--type", "process")  # may exist from an earlier module
     deployed = prefect("--no-prompt", "deploy", "--name", "smoke", "--pool", POOL)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with log.open("w") as f:
+    home = tmp_path_factory.mktemp("worker")
+    # The worker gets no Prefect or Ray setting of ours: a plain user's shell (its own HOME), plus
+    # the server's URL and the project's SFT_HOME. The flow must set up the rest itself.
+    ours = ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+    env = {k: v for k, v in os.environ.items() if k not in ours} | {"HOME": str(home)}
+    with (home / "worker.log").open("w") as f:
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-            cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )  # fmt: skip
     yield worker.pid
     stop_process_group(worker.pid)
@@ -232,3 +236,36 @@ def test_the_same_config_run_twice_keeps_the_first_runs_checkpoints_and_versions
     assert sorted(versions) == [1, 2, 3, 4] and len({v.source for v in versions.values()}) == 4
     assert client.get_model_version("smoke-sft", "1").source == v1.source
     assert {versions[1].run_id, versions[2].run_id} != {versions[3].run_id, versions[4].run_id}
+
+
+def test_a_deployment_run_joins_its_ray_address_and_reuses_what_the_cli_cached(
+    deployment, tmp_path, demo_copy
+):
+    """ray_address works in a deployment run as in the CLI, with no RAY_ADDRESS in the worker; and
+    the worker's runs find the encodings that `sft run` cached (one result cache, not one per home)."""
+    with (demo_copy / "train.jsonl").open("a") as f:  # data no other test has encoded
+        f.write(json.dumps({"instruction": f"Say {time.time_ns()}", "input": "", "output": "Done."}) + "\n")
+    cli = run_cli(["run", *smoke_overrides(tmp_path / "cli", demo_copy)], tmp_path)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    started = subprocess.run([*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        run = start_run(smoke_overrides(tmp_path / "dep", demo_copy, f"ray_address=127.0.0.1:{port}"))
+        assert wait_state(run, {"FAILED", "CRASHED", "COMPLETED"}) == "COMPLETED"
+        states = task_states(run)
+        assert states["encode-train"] == ["Cached"] and states["encode-validation"] == ["Cached"], states
+        jobs = subprocess.run(
+            [sys.executable, "-c", "import ray, ray._private.state as s; "
+             f"ray.init(address='127.0.0.1:{port}', _node_ip_address='127.0.0.1', logging_level='error'); "
+             "print(len(s.jobs()))"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert int(jobs.stdout.strip().splitlines()[-1]) >= 2, jobs.stderr[-2000:]  # the flow run's, and ours
+    finally:
+        subprocess.run([*ray_cli, "stop"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,76 @@
+"""The flow's Ray task runner: where Ray runs is decided when a flow run starts, not at import.
+
+A deployment run's config arrives as flow-run parameters, but Prefect enters the task runner
+before the flow body reads them. So on entry the runner reads the run's parameters itself and
+joins the config's `ray_address`; the CLI and a deployment run behave alike, and the worker needs
+no RAY_ADDRESS of its own. Without an address, a local Ray starts on loopback only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+from prefect_ray import RayTaskRunner
+
+from flows.runtime import set_local_defaults
+
+logger = logging.getLogger(__name__)
+
+
+def loopback_init_kwargs() -> dict[str, Any]:
+    """A local Ray bound to 127.0.0.1. Ray binds its GCS, raylet, object manager, agents and workers
+    to the node IP, which it takes from the route to the outside unless told otherwise: a local run
+    would be reachable from the network (with token auth off)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; Ray is imported already
+    return {
+        "_node_ip_address": "127.0.0.1",
+        "num_cpus": max(2, os.cpu_count() or 2),
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "configure_logging": True,
+        "logging_level": "warning",
+    }
+
+
+def configured_address() -> str | None:
+    """RAY_ADDRESS, else the `ray_address` of this flow run's config (read from its parameters)."""
+    if address := os.environ.get("RAY_ADDRESS"):
+        return address
+    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")  # set by the worker for a deployment run
+    if not flow_run_id:
+        return None
+    try:
+        from prefect.client.orchestration import get_client
+
+        from sft_core.config_loader import load_config
+
+        with get_client(sync_client=True) as client:
+            params = client.read_flow_run(flow_run_id).parameters
+        cfg = load_config(
+            params.get("config_name", "sft_config"), params.get("overrides") or [], params.get("config_path")
+        )
+    except Exception as err:  # a bad config is reported by the flow body, with its key named
+        logger.debug("could not read the flow run's ray_address (%s); starting a local Ray", err)
+        return None
+    return cfg.ray_address
+
+
+class SFTRayTaskRunner(RayTaskRunner):
+    def __enter__(self) -> SFTRayTaskRunner:
+        if not ray.is_initialized():
+            # The processes Ray starts (where tasks run and look up their cache) get the project's
+            # defaults, as under `sft run`: a worker's runs share the CLI's result cache.
+            set_local_defaults()
+            address = configured_address()
+            if address:
+                self.address, self.init_kwargs = address, {"namespace": "prefect"}
+                if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on this machine
+                    loopback_init_kwargs()
+                    self.init_kwargs["_node_ip_address"] = "127.0.0.1"
+            else:
+                self.address, self.init_kwargs = None, {"namespace": "prefect", **loopback_init_kwargs()}
+        return super().__enter__()
