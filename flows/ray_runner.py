@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import ray
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect_ray import RayTaskRunner
 
 from flows.runtime import set_local_defaults
@@ -54,17 +55,21 @@ def configured_address() -> str | None:
             params.get("config_name", "sft_config"), params.get("overrides") or [], params.get("config_path")
         )
     except Exception as err:  # a bad config is reported by the flow body, with its key named
-        logger.debug("could not read the flow run's ray_address (%s); starting a local Ray", err)
+        logger.warning("could not read the flow run's ray_address (%s); starting a local Ray", err)
         return None
     return cfg.ray_address
 
 
 class SFTRayTaskRunner(RayTaskRunner):
     def __enter__(self) -> SFTRayTaskRunner:
+        # One result cache (encode/pack records) for `sft run` and a worker's runs: the project's
+        # default, unless the environment names another. Tasks get the flow's Prefect settings
+        # with them, so this reaches the Ray workers too, on a joined cluster as well.
+        set_local_defaults()
+        results = os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]
+        self._settings = temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results})
+        self._settings.__enter__()
         if not ray.is_initialized():
-            # The processes Ray starts (where tasks run and look up their cache) get the project's
-            # defaults, as under `sft run`: a worker's runs share the CLI's result cache.
-            set_local_defaults()
             address = configured_address()
             if address:
                 self.address, self.init_kwargs = address, {"namespace": "prefect"}
@@ -72,5 +77,13 @@ class SFTRayTaskRunner(RayTaskRunner):
                     loopback_init_kwargs()
                     self.init_kwargs["_node_ip_address"] = "127.0.0.1"
             else:
-                self.address, self.init_kwargs = None, {"namespace": "prefect", **loopback_init_kwargs()}
+                # "local": a Ray of our own, even where `ray start` left a cluster that ray.init()
+                # would otherwise join.
+                self.address, self.init_kwargs = "local", {"namespace": "prefect", **loopback_init_kwargs()}
         return super().__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            self._settings.__exit__(None, None, None)

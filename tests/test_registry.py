@@ -60,3 +60,55 @@ def test_a_checkpoint_folder_is_a_loadable_mlflow_model_and_stays_a_hf_folder(tm
     assert pipe("Hello", max_new_tokens=2)[0]["generated_text"].startswith("Hello")
     assert isinstance(mlflow.pyfunc.load_model(str(folder)).predict(["Hi"])[0], str)
     AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_a_registered_version_is_served_by_mlflow_models_serve(tmp_path, tiny_model_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    from flows.runtime import free_port, stop_process_group
+    from sft_core.tracking.mlflow_model import write_mlflow_model
+
+    folder = tmp_path / "run" / "checkpoint-1" / "sft_train"
+    shutil.copytree(tiny_model_dir, folder)
+    write_mlflow_model(folder)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri()))
+    register_checkpoint(
+        uri, "served", str(folder), run.info.run_id, 1, {"val_loss": 1.0}, {}, "d", "val_loss", False
+    )
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@best", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
+                time.sleep(1)
+        body = json.dumps({"inputs": ["Hello"], "params": {"max_new_tokens": 2}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0]
+    finally:
+        stop_process_group(server.pid)
