@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.store import EncodedData
 from sft_core.data.packing import PackedPlan, build_row
+from sft_core.data.store import EncodedData
 
 
 @dataclass

@@ -8,6 +8,7 @@ comes back as a `Row` with `error` set, so the caller applies the `on_bad_row` p
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,25 +58,29 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
 _OPEN = {"encoding": "utf-8-sig", "errors": "surrogateescape"}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a surrogate written as a JSON escape
+
+
 def _not_utf8(value: Any, path: str = "") -> str | None:
     """The field path of the first string that is not valid text: bytes that were not UTF-8 (kept
     as surrogate escapes) or a lone surrogate from a JSON escape; the tokenizer cannot take either."""
     if isinstance(value, str):
-        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+        return path if _SURROGATE.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
-        if found := _not_utf8(item, sub):
+        if (found := _not_utf8(item, sub)) is not None:
             return found
     return None
 
 
-def _checked(p: Path, index: int, unit: str, data: Any, raw: Any) -> Row:
+def _checked(p: Path, index: int, unit: str, data: Any, raw: Any, suspect: bool = True) -> Row:
     if not isinstance(data, dict):
         return Row(
             str(p), index, {"raw": raw}, f"{unit} {index}: expected a JSON object, got {type(data).__name__}"
         )
-    if (bad := _not_utf8(data)) is not None:
+    if suspect and (bad := _not_utf8(data)) is not None:
         return Row(
             str(p), index, {"raw": _printable(raw)}, f"{unit} {index}: field '{bad}' is not valid UTF-8 text"
         )
@@ -103,7 +108,9 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
                     f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})",
                 )
                 continue
-            yield _checked(p, line_no, "line", data, line.rstrip("\n"))
+            # Only a line holding a surrogate (or its escape) needs the field-by-field look.
+            suspect = bool(_SURROGATE.search(line) or _SURROGATE_ESCAPE.search(line))
+            yield _checked(p, line_no, "line", data, line.rstrip("\n"), suspect)
 
 
 def _json_rows(p: Path) -> Iterator[Row]:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
-from sft_core.data.store import EncodedData
 from sft_core.data.packing import PackedPlan
+from sft_core.data.store import EncodedData
 from sft_core.model.resolve import load_tokenizer
 from sft_core.strategies import DistContext, create_strategy
 from sft_core.train.batching import BatchSchedule, split_for_rank
