@@ -164,3 +164,35 @@ def test_end_of_turn_is_supervised_whatever_the_answer_ends_with(smollm2_tokeniz
     )  # fmt: skip
     assert reference["input_ids"] == ids
     assert reference["assistant_masks"] == [int(lab != IGNORE_INDEX) for lab in labels]
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    return tok
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(answers=st.lists(UGLY, min_size=1, max_size=3), question=UGLY)
+def test_every_built_in_supervises_its_rendered_answer_and_end_token(
+    smollm2_tokenizer, llama3_tokenizer, answers, question
+):
+    """The span is the content as each template renders it (ChatML variants as given, llama3
+    trimmed) plus the end-of-turn token, which is supervised once per answer whatever the content."""
+    messages = [
+        m
+        for a in answers
+        for m in ({"role": "user", "content": question}, {"role": "assistant", "content": a})
+    ]
+    cases = [("qwen2_5", smollm2_tokenizer, "<|im_end|>", False), ("qwen3", smollm2_tokenizer, "<|im_end|>", False),
+             ("llama3", llama3_tokenizer, "<|eot_id|>", True)]  # fmt: skip
+    for name, tok, end, trims in cases:
+        ids, labels = encode_messages(tok, get_template(name, tok), messages, "property")
+        expected = "".join((a.strip() if trims else a) + end for a in answers)
+        assert re.sub(r"\s", "", supervised(tok, ids, labels)) == re.sub(r"\s", "", expected), name
+        end_id = tok.convert_tokens_to_ids(end)
+        ends = sum(1 for i, lab in zip(ids, labels, strict=True) if lab == end_id and i == end_id)
+        assert ends == len(answers) + sum(a.count(end) for a in answers), name

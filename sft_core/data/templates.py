@@ -193,15 +193,19 @@ def supervised_char_spans(
             )
         start = len(prompt)
         # The content as rendered: raw first (ChatML keeps a trailing "\n"), then as a trimming
-        # template (llama3's `| trim`) renders it.
+        # template (llama3's `| trim`) renders it (all-whitespace content: trimmed to nothing).
+        # The content ends at or before the turn's last special token (its end-of-turn token), so
+        # it is searched backwards from there: a whitespace-only answer, or one that repeats text a
+        # template inserts first (Qwen3's "<think>"), is found where it really is.
+        limit = max((text.rfind(s, start, len(turn)) for s in specials), default=-1)
+        limit = len(turn) if limit < 0 else limit
         raw = message["content"]
         pos, content = -1, raw
         for candidate in dict.fromkeys((raw, raw.strip(), raw.rstrip(), raw.lstrip())):
-            if candidate or not raw:
-                pos = text.find(candidate, start, len(turn))
-                if pos >= 0:
-                    content = candidate
-                    break
+            pos = text.rfind(candidate, start, limit)
+            if pos >= 0:
+                content = candidate
+                break
         if pos < 0:
             raise DataError(
                 f"{where}: template '{template.name}' does not render assistant turn {i + 1}'s content as "
