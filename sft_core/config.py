@@ -50,8 +50,8 @@ class LoraArgs(_Strict):
 
 
 class ModelArgs(_Strict):
-    # Seed name; bf16/fp16 apply on GPU. On CPU training runs in fp32 (CPU autocast gives no speed-up
-    # for these kernels and fp32 keeps results comparable), and the run log says so.
+    # Seed name. bf16/fp16 = autocast with fp32 weights and optimizer. On CPU, bf16 autocast where the
+    # CPU multiplies bf16 natively (AVX512_BF16/AMX); elsewhere fp32, and the run log says so.
     dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     lora: LoraArgs | None = None  # null: full fine-tuning

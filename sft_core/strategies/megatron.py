@@ -32,6 +32,7 @@ from sft_core.model import megatron_bridge as bridge
 from sft_core.model.load import DTYPES
 from sft_core.strategies import megatron_cpu_shim as shim
 from sft_core.strategies.base import DistContext
+from sft_core.strategies.precision import autocast_dtype
 from sft_core.train import rng
 from sft_core.train.schedule import lr_factor
 
@@ -149,9 +150,11 @@ class MegatronStrategy:
         self.args = cfg.sft_train.training_args
         self.layout = cfg.megatron_layout
         requested = DTYPES[cfg.sft_train.model_args.dtype]
-        # As with the torch strategies: fp32 on CPU; bf16/fp16 (megatron's mixed precision with
-        # fp32 main weights in the optimizer) on GPU.
-        self.dtype = requested if ctx.device.type == "cuda" else torch.float32
+        # GPU: megatron's mixed precision (bf16/fp16 weights, fp32 main weights in the optimizer).
+        # CPU: fp32 weights, and bf16 autocast of the forward where the CPU has native bf16.
+        on_gpu = ctx.device.type == "cuda"
+        self.dtype = requested if on_gpu else torch.float32
+        self.cpu_autocast = None if on_gpu else autocast_dtype(requested, ctx.device)
         self.skipped_steps = 0
         self.step = 0  # optimizer steps taken (the lr schedule's position)
 
@@ -343,9 +346,10 @@ class MegatronStrategy:
         self, data_iterator: Any, model: torch.nn.Module, scale: float
     ) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        per_token = model(
-            batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
-        )
+        with torch.autocast("cpu", dtype=self.cpu_autocast, enabled=self.cpu_autocast is not None):
+            per_token = model(
+                batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+            )
         return per_token, partial(_masked_loss, batch["loss_mask"], scale)
 
     def _run_schedule(

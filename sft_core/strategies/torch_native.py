@@ -20,6 +20,7 @@ from sft_core.data.collate import MicroBatch
 from sft_core.model import lora
 from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
 from sft_core.strategies.base import DistContext
+from sft_core.strategies.precision import autocast_dtype
 from sft_core.train import rng
 from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import build_scheduler
@@ -32,10 +33,9 @@ class TorchStrategy:
         self.cfg = cfg
         self.ctx = ctx
         self.args = cfg.sft_train.training_args
-        on_gpu = ctx.device.type == "cuda"
-        requested = DTYPES[cfg.sft_train.model_args.dtype]
-        # Weights stay fp32 (the optimizer's master copy); bf16/fp16 is autocast, on GPU only.
-        self.autocast_dtype = requested if on_gpu and requested != torch.float32 else None
+        # Weights stay fp32 (the optimizer's master copy); bf16/fp16 is autocast, on CPU where the
+        # CPU multiplies bf16 natively (precision.py).
+        self.autocast_dtype = autocast_dtype(DTYPES[cfg.sft_train.model_args.dtype], ctx.device)
         self.skipped_steps = 0
         self.lora = cfg.sft_train.model_args.lora
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sft_core.train.mfu import mfu
+
 
 def train_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     """Aggregate one step over ranks: each rank's loss_sum is already divided by the global target
@@ -22,7 +24,11 @@ def train_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
         "sft_train/supervised_tokens_per_sec": num_targets / step_time,
         "sft_train/supervised_tokens": float(num_targets),
         "sft_train/pad_ratio": 1.0 - real / tokens if tokens else 0.0,
-        "sft_train/mfu": sum(r["mfu"] for r in results) / len(results),
+        # Every worker's FLOPs over every worker's peak for the step: tensor/pipeline-parallel
+        # ranks hold no tokens of their own but their peak still counts.
+        "sft_train/mfu": mfu(
+            sum(r["flops"] for r in results), step_time, sum(r["peak_flops"] for r in results)
+        ),
         "sft_train/skipped_steps": float(results[0]["skipped_steps"]),
         "sft_train/epoch": float(results[0]["epoch"]),
         "time/step_train": step_time,

@@ -23,8 +23,11 @@ from sft_core.data import IGNORE_INDEX
 from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
 from sft_core.data.packing import PackedPlan
 from sft_core.data.store import EncodedData
-from sft_core.model.resolve import load_tokenizer
+from sft_core.model.load import DTYPES
+from sft_core.model.resolve import load_tokenizer, sft_home
 from sft_core.strategies import DistContext, create_strategy
+from sft_core.strategies.precision import compute_dtype
+from sft_core.train import mfu
 from sft_core.train.batching import BatchSchedule, split_for_rank
 
 
@@ -34,26 +37,6 @@ def row_targets(data: EncodedData, plan: PackedPlan) -> np.ndarray:
     mask[data.offsets[:-1]] = False
     per_sample = np.add.reduceat(mask.astype(np.int64), data.offsets[:-1])
     return np.array([int(per_sample[r].sum()) for r in plan.rows], dtype=np.int64)
-
-
-def measure_peak_flops(device: torch.device, size: int = 1024, repeats: int = 3) -> float:
-    """Matmul FLOP/s this worker reaches (fp32 on CPU, bf16 on GPU): the denominator of MFU."""
-    override = os.environ.get("SFT_PEAK_FLOPS")
-    if override:
-        return float(override)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    torch.mm(a, a)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        torch.mm(a, a)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best
 
 
 class SFTWorker:
@@ -137,10 +120,19 @@ class SFTWorker:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # The MFU denominator first, before anything loads: on CPU one worker per machine times the
+        # matmul peak (once, cached) while the others wait at the lock, then at the barrier.
+        dtype = compute_dtype(DTYPES[self.cfg.sft_train.model_args.dtype], self.ctx.device)
+        self.peak_flops, self.peak_source = mfu.peak_flops(
+            self.ctx.device, dtype, sft_home(), self.cfg.sft_train.peak_tflops
+        )
+        if dist.is_initialized():
+            dist.barrier()
         a = self.artifacts
         self.train_data = EncodedData.load(a["train_encoded"])
         self.train_plan = PackedPlan.from_dict(json.loads(Path(a["train_plan"]).read_text()))
         self.train_row_targets = row_targets(self.train_data, self.train_plan)
+        self.train_row_squares = mfu.row_square_lengths(self.train_data.offsets, self.train_plan.rows)
         self.val_data = EncodedData.load(a["val_encoded"]) if a.get("val_encoded") else None
         self.val_plan = (
             PackedPlan.from_dict(json.loads(Path(a["val_plan"]).read_text())) if a.get("val_plan") else None
@@ -155,8 +147,13 @@ class SFTWorker:
         self.strategy.initialize(Path(a["model_dir"]), self.total_steps)
         if resume_dir:
             self.strategy.load_state(Path(resume_dir))
-        peak = self.cfg.sft_train.peak_tflops
-        self.peak_flops = peak * 1e12 if peak else measure_peak_flops(self.ctx.device)
+        from transformers import AutoConfig
+
+        self.shape = mfu.ModelShape.from_hf_config(
+            AutoConfig.from_pretrained(a["model_dir"]),
+            self.strategy.num_parameters(),
+            lora=self.cfg.sft_train.model_args.lora is not None,
+        )
         return {
             "rank": self.rank,
             "device": str(self.ctx.device),
@@ -165,6 +162,7 @@ class SFTWorker:
             "steps_per_epoch": self.schedule.steps_per_epoch,
             "train_rows": len(self.train_plan.rows),
             "peak_flops": self.peak_flops,
+            "peak_source": self.peak_source,
         }
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -183,14 +181,19 @@ class SFTWorker:
         counted = self.strategy.reports_metrics
         tokens = sum(mb.num_tokens for mb in micro) if counted else 0
         real = sum(mb.real_tokens for mb in micro) if counted else 0
-        flops = 6 * self.strategy.num_parameters() * real
+        dp_rank, dp_size = self.strategy.data_parallel
+        mine = [r for ids in split_for_rank(rows, dp_rank, dp_size, size) for r in ids]
+        squares = int(self.train_row_squares[mine].sum()) if counted else 0
+        flops = mfu.training_flops(self.shape, real, squares)
         out.update(
             num_targets=num_targets,
             tokens=tokens,
             real_tokens=real,
             time_data=t1 - t0,
             time_step=t2 - t0,
-            mfu=flops / max(t2 - t0, 1e-9) / self.peak_flops,
+            flops=flops,
+            peak_flops=self.peak_flops,
+            mfu=mfu.mfu(flops, t2 - t0, self.peak_flops),
             epoch=self.schedule.epoch_of(step),
             peak_memory_mb=_peak_memory_mb(self.ctx.device),
             rank=self.rank,
