@@ -191,7 +191,7 @@ def train(
                 history.append({"step": 0, **val})
             step = start
             for end in boundaries(total, cfg.eval_steps, cfg.save_steps, after=start):
-                metrics = train_steps(cluster, step, end, cfg.logging_steps, trackers)
+                metrics = train_steps(cluster, step, end, total, cfg.logging_steps, trackers)
                 step = end
                 history.append({"step": step, **metrics})
                 if artifacts.get("val_plan") and (step % cfg.eval_steps == 0 or step == total):

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
-from sft_core.data.encode import encode_to_dir
+from sft_core.data.encode import EncodeStats, Progress, encode_to_dir
 from sft_core.data.packing import plan_rows
+from sft_core.data.sources import count_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData
 from sft_core.model.resolve import load_tokenizer, sft_home
+from sft_core.progress import bar, eta
 from tasks.caching import code_digest, digest, file_digest
 
 
@@ -42,7 +45,11 @@ def encode_dataset(files: list[str], tokenizer: dict, spec: EncodeSpec, split: s
     out = _data_dir(key)
     tok = load_tokenizer(tokenizer["tokenizer_dir"])
     # workers is not in the cache key: the result does not depend on it.
-    stats = encode_to_dir(files, tok, spec, out, workers)
+    stats = encode_to_dir(files, tok, spec, out, workers, _progress_logger(files))
+    get_run_logger().info(
+        "%d rows read -> %d samples (%d bad rows skipped, %d too long dropped, %d truncated)",
+        stats.rows, stats.samples, stats.rejected, stats.dropped, stats.truncated,
+    )  # fmt: skip
     return {
         "key": key,
         "split": split,
@@ -57,6 +64,28 @@ def encode_dataset(files: list[str], tokenizer: dict, spec: EncodeSpec, split: s
         "rejected": stats.rejected,
         "rejects": str(out / "rejects.jsonl"),
     }
+
+
+def _progress_logger(files: list[str], every_s: float = 10.0) -> Progress:
+    """Log rows read (with a bar where the total is cheap to know) at most every `every_s`."""
+    counts = [count_rows(f) for f in files]
+    total = None if None in counts else sum(c or 0 for c in counts)
+    began = last = time.monotonic()
+
+    def log(stats: EncodeStats) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < every_s:
+            return
+        last = now
+        rate = stats.rows / (now - began)
+        if total:
+            get_run_logger().info("%s %d/%d rows, %.0f rows/s, ETA %s", bar(stats.rows, total), stats.rows,
+                                  total, rate, eta((total - stats.rows) / rate))  # fmt: skip
+        else:
+            get_run_logger().info("%d rows read, %.0f rows/s", stats.rows, rate)
+
+    return log
 
 
 def _pack_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:

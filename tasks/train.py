@@ -7,6 +7,7 @@ handles, while the work itself runs in the Ray actors, one per device_mapping en
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from prefect.cache_policies import NONE
 
 from sft_core.cluster.cluster import Cluster
 from sft_core.config import SFTConfig
+from sft_core.progress import bar, eta
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_model import write_mlflow_model
 from sft_core.tracking.mlflow_tracker import register_checkpoint
@@ -62,19 +64,25 @@ def start_cluster(
 
 @task(name="train-steps", cache_policy=NONE, persist_result=False, task_run_name="train-steps-{start}-{end}")
 def train_steps(
-    cluster: Cluster, start: int, end: int, logging_steps: int, trackers: Trackers
+    cluster: Cluster, start: int, end: int, total: int, logging_steps: int, trackers: Trackers
 ) -> dict[str, float]:
-    """Optimizer steps start+1 .. end (1-based global steps); metrics every logging_steps and at `end`."""
+    """Optimizer steps start+1 .. end (1-based global steps) of `total`; metrics every logging_steps
+    and at `end`, each log line with the run's progress and the time left at this pace."""
     logger = get_run_logger()
     metrics: dict[str, float] = {}
+    began = time.perf_counter()
     for step in range(start, end):
         metrics = train_metrics(cluster.execute_all("train_step", step, label=f"step {step + 1}"))
         global_step = step + 1
         if global_step % logging_steps == 0 or global_step == end:
             trackers.log_metrics(metrics, global_step)
+            pace = (time.perf_counter() - began) / (global_step - start)
             logger.info(
-                "step %d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  %.2fs",
+                "step %d/%d %s ETA %s | loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  %.2fs",
                 global_step,
+                total,
+                bar(global_step, total),
+                eta(pace * (total - global_step)),
                 metrics["sft_train/loss"],
                 metrics["sft_train/grad_norm"],
                 metrics["sft_train/lr"],

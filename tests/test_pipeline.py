@@ -109,6 +109,12 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     secret = f"hf_{uuid.uuid4().hex}"
     first, out = smoke(tmp_path, demo_copy, val_skip, f"+system_envs.HF_TOKEN={secret}")
     run_id = flow_run_id(first.stdout)
+    # The console: training progress with a bar and the time left; each encoding's row account.
+    console = first.stdout + first.stderr
+    assert re.search(r"Task run 'train-steps-3-6' - step 6/6 \[#{20}\] 100% ETA 0:00:00 \| loss", console)
+    assert re.search(
+        r"Task run 'encode-validation' - \d+ rows read -> \d+ samples \(1 bad rows skipped", console
+    )
 
     # Prefect: every stage ran and was recorded on OUR server (a Ray worker with its own temporary
     # server would leave its task runs elsewhere), validation ran as a subflow 3 times.

@@ -5,7 +5,7 @@ labels.py turns template spans into labels, store.py holds the arrays, spec.py t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,20 @@ def _chunks(files: list[str], config_key: str) -> Iterator[list[Row]]:
         yield chunk
 
 
+Progress = Callable[[EncodeStats], None]
+
+
 def iter_encoded(
-    files: list[str], tokenizer: Any, spec: EncodeSpec, stats: EncodeStats, workers: int = 1
+    files: list[str],
+    tokenizer: Any,
+    spec: EncodeSpec,
+    stats: EncodeStats,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> Iterator[tuple[Row, np.ndarray, np.ndarray]]:
     """Yield (row, ids, labels) for every usable row in file order, applying the bad-row and length
-    policies. With workers > 1 chunks are encoded in a process pool (spawned: safe inside Ray)."""
+    policies; `progress(stats)` after each chunk. With workers > 1 chunks are encoded in a process
+    pool (spawned: safe inside Ray)."""
     template = _template(tokenizer, spec)  # an unknown template fails here, before any row is read
     end_token = tokenizer.eos_token_id if spec.truncate_keep_end_token else None
     if workers > 1:
@@ -113,9 +122,13 @@ def iter_encoded(
         with ctx.Pool(workers, _init_worker, (tokenizer, spec)) as pool:
             for chunk in pool.imap(_encode_chunk_in_worker, _chunks(files, spec.config_key)):
                 yield from _apply_policies(chunk, spec, end_token, stats)
+                if progress:
+                    progress(stats)
         return
     for rows in _chunks(files, spec.config_key):
         yield from _apply_policies(_encode_chunk(rows, tokenizer, template, spec), spec, end_token, stats)
+        if progress:
+            progress(stats)
 
 
 def _apply_policies(
@@ -153,14 +166,19 @@ def _apply_policies(
 
 
 def encode_files(
-    files: list[str], tokenizer: Any, spec: EncodeSpec, limit: int | None = None, workers: int = 1
+    files: list[str],
+    tokenizer: Any,
+    spec: EncodeSpec,
+    limit: int | None = None,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> tuple[EncodedData, EncodeStats]:
     """Encode every row of `files` (or the first `limit` usable ones); every policy decision is
     counted. No usable sample at all is an error that says why the rows were rejected."""
     all_ids: list[np.ndarray] = []
     all_labels: list[np.ndarray] = []
     stats = EncodeStats()
-    for _row, ids, labels in iter_encoded(files, tokenizer, spec, stats, workers):
+    for _row, ids, labels in iter_encoded(files, tokenizer, spec, stats, workers, progress):
         all_ids.append(ids)
         all_labels.append(labels)
         stats.samples += 1
@@ -172,11 +190,16 @@ def encode_files(
 
 
 def encode_to_dir(
-    files: list[str], tokenizer: Any, spec: EncodeSpec, out: Path, workers: int = 1
+    files: list[str],
+    tokenizer: Any,
+    spec: EncodeSpec,
+    out: Path,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> EncodeStats:
     """encode_files, stored in `out`: encoded.npz, length_report.jsonl, rejects.jsonl. The reports
     are written before a "no usable samples" error, so the reasons are there to read."""
-    data, stats = encode_files(files, tokenizer, spec, workers=workers)
+    data, stats = encode_files(files, tokenizer, spec, workers=workers, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(stats.report, out / "length_report.jsonl")
     write_jsonl(stats.rejects, out / "rejects.jsonl")

@@ -1,0 +1,281 @@
+"""Training beside TRL: the same model, rows, sequence length, global batch, steps and schedule.
+
+    .venv/bin/python bench/compare_trl.py --quick --out bench/results/compare-trl-quick.json
+    .venv/bin/python bench/compare_trl.py --model embedded:smollm2-135m-instruct --steps 12 \\
+        --out bench/results/compare-trl-135m.json
+
+Contenders, run in alternation (A B C D, A B C D, ...) so that drift on a shared machine hits all:
+  trl      TRL's SFTTrainer, packing (BFD) and padding-free, gradient checkpointing off, loss on the
+           completion only; run in its own virtual environment (never a project dependency)
+  ours-1w  `sft run` with 1 worker (the whole pipeline: Prefect, Ray, MLflow, checkpoint, registry)
+  ours-2w  `sft run` with 2 workers (DDP), half the accumulation: the same global batch
+  plain    a plain PyTorch loop over our packed rows: no framework, the floor for a step
+
+Per run: steady s/step (median after the first two steps), tokens/s and supervised tokens/s, padding,
+peak RSS, first and last loss, and the whole command's wall time. The TRL venv is made on first use:
+a venv whose site-packages sees the project's (same torch and transformers) plus trl, no deps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from encode_throughput import generate_rows  # bench/ is on sys.path when run as a script
+from report import emit
+
+REPO = Path(__file__).resolve().parents[1]
+TRL_VENV = REPO / ".sft" / "bench-trl-venv"
+TRL_VERSION = "1.16.0"
+
+
+def trl_python() -> Path:
+    python = TRL_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        ours = next(p for p in sys.path if p.endswith("site-packages"))
+        Path(site, "project-venv.pth").write_text(ours + "\n")
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--no-deps", f"trl=={TRL_VERSION}"], check=True
+        )
+    return python
+
+
+TRL_SCRIPT = r"""
+import json, resource, sys, time
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+a = json.loads(sys.argv[1])
+rows = [json.loads(l) for l in open(a["rows"])]
+def convert(r):
+    prompt = ([{"role": "system", "content": r["system"]}] if r.get("system") else []) + [
+        {"role": "user", "content": r["instruction"] + ("\n" + r["input"] if r["input"] else "")}]
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": r["output"]}]}
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(a["model"])
+model = AutoModelForCausalLM.from_pretrained(a["model"], torch_dtype=torch.float32)
+args = SFTConfig(output_dir=a["out"], max_length=a["seq"], packing=True, padding_free=True, gradient_checkpointing=False,
+                 per_device_train_batch_size=1, gradient_accumulation_steps=a["accum"], max_steps=a["steps"],
+                 learning_rate=a["lr"], lr_scheduler_type="cosine", warmup_steps=a["warmup"], weight_decay=0.01,
+                 logging_steps=1, report_to=[], save_strategy="no", bf16=a["bf16"], use_cpu=True, seed=0,
+                 dataloader_num_workers=0)
+trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([convert(r) for r in rows]),
+                     processing_class=tok)
+ds = trainer.train_dataset
+lengths = [len(x) for x in ds["input_ids"]]
+masks = ds["completion_mask"] if "completion_mask" in ds.column_names else None
+supervised = [sum(m) for m in masks] if masks is not None else None
+class Times(TrainerCallback):
+    steps, losses = [], []
+    def on_step_begin(self, *_, **__): self.t = time.perf_counter()
+    def on_step_end(self, *_, **__): self.steps.append(time.perf_counter() - self.t)
+    def on_log(self, _a, _s, _c, logs=None, **__):
+        if logs and "loss" in logs: self.losses.append(logs["loss"])
+trainer.add_callback(Times)
+trainer.train()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+per_step = a["accum"]  # packed rows per optimizer step
+print(json.dumps({"s_per_step": Times.steps, "losses": Times.losses, "peak_rss_mb": rss,
+                  "tokens_per_step": per_step * sum(lengths) / len(lengths),
+                  "supervised_per_step": per_step * sum(supervised) / len(supervised) if supervised else None,
+                  "padding": 0.0, "packed_rows": len(lengths)}))
+"""
+
+
+def run_trl(rows: Path, model: Path, a: dict) -> dict:
+    args = {**a, "rows": str(rows), "model": str(model), "out": tempfile.mkdtemp()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": tempfile.mkdtemp(), "OMP_NUM_THREADS": str(os.cpu_count())}  # fmt: skip
+    t = time.perf_counter()
+    out = subprocess.run([str(trl_python()), "-c", TRL_SCRIPT, json.dumps(args)], capture_output=True, text=True,
+                         env=env, check=False)  # fmt: skip
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"TRL run failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    steady = statistics.median(r["s_per_step"][2:] or r["s_per_step"])
+    return summary(steady, r["tokens_per_step"], r["supervised_per_step"], r["padding"], r["peak_rss_mb"],
+                   r["losses"], wall)  # fmt: skip
+
+
+def run_ours(rows: Path, model: Path, a: dict, workers: int) -> dict:
+    from mlflow import MlflowClient
+
+    work = Path(tempfile.mkdtemp(prefix="sft-compare-"))
+    overrides = [
+        f"pretrain={model}", "exp_name=bench-compare", f"output_dir={work}/out", f"logging_dir={work}/tb",
+        f"sequence_length={a['seq']}", f"sft_train.data_args.file_name={rows}", "validation=null",
+        "eval_at_start=false", "save_steps=100000", "eval_steps=100000", "logging_steps=1",
+        f"sft_train.training_args.max_steps={a['steps']}", "sft_train.training_args.per_device_train_batch_size=1",
+        f"sft_train.training_args.gradient_accumulation_steps={a['accum'] // workers}",
+        f"sft_train.training_args.learning_rate={a['lr']}", f"sft_train.training_args.warmup_steps={a['warmup']}",
+        f"sft_train.device_mapping=[{','.join(str(i) for i in range(workers))}]",
+        f"sft_train.model_args.dtype={'bf16' if a['bf16'] else 'fp32'}",
+    ]  # fmt: skip
+    t = time.perf_counter()
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "sft"), "run", *overrides], cwd=work, capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"sft run failed:\n{out.stderr[-3000:]}")
+    uri = f"sqlite:///{work}/out/mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+
+    def series(name: str) -> list[float]:
+        return [
+            m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        ]
+
+    steps = series("time/step_train")
+    steady = statistics.median(steps[2:] or steps)
+    tokens = statistics.median(series("sft_train/tokens_per_sec")[2:] or [0]) * steady
+    supervised = statistics.median(series("sft_train/supervised_tokens")[2:] or [0])
+    pad = statistics.median(series("sft_train/pad_ratio"))
+    rss = sum(max(series(f"memory/peak_mb_rank{r}")) for r in range(workers))
+    return summary(steady, tokens, supervised, pad, rss, series("sft_train/loss"), wall)
+
+
+PLAIN_SCRIPT = r"""
+import json, math, resource, sys, time
+import torch
+sys.path.insert(0, sys.argv[2])
+from sft_core.config_loader import load_config
+from sft_core.data.collate import collate_rows
+from sft_core.data.encode import encode_files
+from sft_core.data.packing import plan_rows
+from sft_core.data.spec import EncodeSpec
+from sft_core.model.resolve import load_tokenizer
+from transformers import AutoModelForCausalLM
+a = json.loads(sys.argv[1])
+tok = load_tokenizer(a["model"])
+spec = EncodeSpec.from_config(load_config("sft_config", [f"sequence_length={a['seq']}", f"pretrain={a['model']}"]))
+data, _ = encode_files([a["rows"]], tok, spec)
+plan = plan_rows(data, a["seq"], packing=True)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained(a["model"], torch_dtype=torch.float32)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], weight_decay=0.01)
+def lr_at(s):
+    if s < a["warmup"]: return (s + 1) / a["warmup"]
+    p = (s - a["warmup"]) / max(1, a["steps"] - a["warmup"]); return 0.5 * (1 + math.cos(math.pi * p))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+times, losses, tokens, supervised = [], [], [], []
+order = torch.randperm(len(plan.rows), generator=torch.Generator().manual_seed(0)).tolist()
+for step in range(a["steps"]):
+    t = time.perf_counter()
+    rows = [order[(step * a["accum"] + i) % len(order)] for i in range(a["accum"])]
+    batches = [collate_rows(data, plan, [r], tok.pad_token_id) for r in rows]
+    n = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
+    for b in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a["bf16"]):
+            logits = model(input_ids=b.input_ids, position_ids=b.position_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum") / n
+        loss.backward(); total += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t); losses.append(total)
+    tokens.append(sum(b.num_tokens for b in batches)); supervised.append(n)
+real = sum(b.real_tokens for b in batches)
+print(json.dumps({"s_per_step": times, "losses": losses, "tokens": tokens, "supervised": supervised,
+                  "padding": 1 - real / max(1, sum(b.num_tokens for b in batches)),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_plain(rows: Path, model: Path, a: dict) -> dict:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PLAIN_SCRIPT, json.dumps({**a, "rows": str(rows), "model": str(model)}),
+                          str(REPO)], capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"plain loop failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    steady = statistics.median(r["s_per_step"][2:] or r["s_per_step"])
+    tokens, supervised = statistics.median(r["tokens"]), statistics.median(r["supervised"])
+    return summary(steady, tokens, supervised, r["padding"], r["peak_rss_mb"], r["losses"], wall)
+
+
+def summary(steady: float, tokens: float, supervised: float | None, padding: float, rss: float,
+            losses: list[float], wall: float) -> dict:  # fmt: skip
+    return {
+        "s_per_step": steady,
+        "tokens_per_s": tokens / steady,
+        "supervised_tokens_per_s": supervised / steady if supervised else None,
+        "padding": padding,
+        "peak_rss_mb": rss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny model, 600 rows, 8 steps, 2 repeats")
+    parser.add_argument("--model", default="embedded:tiny-smollm2")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--accum", type=int, default=2, help="packed rows per optimizer step (global batch)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--only", nargs="+", default=["trl", "ours-1w", "ours-2w", "plain"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.rows, args.seq, args.steps, args.repeats = "embedded:tiny-smollm2", 600, 512, 8, 2
+
+    sys.path.insert(0, str(REPO))
+    from sft_core.model.resolve import resolve_pretrained
+
+    model = resolve_pretrained(args.model)
+    rows = Path(tempfile.mkdtemp()) / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in generate_rows(args.rows)))
+    a = {
+        "seq": args.seq,
+        "steps": args.steps,
+        "accum": args.accum,
+        "lr": 1e-4,
+        "warmup": 2,
+        "bf16": args.bf16,
+    }
+    runners = {"trl": lambda: run_trl(rows, model, a), "ours-1w": lambda: run_ours(rows, model, a, 1),
+               "ours-2w": lambda: run_ours(rows, model, a, 2), "plain": lambda: run_plain(rows, model, a)}  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in args.only}
+    for repeat in range(args.repeats):
+        for name in args.only:
+            runs[name].append(runners[name]())
+            print(f"repeat {repeat + 1} {name}: {json.dumps(runs[name][-1])}", file=sys.stderr)
+    median = {name: {k: statistics.median([r[k] for r in rs if r[k] is not None] or [0]) for k in rs[0]}
+              for name, rs in runs.items()}  # fmt: skip
+    base = median.get("trl")
+    ratios = {
+        name: {"tokens_per_s_vs_trl": m["tokens_per_s"] / base["tokens_per_s"], "wall_vs_trl": m["wall_s"] / base["wall_s"]}
+        for name, m in median.items() if base and name != "trl"
+    }  # fmt: skip
+    emit({"machine": f"{os.cpu_count()} CPUs, {resource.getpagesize()}-byte pages", "model": args.model,
+          "rows": args.rows, "sequence_length": args.seq, "steps": args.steps, "global_batch_rows": args.accum,
+          "bf16": args.bf16, "repeats": args.repeats, "median": median, "ratios": ratios, "runs": runs},
+         args.out)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
