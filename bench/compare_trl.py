@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,8 +74,12 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([co
                      processing_class=tok)
 ds = trainer.train_dataset
 lengths = [len(x) for x in ds["input_ids"]]
-masks = ds["completion_mask"] if "completion_mask" in ds.column_names else None
-supervised = [sum(m) for m in masks] if masks is not None else None
+if "labels" in ds.column_names:
+    supervised = [sum(1 for x in l[1:] if x != -100) for l in ds["labels"]]
+elif "completion_mask" in ds.column_names:
+    supervised = [sum(m) for m in ds["completion_mask"]]
+else:
+    supervised = None
 class Times(TrainerCallback):
     steps, losses = [], []
     def on_step_begin(self, *_, **__): self.t = time.perf_counter()
@@ -225,6 +228,13 @@ def summary(steady: float, tokens: float, supervised: float | None, padding: flo
     }
 
 
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "cpu")  # fmt: skip
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -271,7 +281,7 @@ def main() -> None:
         name: {"tokens_per_s_vs_trl": m["tokens_per_s"] / base["tokens_per_s"], "wall_vs_trl": m["wall_s"] / base["wall_s"]}
         for name, m in median.items() if base and name != "trl"
     }  # fmt: skip
-    emit({"machine": f"{os.cpu_count()} CPUs, {resource.getpagesize()}-byte pages", "model": args.model,
+    emit({"machine": machine(), "model": args.model,
           "rows": args.rows, "sequence_length": args.seq, "steps": args.steps, "global_batch_rows": args.accum,
           "bf16": args.bf16, "repeats": args.repeats, "median": median, "ratios": ratios, "runs": runs},
          args.out)  # fmt: skip
