@@ -70,6 +70,7 @@ def test_a_registered_version_is_served_by_mlflow_models_serve(tmp_path, tiny_mo
     import sys
     import time
     import urllib.request
+    from pathlib import Path
 
     from mlflow import MlflowClient
 
@@ -87,7 +88,10 @@ def test_a_registered_version_is_served_by_mlflow_models_serve(tmp_path, tiny_mo
     )
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # mlflow starts `uvicorn` through the shell: the venv's scripts must be on PATH (as in an
+    # activated venv; `make test` runs pytest without activating it).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@best", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
