@@ -21,14 +21,19 @@ from flows.runtime import set_local_defaults
 logger = logging.getLogger(__name__)
 
 
-def loopback_init_kwargs() -> dict[str, Any]:
-    """A local Ray bound to 127.0.0.1. Ray binds its GCS, raylet, object manager, agents and workers
-    to the node IP, which it takes from the route to the outside unless told otherwise: a local run
-    would be reachable from the network (with token auth off)."""
+def pin_to_loopback() -> dict[str, Any]:
+    """Keep this process's Ray on 127.0.0.1; returns the ray.init argument that says so. Ray binds
+    its GCS, raylet, object manager, agents and workers to the node IP, which it takes from the route
+    to the outside unless told otherwise: a local run would be reachable from the network."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; Ray is imported already
+    return {"_node_ip_address": "127.0.0.1"}
+
+
+def local_init_kwargs() -> dict[str, Any]:
+    """A Ray of this run's own, on loopback, without a dashboard."""
     return {
-        "_node_ip_address": "127.0.0.1",
+        **pin_to_loopback(),
         "num_cpus": max(2, os.cpu_count() or 2),
         "include_dashboard": False,
         "log_to_driver": True,
@@ -74,12 +79,11 @@ class SFTRayTaskRunner(RayTaskRunner):
             if address:
                 self.address, self.init_kwargs = address, {"namespace": "prefect"}
                 if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on this machine
-                    loopback_init_kwargs()
-                    self.init_kwargs["_node_ip_address"] = "127.0.0.1"
+                    self.init_kwargs.update(pin_to_loopback())
             else:
                 # "local": a Ray of our own, even where `ray start` left a cluster that ray.init()
                 # would otherwise join.
-                self.address, self.init_kwargs = "local", {"namespace": "prefect", **loopback_init_kwargs()}
+                self.address, self.init_kwargs = "local", {"namespace": "prefect", **local_init_kwargs()}
         return super().__enter__()
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -21,7 +21,7 @@ from flows.validate import validate
 from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
-from sft_core.data.spec import SPLIT_KEYS, EncodeSpec
+from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
 from sft_core.errors import ConfigError
 from sft_core.model.megatron_bridge import check_model_layout
 from sft_core.preflight import preflight
@@ -88,7 +88,7 @@ def report_data(cfg: SFTConfig, encoded: dict[str, dict], packed: dict[str, dict
                            split, enc["truncated"], enc["dropped"], cfg.sequence_length, enc["report"])  # fmt: skip
         if enc["rejected"]:
             logger.warning("%s: %d bad rows skipped (%s.on_bad_row=skip); each with its reason in %s",
-                           split, enc["rejected"], SPLIT_KEYS[split].rsplit(".", 1)[0], enc["rejects"])  # fmt: skip
+                           split, enc["rejected"], SPLIT_ARGS[split], enc["rejects"])  # fmt: skip
         # Training's keep their short names (data/truncated ...); validation's are prefixed.
         prefix = "data/" if split == "train" else f"data/{split}_"
         metrics.update({f"{prefix}{k}": enc[k] for k in ("truncated", "dropped", "rejected")})

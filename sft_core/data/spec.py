@@ -15,7 +15,8 @@ from sft_core.data.messages import FieldMapping
 if TYPE_CHECKING:
     from sft_core.config import SFTConfig
 
-SPLIT_KEYS = {"train": "sft_train.data_args.file_name", "validation": "validation.data_args.file_name"}
+# Each split's block of data settings in the config.
+SPLIT_ARGS = {"train": "sft_train.data_args", "validation": "validation.data_args"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class EncodeSpec:
     on_bad_row: Literal["error", "skip"] = "error"  # skip: into the rejects file, counted
     supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
     supervise_empty_think: bool = False
-    config_key: str = SPLIT_KEYS["train"]  # the key that names these files, in error messages
+    config_key: str = f"{SPLIT_ARGS['train']}.file_name"  # the key that names these files, in error messages
 
     @classmethod
     def from_config(cls, cfg: SFTConfig, split: str = "train") -> EncodeSpec:
@@ -43,7 +44,7 @@ class EncodeSpec:
             on_bad_row=args.on_bad_row,
             supervise=args.supervise,
             supervise_empty_think=args.supervise_empty_think,
-            config_key=SPLIT_KEYS[split],
+            config_key=f"{SPLIT_ARGS[split]}.file_name",
         )
 
     @property
