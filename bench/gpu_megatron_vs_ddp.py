@@ -14,6 +14,7 @@ timed steps. MFU = 6 * parameters * tokens/s / peak (attention FLOPs left out, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -136,7 +137,8 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
     from sft_core.config import validate_config
-    from sft_core.strategies import DistContext, create_strategy
+    from sft_core.strategies.base import DistContext
+    from sft_core.strategies.registry import create_strategy
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
@@ -193,9 +195,9 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         real = sum(mb.real_tokens for mb in micro)
-        steps.append({"seconds": seconds, "real_tokens": real, "targets": targets, **out})
+        steps.append({"seconds": seconds, "real_tokens": real, "targets": targets, **dataclasses.asdict(out)})
         print(f"[{args.strategy}] step {i}{' (warm-up)' if i < args.warmup else ''}: "
-              f"loss {out['loss_sum'] / targets:.5f}  grad_norm {out['grad_norm']:.4f}  "
+              f"loss {out.loss_sum / targets:.5f}  grad_norm {out.grad_norm:.4f}  "
               f"{seconds:.3f} s  {real / seconds:,.0f} tokens/s", flush=True)  # fmt: skip
     timed = steps[args.warmup :]
     seconds = sum(s["seconds"] for s in timed)
@@ -209,15 +211,12 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
     losses = [s["loss_sum"] / s["targets"] for s in steps]
     extra = {}
     if megatron:  # its step builds a [B, 1, T, T] block mask per micro-batch on the host: what that costs
-        try:
-            from sft_core.strategies.megatron import block_causal_mask
-        except ImportError:
-            pass
-        else:
-            t = time.perf_counter()
-            for mb in data[-1][0]:
-                block_causal_mask(mb.position_ids)
-            extra["host_mask_seconds_per_step"] = time.perf_counter() - t
+        from sft_core.strategies.megatron.batches import block_causal_mask
+
+        t = time.perf_counter()
+        for mb in data[-1][0]:
+            block_causal_mask(mb.position_ids)
+        extra["host_mask_seconds_per_step"] = time.perf_counter() - t
     dist.destroy_process_group()
     return {
         "strategy": args.strategy,

@@ -41,14 +41,14 @@ def main() -> None:
     from sft_core.data.encode import encode_files
     from sft_core.data.packing import plan_rows
     from sft_core.data.spec import EncodeSpec
-    from sft_core.model.megatron_bridge import check_model_layout
     from sft_core.model.resolve import load_tokenizer, resolve_pretrained
+    from sft_core.strategies.registry import strategy_for
+    from sft_core.train.artifacts import SplitFiles, TrainArtifacts
     from sft_core.train.metrics import train_metrics
 
     cfg = load_config("sft_config", args.overrides)
     model_dir = resolve_pretrained(cfg.pretrain)
-    if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
-        check_model_layout(cfg.megatron_layout, model_dir)  # as the flow does, before workers start
+    strategy_for(cfg).preflight(cfg, str(model_dir))  # as the flow does, before workers start
     tok = load_tokenizer(model_dir)
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     data, _ = encode_files(cfg.sft_train.data_args.files(), tok, EncodeSpec.from_config(cfg))
@@ -56,12 +56,11 @@ def main() -> None:
     plan = plan_rows(data, cfg.sequence_length, cfg.sft_train.use_sequence_packing)
     (work / "plan.json").write_text(json.dumps(plan.to_dict()))
     tok.save_pretrained(work / "tokenizer")
-    artifacts = {
-        "model_dir": str(model_dir),
-        "tokenizer_dir": str(work / "tokenizer"),
-        "train_encoded": str(work / "train.npz"),
-        "train_plan": str(work / "plan.json"),
-    }
+    artifacts = TrainArtifacts(
+        model_dir=str(model_dir),
+        tokenizer_dir=str(work / "tokenizer"),
+        train=SplitFiles(str(work / "train.npz"), str(work / "plan.json")),
+    )
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="warning")
     try:
         t = time.perf_counter()
@@ -86,9 +85,9 @@ def main() -> None:
             "sequence_length": cfg.sequence_length,
             "overrides": args.overrides,
         },  # fmt: skip
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": info["device"]},
-        "parameters": info["parameters"],
-        "peak_flops_per_worker": info["peak_flops"],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": info.device},
+        "parameters": info.parameters,
+        "peak_flops_per_worker": info.peak_flops,
         "startup_seconds": startup,
         "first_step": {k: steps[0][k] for k in keys if k in steps[0]},
         "steady_mean": {k: statistics.mean(s[k] for s in steady) for k in keys if k in steady[0]},

@@ -7,8 +7,9 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-_COLUMNS = ("step", "sft_train/loss", "sft_train/val_loss", "sft_train/grad_norm", "sft_train/lr",
-            "sft_train/tokens_per_sec")  # fmt: skip
+from sft_core.train import metrics as m
+
+_COLUMNS = ("step", m.LOSS, m.VAL_LOSS, m.GRAD_NORM, m.LR, m.TOKENS_PER_SEC)
 
 
 def _key(exp_name: str, what: str) -> str:
@@ -25,7 +26,7 @@ def loss_chart(history: list[dict[str, Any]], width: int = 40) -> str:
     | 1 | 2.0000 | `████` |  |  |
     | 2 | 1.0000 | `██` |  |  |
     """
-    values = [h[k] for h in history for k in ("sft_train/loss", "sft_train/val_loss") if k in h]
+    values = [h[k] for h in history for k in (m.LOSS, m.VAL_LOSS) if k in h]
     top = max(values, default=1.0) or 1.0
 
     def cells(value: float | None) -> str:
@@ -35,7 +36,7 @@ def loss_chart(history: list[dict[str, Any]], width: int = 40) -> str:
 
     lines = ["| step | train loss | | validation loss | |", "|---:|---:|:---|---:|:---|"]
     for h in history:
-        lines.append(f"| {h['step']} |" + cells(h.get("sft_train/loss")) + cells(h.get("sft_train/val_loss")))
+        lines.append(f"| {h['step']} |" + cells(h.get(m.LOSS)) + cells(h.get(m.VAL_LOSS)))
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sft_core.model.resolve import sft_home
+from sft_core.home import sft_home
 
 DEFAULT_PORT = 4200
 

@@ -22,13 +22,17 @@ from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
+from sft_core.data.splits import EncodedSplit, PackedSplit
 from sft_core.errors import ConfigError
-from sft_core.model.megatron_bridge import check_model_layout
+from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.preflight import preflight
 from sft_core.secrets import literal_secret_overrides, redact
+from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
+from sft_core.train import metrics as m
+from sft_core.train.artifacts import SplitFiles, TrainArtifacts
 from sft_core.train.checkpoint import check_data_fingerprint, latest_in_run, read_state
 from sft_core.train.run_folder import RunFolder, RunLock, plan_run
 from tasks.caching import digest
@@ -37,10 +41,10 @@ from tasks.model import prepare_tokenizer, resolve_model
 from tasks.train import prune_checkpoints, register_model, save_checkpoint, start_cluster, train_steps
 
 
-def _existing(task: Any, future: Any, **params: Any) -> dict[str, Any]:
+def _existing(task: Any, future: Any, **params: Any) -> Any:
     """The task's result; if it came from the cache but its files were deleted, run it again."""
     result = future.result()
-    if Path(result["path"]).exists():
+    if Path(result.path).exists():
         return result
     return task.with_options(refresh_cache=True).submit(**params).result()
 
@@ -55,7 +59,9 @@ def boundaries(total: int, eval_steps: int, save_steps: int, after: int = 0) -> 
     return sorted(s for s in stops if s > after)
 
 
-def prepare_data(cfg: SFTConfig, tokenizer: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict]]:
+def prepare_data(
+    cfg: SFTConfig, tokenizer: PreparedTokenizer
+) -> tuple[dict[str, EncodedSplit], dict[str, PackedSplit]]:
     """Encode then pack every split (Ray tasks, cached); returns ({split: encoded}, {split: packed})."""
     splits = {"train": cfg.sft_train.data_args.files()}
     if cfg.validation_files:
@@ -78,33 +84,31 @@ def prepare_data(cfg: SFTConfig, tokenizer: dict[str, Any]) -> tuple[dict[str, d
     return encoded, packed
 
 
-def report_data(cfg: SFTConfig, encoded: dict[str, dict], packed: dict[str, dict]) -> dict[str, float]:
+def report_data(
+    cfg: SFTConfig, encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]
+) -> dict[str, float]:
     """Log what the length and bad-row policies did; return the data metrics for the trackers."""
     logger = get_run_logger()
     metrics: dict[str, float] = {}
     for split, enc in encoded.items():
-        if enc["truncated"] or enc["dropped"]:
+        if enc.truncated or enc.dropped:
             logger.warning("%s: %d samples truncated, %d dropped (longer than sequence_length=%d); listed in %s",
-                           split, enc["truncated"], enc["dropped"], cfg.sequence_length, enc["report"])  # fmt: skip
-        if enc["rejected"]:
+                           split, enc.truncated, enc.dropped, cfg.sequence_length, enc.report)  # fmt: skip
+        if enc.rejected:
             logger.warning("%s: %d bad rows skipped (%s.on_bad_row=skip); each with its reason in %s",
-                           split, enc["rejected"], SPLIT_ARGS[split], enc["rejects"])  # fmt: skip
-        # Training's keep their short names (data/truncated ...); validation's are prefixed.
-        prefix = "data/" if split == "train" else f"data/{split}_"
-        metrics.update({f"{prefix}{k}": enc[k] for k in ("truncated", "dropped", "rejected")})
-        metrics[f"data/{split}_samples"] = enc["samples"]
+                           split, enc.rejected, SPLIT_ARGS[split], enc.rejects)  # fmt: skip
+        metrics.update({m.data_metric(split, k): v for k, v in enc.counts().items()})
     rows = packed["train"]
-    logger.info("train: %d samples -> %d rows (padding %.1f%%)", rows["samples"], rows["rows"],
-                100 * rows["padding_fraction"])  # fmt: skip
-    return {**metrics, "data/train_rows": rows["rows"], "data/padding_fraction": rows["padding_fraction"]}
+    logger.info("train: %d samples -> %d rows (padding %.1f%%)", rows.samples, rows.rows,
+                100 * rows.padding_fraction)  # fmt: skip
+    return {**metrics, m.data_metric("train", "rows"): rows.rows,
+            m.data_metric("train", "padding_fraction"): rows.padding_fraction}  # fmt: skip
 
 
-def data_fingerprint(encoded: dict[str, dict], packed: dict[str, dict]) -> str:
+def data_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:
     """What the run trains on: the encode cache keys (file contents, template, encoding settings,
     tokenizer, data code) and the packing plans. A resume over other data shows as another value."""
-    return digest(
-        sorted((split, enc["key"], Path(packed[split]["path"]).name) for split, enc in encoded.items())
-    )
+    return digest(sorted((split, enc.key, Path(packed[split].path).name) for split, enc in encoded.items()))
 
 
 def version_provenance(cfg: SFTConfig) -> dict[str, str]:
@@ -155,7 +159,7 @@ def start_tracking(
 
 def train(
     cfg: SFTConfig,
-    artifacts: dict[str, Any],
+    artifacts: TrainArtifacts,
     run: RunFolder,
     resume: Path | None,
     mlflow_run: MLflowTracker,
@@ -176,17 +180,15 @@ def train(
         cluster = None
         try:
             cluster, info = start_cluster(
-                cfg,
-                {**artifacts, "shared_dir": str(run.root)},
-                str(resume / "train_state") if resume else None,
+                cfg, artifacts.with_shared_dir(str(run.root)), str(resume / "train_state") if resume else None
             )
-            total = info["total_steps"]
+            total = info.total_steps
             if resume and start >= total:
                 logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)
                 checkpoints.append({"step": start, "path": str(resume / cluster.name), "version": None})
                 return history, checkpoints, total
             val: dict[str, float] = {}
-            if artifacts.get("val_plan") and cfg.eval_at_start and start == 0:
+            if artifacts.validation and cfg.eval_at_start and start == 0:
                 val = validate(cluster, 0, trackers)
                 history.append({"step": 0, **val})
             step = start
@@ -194,7 +196,7 @@ def train(
                 metrics = train_steps(cluster, step, end, total, cfg.logging_steps, trackers)
                 step = end
                 history.append({"step": step, **metrics})
-                if artifacts.get("val_plan") and (step % cfg.eval_steps == 0 or step == total):
+                if artifacts.validation and (step % cfg.eval_steps == 0 or step == total):
                     val = validate(cluster, step, trackers)
                     history[-1].update(val)
                 if step % cfg.save_steps == 0 or step == total:
@@ -209,20 +211,20 @@ def train(
                     # them by object id (recycled ids included), and a subflow run as a task input
                     # makes the default UI's Task Runs tab list nothing ("Invalid TaskInputResponse").
                     saved = save_checkpoint(cluster, str(run.root), step, quote(state), final=step == total)
-                    trackers.log_metrics({"time/checkpoint": saved["time"]}, step)
+                    trackers.log_metrics({m.TIME_CHECKPOINT: saved.seconds}, step)
                     summary = {
-                        k.split("/")[-1]: v
+                        k.removeprefix(m.SUMMARY_PREFIX): v
                         for k, v in {**metrics, **val}.items()
-                        if k.startswith("sft_train/")
+                        if k.startswith(m.SUMMARY_PREFIX)
                     }
                     tags = {**version_tags, "data_fingerprint": fingerprint}
-                    if saved["adapter"]:
-                        tags["lora_adapter"] = saved["adapter"]
+                    if saved.adapter:
+                        tags["lora_adapter"] = saved.adapter
                     version = register_model(
-                        mlflow_run.tracking_uri, cfg.exp_name, saved["path"], mlflow_run.run_id, step, quote(summary),
+                        mlflow_run.tracking_uri, cfg.exp_name, saved.path, mlflow_run.run_id, step, quote(summary),
                         tags, description, cfg.metric_for_best_model, cfg.greater_is_better,
                     )  # fmt: skip
-                    checkpoints.append({"step": step, "path": saved["path"], "version": version})
+                    checkpoints.append({"step": step, "path": saved.path, "version": version})
                     if cfg.max_ckpt_to_keep:
                         prune_checkpoints(cfg, str(run.root), mlflow_run.tracking_uri)
             return history, checkpoints, total
@@ -265,20 +267,18 @@ def sft_pipeline(
     os.environ.update(cfg.system_envs)
 
     model_dir = resolve_model.submit(cfg.pretrain).result()
-    if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
-        check_model_layout(cfg.megatron_layout, model_dir)  # before data work and workers start
+    # The model against the strategy's layout, before data work and workers start.
+    strategy_for(cfg).preflight(cfg, model_dir)
     tokenizer = prepare_tokenizer.submit(model_dir).result()
     encoded, packed = prepare_data(cfg, tokenizer)
     data_metrics = report_data(cfg, encoded, packed)
-    has_val = "validation" in encoded
-    artifacts = {
-        "model_dir": model_dir,
-        "tokenizer_dir": tokenizer["tokenizer_dir"],
-        "train_encoded": encoded["train"]["path"],
-        "train_plan": packed["train"]["path"],
-        "val_encoded": encoded["validation"]["path"] if has_val else None,
-        "val_plan": packed["validation"]["path"] if has_val else None,
-    }
+    files = {split: SplitFiles(encoded[split].path, packed[split].path) for split in encoded}
+    artifacts = TrainArtifacts(
+        model_dir=model_dir,
+        tokenizer_dir=tokenizer.tokenizer_dir,
+        train=files["train"],
+        validation=files.get("validation"),
+    )
     fingerprint = data_fingerprint(encoded, packed)
 
     flow_run_id = str(get_run_context().flow_run.id)

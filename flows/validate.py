@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 
 from sft_core.cluster.cluster import Cluster
 from sft_core.tracking import Trackers
+from sft_core.train import metrics as m
 from tasks.train import val_step
 
 
@@ -15,9 +16,7 @@ def validate(cluster: Cluster, step: int, trackers: Trackers) -> dict[str, float
 
     t = time.perf_counter()
     metrics = val_step(cluster)
-    metrics["time/val"] = time.perf_counter() - t
+    metrics[m.TIME_VAL] = time.perf_counter() - t
     trackers.log_metrics(metrics, step)
-    get_run_logger().info(
-        "step %d  val_loss %.4f  (%.1fs)", step, metrics["sft_train/val_loss"], metrics["time/val"]
-    )
+    get_run_logger().info("step %d  val_loss %.4f  (%.1fs)", step, metrics[m.VAL_LOSS], metrics[m.TIME_VAL])
     return metrics

@@ -16,15 +16,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from sft_core.errors import ConfigError
+from sft_core.model.source import pretrain_kind
+from sft_core.strategies.config_schema import StrategyConfig
+from sft_core.strategies.registry import ARGS, DEFAULT_STRATEGY, DDPArgs, StrategyArgs, known_strategy_name
+from sft_core.strict import StrictModel
 
-SUPPORTED_STRATEGIES = ("ddp_train", "fsdp2_train", "megatron_train")
-# Recognised names that this version does not run, with what to use instead.
-PLANNED_STRATEGIES = {
-    "deepspeed_train": "DeepSpeed is not part of this project.",
-}
 UNSUPPORTED_TRACKERS = {
     "wandb": "Weights & Biases is not supported (no hub access, and MLflow is the registry here)",
     "swanlab": "SwanLab is not supported",
@@ -32,11 +31,7 @@ UNSUPPORTED_TRACKERS = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LoraArgs(_Strict):
+class LoraArgs(StrictModel):
     """Low-rank adapters (the peft library) on linear layers; the base model's weights stay frozen.
     Checkpoints hold the adapter (loadable with from_pretrained while the base model's folder
     exists); `merge_at_end` also writes the merged full model beside the final one."""
@@ -49,7 +44,7 @@ class LoraArgs(_Strict):
     merge_at_end: bool = True
 
 
-class ModelArgs(_Strict):
+class ModelArgs(StrictModel):
     # Seed name. bf16/fp16 = autocast with fp32 weights and optimizer. On CPU, bf16 autocast where the
     # CPU multiplies bf16 natively (AVX512_BF16/AMX); elsewhere fp32, and the run log says so.
     dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
@@ -57,7 +52,7 @@ class ModelArgs(_Strict):
     lora: LoraArgs | None = None  # null: full fine-tuning
 
 
-class TrainingArgs(_Strict):
+class TrainingArgs(StrictModel):
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="optimizer steps; -1 means run num_train_epochs")
     learning_rate: float = Field(1e-5, gt=0)
@@ -85,7 +80,7 @@ class TrainingArgs(_Strict):
         return self
 
 
-class DataArgs(_Strict):
+class DataArgs(StrictModel):
     file_name: str | list[str] | None = None
     template: str | None = None
     preprocessing_num_workers: int = Field(1, gt=0)
@@ -110,92 +105,15 @@ class DataArgs(_Strict):
         return [self.file_name] if isinstance(self.file_name, str) else list(self.file_name)
 
 
-class MegatronConfig(_Strict):
-    """`strategy_config` of megatron_train, with megatron's own names. Data parallel size is what
-    is left: len(device_mapping) / (tensor x pipeline x context parallel)."""
-
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    pipeline_model_parallel_size: int = Field(1, ge=1)
-    # Model chunks per pipeline stage (interleaved 1F1B); None: one chunk.
-    virtual_pipeline_model_parallel_size: int | None = Field(None, ge=2)
-    context_parallel_size: int = Field(1, ge=1)
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    recompute_granularity: Literal["full", "selective"] | None = None
-    recompute_method: Literal["uniform", "block"] | None = None
-    recompute_num_layers: int | None = Field(None, ge=1)
-
-    @property
-    def model_parallel_size(self) -> int:
-        return (
-            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-        )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> MegatronConfig:
-        if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size < 2:
-            raise ValueError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2")
-        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
-            raise ValueError("sequence_parallel needs tensor_model_parallel_size >= 2")
-        if self.recompute_granularity == "full" and not (self.recompute_method and self.recompute_num_layers):
-            raise ValueError("recompute_granularity 'full' needs recompute_method and recompute_num_layers")
-        return self
-
-
-class StrategyArgs(_Strict):
-    strategy_name: str = "ddp_train"
-    strategy_config: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("strategy_name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name in SUPPORTED_STRATEGIES:
-            return name
-        why = PLANNED_STRATEGIES.get(name, f"unknown strategy '{name}'.")
-        raise ValueError(f"{why} Supported: {', '.join(SUPPORTED_STRATEGIES)}")
-
-    @model_validator(mode="after")
-    def _strategy_config(self) -> StrategyArgs:
-        if self.strategy_name != "megatron_train":
-            if self.strategy_config:
-                raise ValueError(
-                    f"strategy_config {sorted(self.strategy_config)} applies to megatron_train only; "
-                    f"{self.strategy_name} takes no strategy_config"
-                )
-            return self
-        try:
-            MegatronConfig.model_validate(self.strategy_config)
-        except ValidationError as err:
-            problems = []
-            for e in err.errors():
-                where = ".".join(str(p) for p in e["loc"])
-                msg = (
-                    "unknown key"
-                    if e["type"] == "extra_forbidden"
-                    else e["msg"].removeprefix("Value error, ")
-                )
-                if e["type"] == "extra_forbidden":
-                    close = difflib.get_close_matches(where, list(MegatronConfig.model_fields), n=1)
-                    msg += f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(f"strategy_config{'.' + where if where else ''}: {msg}")
-            raise ValueError("; ".join(problems)) from None
-        return self
-
-    @property
-    def megatron(self) -> MegatronConfig:
-        return MegatronConfig.model_validate(
-            self.strategy_config if self.strategy_name == "megatron_train" else {}
-        )
-
-
-class WorkerConfig(_Strict):
+class WorkerConfig(StrictModel):
     """The seed's `sft_train` block: one cluster of training workers."""
 
     name: str = "sft_train"
     model_args: ModelArgs = Field(default_factory=ModelArgs)
     training_args: TrainingArgs = Field(default_factory=TrainingArgs)
     data_args: DataArgs = Field(default_factory=DataArgs)
-    strategy_args: StrategyArgs = Field(default_factory=StrategyArgs)
+    # strategy_name picks the strategy and the schema its strategy_config is checked by (registry.py).
+    strategy_args: StrategyArgs = Field(default_factory=DDPArgs)
     device_mapping: list[int] = Field(default_factory=lambda: [0])
     infer_batch_size: int = Field(1, gt=0)
     use_sequence_packing: bool = True
@@ -212,6 +130,14 @@ class WorkerConfig(_Strict):
     # the next; spread puts each on another node where it can.
     placement: Literal["pack", "spread"] = "pack"
 
+    @field_validator("strategy_args", mode="before")
+    @classmethod
+    def _strategy_name(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {"strategy_name": DEFAULT_STRATEGY, **value}
+            known_strategy_name(value["strategy_name"])
+        return value
+
     @field_validator("device_mapping", mode="before")
     @classmethod
     def _parse_mapping(cls, value: Any) -> list[int]:
@@ -222,11 +148,11 @@ class WorkerConfig(_Strict):
         return len(self.device_mapping)
 
 
-class ValidationConfig(_Strict):
+class ValidationConfig(StrictModel):
     data_args: DataArgs = Field(default_factory=DataArgs)
 
 
-class SFTConfig(_Strict):
+class SFTConfig(StrictModel):
     exp_name: str = "sft"
     seed: int = 42
     logging_dir: str = "./output/logs"
@@ -316,19 +242,15 @@ class SFTConfig(_Strict):
                 raise ValueError(
                     f"sft_train.device_mapping: device ids {too_big} are not below num_gpus_per_node={self.num_gpus_per_node}"
                 )
-        if self.sft_train.model_args.lora and self.sft_train.strategy_args.strategy_name == "megatron_train":
+        strategy = self.sft_train.strategy_args
+        if self.sft_train.model_args.lora and not strategy.supports_lora:
+            with_lora = ", ".join(a.name() for a in ARGS if a.supports_lora)
             raise ValueError(
-                "sft_train.model_args.lora: LoRA is not supported with megatron_train yet; "
-                "use ddp_train or fsdp2_train, or drop the lora block for full fine-tuning"
+                f"sft_train.model_args.lora: LoRA is not supported with {strategy.strategy_name} yet; "
+                f"use {with_lora}, or drop the lora block for full fine-tuning"
             )
-        layout, world = self.megatron_layout, self.sft_train.world_size
-        if world % layout.model_parallel_size:
-            raise ValueError(
-                f"sft_train.device_mapping: {world} workers cannot be split into tensor x pipeline x context "
-                f"parallel groups of {layout.tensor_model_parallel_size} x {layout.pipeline_model_parallel_size} "
-                f"x {layout.context_parallel_size} = {layout.model_parallel_size}; use a multiple of "
-                f"{layout.model_parallel_size} workers"
-            )
+        if problem := strategy.strategy_config.world_problem(self.sft_train.world_size):
+            raise ValueError(f"sft_train.device_mapping: {problem}")
         return self
 
     @property
@@ -353,13 +275,14 @@ class SFTConfig(_Strict):
         return self.validation.data_args.files() if self.validation else []
 
     @property
-    def megatron_layout(self) -> MegatronConfig:
-        return self.sft_train.strategy_args.megatron
+    def strategy_config(self) -> StrategyConfig:
+        """The strategy's own settings, checked by its schema (e.g. megatron's parallel layout)."""
+        return self.sft_train.strategy_args.strategy_config
 
     @property
     def data_parallel_size(self) -> int:
         """Model replicas: every worker for ddp/fsdp2; world / (TP x PP x CP) for megatron."""
-        return self.sft_train.world_size // self.megatron_layout.model_parallel_size
+        return self.sft_train.world_size // self.strategy_config.model_parallel_size
 
     @property
     def global_batch_size(self) -> int:
@@ -428,12 +351,8 @@ def check_runnable(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> No
     """What a valid config may still ask that this machine or version cannot do: stop before any
     worker starts: a device_mapping larger than the machine, or context parallelism without TE."""
     kind, count = devices or available_devices()
-    if cfg.megatron_layout.context_parallel_size > 1 and (kind != "cuda" or not _has_transformer_engine()):
-        raise ConfigError(
-            "config key 'sft_train.strategy_args.strategy_config.context_parallel_size': context parallelism "
-            "needs megatron's Transformer Engine attention (GPU, transformer_engine installed); this machine "
-            f"has {'no GPU' if kind != 'cuda' else 'no transformer_engine'}. Use context_parallel_size: 1."
-        )
+    if problem := cfg.strategy_config.machine_problem(kind, _has_transformer_engine()):
+        raise ConfigError(f"config key 'sft_train.strategy_args.strategy_config': {problem}")
     mapping = cfg.sft_train.device_mapping
     if os.environ.get("RAY_ADDRESS"):
         return  # a multi-node cluster: Ray's scheduler is the judge of capacity
@@ -461,9 +380,9 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> st
     for e in err.errors():
         # pydantic adds union-member tags such as 'str' or 'function-after[...]' to the location
         loc = [str(p) for p in e["loc"] if "[" not in str(p) and str(p) not in _TYPE_TAGS]
+        loc, parent_model = _walk(SFTConfig, loc)
         key = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parent_model = _model_at(SFTConfig, loc[:-1])
             hint = ""
             if parent_model is not None:
                 close = difflib.get_close_matches(loc[-1], list(parent_model.model_fields), n=1)
@@ -479,18 +398,33 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> st
     return f"Invalid {source}:\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
-def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
-    for part in path:
-        field = model.model_fields.get(part)
+def _walk(model: type[BaseModel], loc: list[str]) -> tuple[list[str], type[BaseModel] | None]:
+    """Follow an error location through the config's models: (the location as the user writes the
+    key, the model that holds its last part). A union keyed on a name (strategy_args) puts that
+    name into the location; it picks the member and is not part of the key."""
+    keys: list[str] = []
+    current: type[BaseModel] | None = model
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        keys.append(part)
+        if not parts:
+            break  # the last part: `current` holds it
+        field = current.model_fields.get(part) if current is not None else None
         if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
+            current = None
+            continue
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model
+        tagged = {_tag(c): c for c in nested if _tag(c) is not None}
+        current = tagged[parts.pop(0)] if parts[0] in tagged else (nested[0] if nested else None)
+    return keys, current
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    """The value a discriminated union's member is selected by (its Literal name field), if any."""
+    field = model.model_fields.get("strategy_name")
+    return field.default if field is not None and isinstance(field.default, str) else None
 
 
 def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
@@ -518,9 +452,7 @@ def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
     for args in (data, cfg.validation.data_args if cfg.validation else None):
         if args is not None and args.template and args.template.endswith(".jinja"):
             args.template = absolute(args.template)
-    if not cfg.pretrain.startswith("embedded:") and (
-        cfg.pretrain.startswith((".", "/", "~")) or (base / cfg.pretrain).exists()
-    ):
+    if pretrain_kind(cfg.pretrain, base) == "path":
         cfg.pretrain = absolute(cfg.pretrain)
     if isinstance(cfg.resume_from_checkpoint, str) and cfg.resume_from_checkpoint not in ("auto", "false"):
         cfg.resume_from_checkpoint = absolute(cfg.resume_from_checkpoint)

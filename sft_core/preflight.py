@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sft_core.config import SFTConfig
 from sft_core.data.templates import TEMPLATE_TOKENS, check_template_tokens
+from sft_core.model.source import pretrain_kind
 
 
 def preflight(cfg: SFTConfig) -> None:
@@ -23,7 +24,7 @@ def preflight(cfg: SFTConfig) -> None:
             if not f.startswith("hf://") and not Path(f).exists():
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
     p = cfg.pretrain
-    if not p.startswith("embedded:") and p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():
+    if pretrain_kind(p) == "path" and not Path(p).expanduser().exists():
         raise ModelError(f"config key 'pretrain': '{p}' does not exist.")
     templates = {cfg.template_for(split) for split in ("train", "validation")}
     for name in templates:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -14,19 +13,18 @@ from sft_core.data.encode import EncodeStats, Progress, encode_to_dir
 from sft_core.data.packing import plan_rows
 from sft_core.data.sources import count_rows
 from sft_core.data.spec import EncodeSpec
+from sft_core.data.splits import EncodedSplit, PackedSplit
 from sft_core.data.store import EncodedData
-from sft_core.model.resolve import load_tokenizer, sft_home
+from sft_core.home import data_cache
+from sft_core.model.prepared_tokenizer import PreparedTokenizer
+from sft_core.model.resolve import load_tokenizer
 from sft_core.progress import bar, eta
 from tasks.caching import code_digest, digest, file_digest
 
 
-def _data_dir(key: str) -> Path:
-    return sft_home() / "data" / key
-
-
-def encode_key(files: list[str], tokenizer: dict, spec: EncodeSpec) -> str:
+def encode_key(files: list[str], tokenizer: PreparedTokenizer, spec: EncodeSpec) -> str:
     return digest(
-        "encode", [file_digest(f) for f in files], tokenizer["fingerprint"], spec.as_dict(), code_digest()
+        "encode", [file_digest(f) for f in files], tokenizer.fingerprint, spec.as_dict(), code_digest()
     )
 
 
@@ -39,31 +37,33 @@ def _encode_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
 @task(
     name="encode-dataset", cache_key_fn=_encode_cache_key, persist_result=True, task_run_name="encode-{split}"
 )
-def encode_dataset(files: list[str], tokenizer: dict, spec: EncodeSpec, split: str, workers: int = 1) -> dict:
+def encode_dataset(
+    files: list[str], tokenizer: PreparedTokenizer, spec: EncodeSpec, split: str, workers: int = 1
+) -> EncodedSplit:
     """Rows -> chat template -> ids + labels (answer only), stored with the length and rejects reports."""
     key = encode_key(files, tokenizer, spec)
-    out = _data_dir(key)
-    tok = load_tokenizer(tokenizer["tokenizer_dir"])
+    out = data_cache(key)
+    tok = load_tokenizer(tokenizer.tokenizer_dir)
     # workers is not in the cache key: the result does not depend on it.
     stats = encode_to_dir(files, tok, spec, out, workers, _progress_logger(files))
     get_run_logger().info(
         "%d rows read -> %d samples (%d bad rows skipped, %d too long dropped, %d truncated)",
         stats.rows, stats.samples, stats.rejected, stats.dropped, stats.truncated,
     )  # fmt: skip
-    return {
-        "key": key,
-        "split": split,
-        "path": str(out / "encoded.npz"),
-        "rows_read": stats.rows,
-        "report": str(out / "length_report.jsonl"),
-        "samples": stats.samples,
-        "tokens": stats.tokens,
-        "supervised_tokens": stats.supervised_tokens,
-        "truncated": stats.truncated,
-        "dropped": stats.dropped,
-        "rejected": stats.rejected,
-        "rejects": str(out / "rejects.jsonl"),
-    }
+    return EncodedSplit(
+        split=split,
+        key=key,
+        path=str(out / "encoded.npz"),
+        rows_read=stats.rows,
+        samples=stats.samples,
+        tokens=stats.tokens,
+        supervised_tokens=stats.supervised_tokens,
+        truncated=stats.truncated,
+        dropped=stats.dropped,
+        rejected=stats.rejected,
+        report=str(out / "length_report.jsonl"),
+        rejects=str(out / "rejects.jsonl"),
+    )
 
 
 def _progress_logger(files: list[str], every_s: float = 10.0) -> Progress:
@@ -88,30 +88,33 @@ def _progress_logger(files: list[str], every_s: float = 10.0) -> Progress:
     return log
 
 
+def pack_key(encoded: EncodedSplit, sequence_length: int, packing: bool) -> str:
+    return digest("pack", encoded.key, sequence_length, packing, code_digest())
+
+
 def _pack_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
-    return digest(
-        "pack", params["encoded"]["key"], params["sequence_length"], params["packing"], code_digest()
-    )
+    return pack_key(params["encoded"], params["sequence_length"], params["packing"])
 
 
 @task(
     name="pack-dataset",
     cache_key_fn=_pack_cache_key,
     persist_result=True,
-    task_run_name="pack-{encoded[split]}",
+    task_run_name="pack-{encoded.split}",
 )
-def pack_dataset(encoded: dict, sequence_length: int, packing: bool) -> dict:
+def pack_dataset(encoded: EncodedSplit, sequence_length: int, packing: bool) -> PackedSplit:
     """Best-fit-decreasing packing into sequence_length (or one sample per row when packing is off)."""
-    key = digest("pack", encoded["key"], sequence_length, packing, code_digest())
-    data = EncodedData.load(encoded["path"])
+    key = pack_key(encoded, sequence_length, packing)
+    data = EncodedData.load(encoded.path)
     plan = plan_rows(data, sequence_length, packing)
-    path = _data_dir(encoded["key"]) / f"plan-{key}.json"
+    path = data_cache(encoded.key) / f"plan-{key}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(plan.to_dict()))
     tmp.replace(path)
-    return {
-        "path": str(path),
-        "rows": len(plan.rows),
-        "samples": len(data),
-        "padding_fraction": plan.padding_fraction(data),
-    }
+    return PackedSplit(
+        split=encoded.split,
+        path=str(path),
+        rows=len(plan.rows),
+        samples=len(data),
+        padding_fraction=plan.padding_fraction(data),
+    )

@@ -9,7 +9,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from sft_core.model.resolve import load_tokenizer, resolve_pretrained, sft_home, tokenizer_fingerprint
+from sft_core import home
+from sft_core.model.prepared_tokenizer import PreparedTokenizer
+from sft_core.model.resolve import load_tokenizer, resolve_pretrained, tokenizer_fingerprint
 
 
 @task(name="resolve-model", cache_policy=NONE, retries=1, retry_delay_seconds=2)
@@ -19,10 +21,10 @@ def resolve_model(pretrain: str) -> str:
 
 
 @task(name="load-tokenizer", cache_policy=NONE)
-def prepare_tokenizer(model_dir: str) -> dict:
+def prepare_tokenizer(model_dir: str) -> PreparedTokenizer:
     """Load the tokenizer with its fixes (eos, pad, no BOS) and save it where every stage reads it."""
     tokenizer = load_tokenizer(model_dir)
-    root = sft_home() / "tokenizers"
+    root = home.tokenizers()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     tokenizer.save_pretrained(staging)
@@ -32,10 +34,10 @@ def prepare_tokenizer(model_dir: str) -> dict:
         shutil.rmtree(staging)
     else:
         staging.rename(out)
-    return {
-        "tokenizer_dir": str(out),
-        "fingerprint": fingerprint,
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-        "vocab_size": len(tokenizer),
-    }
+    return PreparedTokenizer(
+        tokenizer_dir=str(out),
+        fingerprint=fingerprint,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        vocab_size=len(tokenizer),
+    )

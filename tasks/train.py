@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,51 +16,41 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from sft_core.cluster.cluster import Cluster
+from sft_core.cluster.worker import WorkerInfo
 from sft_core.config import SFTConfig
 from sft_core.progress import bar, eta
+from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_model import write_mlflow_model
 from sft_core.tracking.mlflow_tracker import register_checkpoint
 from sft_core.train import checkpoint as ckpt
-from sft_core.train.metrics import train_metrics, val_metrics
+from sft_core.train import metrics as m
+from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.run_folder import RunFolder
 
 
 @task(name="start-cluster", cache_policy=NONE, persist_result=False)
 def start_cluster(
-    cfg: SFTConfig, artifacts: dict[str, Any], resume_state: str | None = None
-) -> tuple[Cluster, dict[str, Any]]:
+    cfg: SFTConfig, artifacts: TrainArtifacts, resume_state: str | None = None
+) -> tuple[Cluster, WorkerInfo]:
     cluster = Cluster(cfg, artifacts)
     try:
-        info = cluster.execute_all("initialize", resume_state, label="initialize")
+        info: WorkerInfo = cluster.execute_all("initialize", resume_state, label="initialize")[0]
     except BaseException:
         cluster.shutdown()
         raise
     get_run_logger().info(
-        "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows)",
+        "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows); %s",
         cluster.name,
         cluster.world_size,
-        info[0]["device"],
-        f"{info[0]['parameters']:,}",
-        info[0]["total_steps"],
-        info[0]["steps_per_epoch"],
-        info[0]["train_rows"],
+        info.device,
+        f"{info.parameters:,}",
+        info.total_steps,
+        info.steps_per_epoch,
+        info.train_rows,
+        strategy_for(cfg).describe(cfg),
     )
-    if cfg.sft_train.strategy_args.strategy_name == "megatron_train":
-        lay = cfg.megatron_layout
-        get_run_logger().info(
-            "megatron layout: tensor %d x pipeline %d%s x context %d x data %d%s%s",
-            lay.tensor_model_parallel_size,
-            lay.pipeline_model_parallel_size,
-            f" (x{lay.virtual_pipeline_model_parallel_size} virtual)"
-            if lay.virtual_pipeline_model_parallel_size
-            else "",
-            lay.context_parallel_size,
-            cfg.data_parallel_size,
-            ", sequence parallel" if lay.sequence_parallel else "",
-            ", distributed optimizer" if lay.use_distributed_optimizer else "",
-        )
-    return cluster, info[0]
+    return cluster, info
 
 
 @task(name="train-steps", cache_policy=NONE, persist_result=False, task_run_name="train-steps-{start}-{end}")
@@ -72,7 +63,7 @@ def train_steps(
     metrics: dict[str, float] = {}
     began = time.perf_counter()
     for step in range(start, end):
-        metrics = train_metrics(cluster.execute_all("train_step", step, label=f"step {step + 1}"))
+        metrics = m.train_metrics(cluster.execute_all("train_step", step, label=f"step {step + 1}"))
         global_step = step + 1
         if global_step % logging_steps == 0 or global_step == end:
             trackers.log_metrics(metrics, global_step)
@@ -83,42 +74,47 @@ def train_steps(
                 total,
                 bar(global_step, total),
                 eta(pace * (total - global_step)),
-                metrics["sft_train/loss"],
-                metrics["sft_train/grad_norm"],
-                metrics["sft_train/lr"],
-                metrics["sft_train/tokens_per_sec"],
-                metrics["time/step_train"],
+                metrics[m.LOSS],
+                metrics[m.GRAD_NORM],
+                metrics[m.LR],
+                metrics[m.TOKENS_PER_SEC],
+                metrics[m.TIME_STEP],
             )
     return metrics
 
 
 @task(name="val-step", cache_policy=NONE, persist_result=False)
 def val_step(cluster: Cluster) -> dict[str, float]:
-    return val_metrics(cluster.execute_all("val_step", label="validation"))
+    return m.val_metrics(cluster.execute_all("val_step", label="validation"))
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    path: str  # the folder to register: the HF folder, or a LoRA run's merged model beside it
+    adapter: str | None  # a LoRA run's adapter folder
+    seconds: float  # the slowest rank's time to write it
 
 
 @task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
 def save_checkpoint(
     cluster: Cluster, run_root: str, step: int, state: dict[str, Any], final: bool = False
-) -> dict[str, Any]:
-    """Workers write into the run's staging folder; it is published whole (manifest, rename).
-    `path` is the folder to register: the Hugging Face folder, or for a LoRA run's last checkpoint
-    the merged model beside its adapter (`adapter` then names the adapter folder)."""
+) -> SavedCheckpoint:
+    """Workers write into the run's staging folder; it is published whole (manifest, rename)."""
     run = RunFolder(Path(run_root))
     staged = run.staging(step)
     shutil.rmtree(staged, ignore_errors=True)  # left by a crash during an earlier save of this run
-    timing = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
+    seconds = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
     for folder in (staged / cluster.name, staged / f"{cluster.name}-merged"):
         if (folder / "config.json").is_file():  # a full model (not a LoRA adapter): an MLflow model too
             write_mlflow_model(folder)
     path = ckpt.publish(run, step, state, cluster.world_size)
     hf, merged = path / cluster.name, path / f"{cluster.name}-merged"
     adapter = (hf / "adapter_config.json").is_file()
-    return {
-        "path": str(merged if merged.is_dir() else hf),
-        "adapter": str(hf) if adapter else None,
-        "time": max(t["time"] for t in timing),
-    }
+    return SavedCheckpoint(
+        path=str(merged if merged.is_dir() else hf),
+        adapter=str(hf) if adapter else None,
+        seconds=max(seconds),
+    )
 
 
 @task(name="prune-checkpoints", cache_policy=NONE, persist_result=False)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from sft_core.config_loader import load_config
-from sft_core.strategies import DistContext, create_strategy, precision
-from tests.conftest import encoded_demo
+from sft_core.strategies import precision
+from sft_core.strategies.base import DistContext
+from sft_core.strategies.registry import create_strategy
+from tests.helpers import encoded_demo
 
 CPU = torch.device("cpu")
 STEPS = 20
@@ -63,20 +65,20 @@ def _train(artifacts: dict, dtype: str) -> tuple[list[float], torch.nn.Module, t
     from sft_core.data.store import EncodedData
     from sft_core.model.resolve import load_tokenizer
 
-    data = EncodedData.load(artifacts["train_encoded"])
-    plan = PackedPlan.from_dict(json.loads(Path(artifacts["train_plan"]).read_text()))
-    pad = int(load_tokenizer(artifacts["tokenizer_dir"]).pad_token_id)
+    data = EncodedData.load(artifacts.train.encoded)
+    plan = PackedPlan.from_dict(json.loads(Path(artifacts.train.plan).read_text()))
+    pad = int(load_tokenizer(artifacts.tokenizer_dir).pad_token_id)
     torch.manual_seed(0)
     strategy = create_strategy(
         smoke_cfg(dtype, "sft_train.training_args.max_grad_norm=0"), DistContext(0, 1, CPU)
     )
-    strategy.initialize(Path(artifacts["model_dir"]), STEPS)
+    strategy.initialize(Path(artifacts.model_dir), STEPS)
     losses = []
     for step in range(STEPS):
         batch = collate_rows(data, plan, [step % len(plan.rows)], pad)
         targets = int((batch.labels[:, 1:] != -100).sum())
         out = strategy.train_step([batch], targets)
-        losses.append(out["loss_sum"] / out["targets"])
+        losses.append(out.loss_sum / out.targets)
     return losses, strategy.model, strategy.optimizer
 
 

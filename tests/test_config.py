@@ -91,12 +91,12 @@ def test_seed_shaped_config_loads_with_the_same_meaning(tmp_path):
     assert cfg.num_gpus_per_node == 8
     assert cfg.sft_train.model_args.dtype == "bf16"
     assert cfg.sft_train.device_mapping == list(range(8))
-    assert cfg.sft_train.strategy_args.strategy_config["tensor_model_parallel_size"] == 2
+    assert cfg.strategy_config.tensor_model_parallel_size == 2
     assert cfg.template == "qwen2_5"
     # 8 workers = TP 2 x PP 2 x CP 2: one data-parallel replica.
     assert cfg.data_parallel_size == 1
     assert cfg.global_batch_size == 2 * 16 * 1
-    layout = cfg.megatron_layout
+    layout = cfg.strategy_config
     assert layout.sequence_parallel and layout.use_distributed_optimizer and layout.context_parallel_size == 2
     # Context parallelism needs Transformer Engine's attention: refused before any worker starts.
     with pytest.raises(ConfigError, match="context_parallel_size.*Transformer Engine"):

@@ -231,7 +231,7 @@ def test_last_assistant_turn_only(smollm2_tokenizer):
 
 
 def test_worker_processes_encode_exactly_like_one_process(tmp_path, smollm2_tokenizer):
-    from tests.conftest import DEMO
+    from tests.helpers import DEMO
 
     tok = smollm2_tokenizer
     args = ([str(DEMO / "train.jsonl")], tok, spec(128, "native"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime import stop_process_group
-from tests.conftest import REPO, checkpoint_path
+from tests.helpers import REPO, checkpoint_path
 
 pytestmark = pytest.mark.slow
 

@@ -3,6 +3,7 @@ training (gloo, real Ray actors) with the same losses in every parallel layout."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from sft_core.config import ConfigError, check_runnable
 from sft_core.config_loader import load_config
 from sft_core.model import megatron_bridge as bridge
-from sft_core.strategies import megatron_cpu_shim as shim
-from tests.conftest import encoded_demo, train_on_cluster
+from sft_core.strategies.megatron import cpu_shim as shim
+from tests.helpers import encoded_demo, train_on_cluster
 
 MEGATRON = "sft_train.strategy_args.strategy_name=megatron_train"
 
@@ -148,7 +149,7 @@ def test_impossible_layouts_stop_with_a_message(llama_dir):
         load(*megatron_overrides(tensor_model_parallel_size=2), "sft_train.device_mapping=[0,1,2]")
     with pytest.raises(
         ConfigError,
-        match=r"strategy_config.tensor_model_paralel_size: unknown key \(did you mean 'tensor_model_parallel_size'",
+        match=r"strategy_config.tensor_model_paralel_size': unknown key \(did you mean 'tensor_model_parallel_size'",
     ):
         load(MEGATRON, "+sft_train.strategy_args.strategy_config.tensor_model_paralel_size=2")
     with pytest.raises(
@@ -161,7 +162,7 @@ def test_impossible_layouts_stop_with_a_message(llama_dir):
     def layout(workers: int = 4, **kw: int):
         return load(
             *megatron_overrides(**kw), f"sft_train.device_mapping={list(range(workers))}"
-        ).megatron_layout
+        ).strategy_config
 
     with pytest.raises(
         ConfigError,
@@ -238,7 +239,8 @@ def process_group():
 def test_megatron_logits_equal_hf_logits_on_packed_rows(kind, llama_dir, qwen2_dir, process_group):
     from sft_core.model.load import load_causal_lm
     from sft_core.strategies.base import DistContext
-    from sft_core.strategies.megatron import MegatronStrategy, block_causal_mask
+    from sft_core.strategies.megatron.batches import block_causal_mask
+    from sft_core.strategies.megatron.strategy import MegatronStrategy
 
     folder = llama_dir if kind == "llama" else qwen2_dir
     strategy = MegatronStrategy(
@@ -271,7 +273,7 @@ def artifacts(tmp_path_factory, tiny_model_dir, smollm2_tokenizer) -> dict:
     out = tmp_path_factory.mktemp("megatron-data")
     # Packed rows: several samples per row, so the block-diagonal mask is exercised too.
     artifacts = encoded_demo(out, smollm2_tokenizer, tiny_model_dir, packing=True)
-    return {**artifacts, "model_dir": str(save_model(out / "model", "llama", layers=4))}
+    return replace(artifacts, model_dir=str(save_model(out / "model", "llama", layers=4)))
 
 
 STEPS = 5
@@ -309,7 +311,7 @@ def test_parallel_layouts_reproduce_the_single_process_run(artifacts):
         ray.shutdown()
     from safetensors.torch import load_file
 
-    initial = load_file(str(Path(artifacts["model_dir"]) / "model.safetensors"))
+    initial = load_file(str(Path(artifacts.model_dir) / "model.safetensors"))
     key = "model.layers.3.mlp.up_proj.weight"
     assert (ref_weights[key] - initial[key]).abs().max() > 5e-5, "training did not move the weights"
     assert min(ref_norms) > 1.0, "clipping was not exercised"
@@ -331,7 +333,7 @@ def test_smoke_pipeline_end_to_end_with_pipeline_parallel_megatron(prefect_serve
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.conftest import checkpoint_path
+    from tests.helpers import checkpoint_path
     from tests.test_pipeline import flow_run_id, smoke, task_states
 
     result, out = smoke(tmp_path, demo_copy, *megatron_overrides(pipeline_model_parallel_size=2))

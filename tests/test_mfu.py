@@ -12,6 +12,7 @@ import torch
 
 from sft_core.train import mfu
 from sft_core.train.metrics import train_metrics
+from sft_core.train.stats import RankStep, StepStats
 
 
 def test_flops_are_6n_plus_attention_over_each_packed_samples_own_length():
@@ -56,11 +57,12 @@ def test_mfu_is_never_above_one():
 
 
 def test_step_mfu_is_all_flops_over_all_workers_peaks():
-    def rank(r: int, flops: float, seconds: float) -> dict:
-        return dict(num_targets=10, time_step=seconds, tokens=64, real_tokens=60 if flops else 0,
-                    time_comm=None, loss_sum=1.0, grad_norm=1.0, lr=1e-4, flops=flops, peak_flops=1e11,
-                    skipped_steps=0, epoch=0, time_data=0.0, time_fwd_bwd=0.0, time_optimizer=0.0,
-                    peak_memory_mb=1.0, rank=r)  # fmt: skip
+    def rank(r: int, flops: float, seconds: float) -> RankStep:
+        stats = StepStats(loss_sum=1.0, targets=10, grad_norm=1.0, lr=1e-4, skipped_steps=0,
+                          time_fwd_bwd=0.0, time_optimizer=0.0)  # fmt: skip
+        return RankStep(rank=r, stats=stats, num_targets=10, tokens=64, real_tokens=60 if flops else 0,
+                        flops=flops, peak_flops=1e11, time_data=0.0, time_step=seconds, epoch=0,
+                        peak_memory_mb=1.0)  # fmt: skip
 
     # A tensor-parallel peer reports no tokens but its device was busy: its peak still counts.
     metrics = train_metrics([rank(0, 6e10, 1.0), rank(1, 0.0, 0.5)])

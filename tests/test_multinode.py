@@ -4,6 +4,7 @@ result equals the single-node run."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import ray
 import torch
 
 from sft_core.config_loader import load_config
-from tests.conftest import encoded_demo, train_on_cluster
+from sft_core.train.artifacts import SplitFiles
+from tests.helpers import encoded_demo, train_on_cluster
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -40,7 +42,7 @@ def test_workers_spread_over_two_nodes_train_like_one_node(
     from sft_core.cluster.cluster import Cluster
 
     artifacts = encoded_demo(tmp_path, smollm2_tokenizer, tiny_model_dir, packing=True)
-    artifacts["shared_dir"] = str(tmp_path)
+    artifacts = artifacts.with_shared_dir(str(tmp_path))
 
     # Every node and the driver on loopback: Ray otherwise swaps 127.0.0.1 for the host's routable
     # address when connecting, and the test cluster would be reachable from the network.
@@ -80,7 +82,10 @@ def test_a_worker_that_cannot_see_the_data_is_named(tmp_path, tiny_model_dir, sm
     from sft_core.cluster.cluster import Cluster
 
     artifacts = encoded_demo(tmp_path, smollm2_tokenizer, tiny_model_dir, packing=True)
-    artifacts["train_encoded"] = str(tmp_path / "elsewhere" / "train.npz")  # not on this node
+    elsewhere = SplitFiles(
+        str(tmp_path / "elsewhere" / "train.npz"), artifacts.train.plan
+    )  # not on this node
+    artifacts = replace(artifacts, train=elsewhere)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         with pytest.raises(Exception, match=r"rank \d on node \S+ cannot read .*elsewhere/train\.npz"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import checkpoint_path, run_cli
+from tests.helpers import checkpoint_path, run_cli
 
 pytestmark = pytest.mark.slow
 

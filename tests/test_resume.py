@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import checkpoint_path, run_cli, worker_pids
+from tests.helpers import checkpoint_path, run_cli, worker_pids
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime import free_port, stop_process_group
-from tests.conftest import REPO, run_cli, run_folders, worker_pids
+from tests.helpers import REPO, run_cli, run_folders, worker_pids
 
 pytestmark = pytest.mark.slow
 

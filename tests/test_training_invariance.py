@@ -10,7 +10,7 @@ import ray
 import torch
 
 from sft_core.config_loader import load_config
-from tests.conftest import encoded_demo, train_on_cluster
+from tests.helpers import encoded_demo, train_on_cluster
 
 pytestmark = pytest.mark.slow
 STEPS = 5
@@ -57,7 +57,7 @@ def test_workers_and_accumulation_do_not_change_the_weights(artifacts):
         ray.shutdown()
     from safetensors.torch import load_file
 
-    initial = load_file(str(Path(artifacts["model_dir"]) / "model.safetensors"))
+    initial = load_file(str(Path(artifacts.model_dir) / "model.safetensors"))
     key = "model.layers.0.mlp.up_proj.weight"
     assert (reference[key] - initial[key]).abs().max() > 5e-5, "training did not move the weights"
     # Adam divides by sqrt(v): float noise in near-zero gradients (different padding, summation

@@ -10,7 +10,8 @@ import torch
 
 from sft_core.config_loader import load_config
 from sft_core.data.collate import MicroBatch, masked_batch
-from sft_core.strategies import DistContext, create_strategy
+from sft_core.strategies.base import DistContext
+from sft_core.strategies.registry import create_strategy
 from sft_core.train.batching import BatchSchedule, split_for_rank
 from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import lr_factor
@@ -81,12 +82,12 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(tiny_model_dir):
     before = {k: v.clone() for k, v in strategy.module.state_dict().items()}
     hooks = [p.register_hook(lambda g: g * math.nan) for p in strategy.module.parameters()]
     out = strategy.train_step([_batch()], num_targets=32)
-    assert out["skipped_steps"] == 1 and not math.isfinite(out["grad_norm"])
+    assert out.skipped_steps == 1 and not math.isfinite(out.grad_norm)
     assert all(torch.equal(v, before[k]) for k, v in strategy.module.state_dict().items())
     for h in hooks:
         h.remove()
     out = strategy.train_step([_batch()], num_targets=32)
-    assert out["skipped_steps"] == 1 and math.isfinite(out["grad_norm"])
+    assert out.skipped_steps == 1 and math.isfinite(out.grad_norm)
     assert not torch.equal(strategy.module.state_dict()["model.norm.weight"], before["model.norm.weight"])
 
 
@@ -95,8 +96,8 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir):
     checkpointed = _strategy(tiny_model_dir, "++sft_train.training_args.gradient_checkpointing=true")
     a = plain.train_step([_batch(1), _batch(2)], num_targets=64)
     b = checkpointed.train_step([_batch(1), _batch(2)], num_targets=64)
-    assert a["loss_sum"] == pytest.approx(b["loss_sum"], rel=1e-6)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-6)
+    assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
     for (k, v), w in zip(
         plain.module.state_dict().items(), checkpointed.module.state_dict().values(), strict=True
     ):
@@ -107,9 +108,7 @@ def test_masked_filler_batches_change_nothing(tiny_model_dir):
     a, b = _strategy(tiny_model_dir), _strategy(tiny_model_dir)
     ra = a.train_step([_batch()], num_targets=32)
     rb = b.train_step([_batch(), masked_batch()], num_targets=32)
-    assert ra["loss_sum"] == pytest.approx(rb["loss_sum"]) and ra["grad_norm"] == pytest.approx(
-        rb["grad_norm"]
-    )
+    assert ra.loss_sum == pytest.approx(rb.loss_sum) and ra.grad_norm == pytest.approx(rb.grad_norm)
 
 
 def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_dir, smollm2_tokenizer):
@@ -118,7 +117,7 @@ def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_di
     from sft_core.data.messages import FieldMapping
     from sft_core.data.packing import plan_rows
     from sft_core.data.spec import EncodeSpec
-    from tests.conftest import DEMO
+    from tests.helpers import DEMO
 
     tok = smollm2_tokenizer
     spec = EncodeSpec(256, fields=FieldMapping(query_key="input"))
@@ -129,7 +128,8 @@ def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_di
         plan = plan_rows(data, 256, packing)
         batches = [collate_rows(data, plan, list(range(i, min(i + 4, len(plan.rows)))), tok.pad_token_id)
                    for i in range(0, len(plan.rows), 4)]  # fmt: skip
-        results[packing] = (len(plan.rows), *strategy.eval_step(batches))
+        sums = strategy.eval_step(batches)
+        results[packing] = (len(plan.rows), sums.loss_sum, sums.targets)
     assert results[True][0] < results[False][0]  # packing did pack
     assert results[True][2] == results[False][2]  # the same supervised targets
     assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
@@ -153,7 +153,7 @@ def test_resume_state_loads_with_weights_only_and_continues_exactly(tiny_model_d
     assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.rand(3), draws[1])
     assert random.random() == draws[2]
     got = b.train_step([_batch(2)], num_targets=32)
-    assert got["loss_sum"] == expected["loss_sum"] and got["grad_norm"] == expected["grad_norm"]
+    assert got.loss_sum == expected.loss_sum and got.grad_norm == expected.grad_norm
     for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
 
@@ -200,6 +200,6 @@ def test_lora_resume_state_holds_only_the_adapter_and_continues_exactly(tiny_mod
     b = _strategy(tiny_model_dir, LORA)
     b.load_state(tmp_path)
     got = b.train_step([_batch(2)], num_targets=32)
-    assert got["loss_sum"] == expected["loss_sum"] and got["grad_norm"] == expected["grad_norm"]
+    assert got.loss_sum == expected.loss_sum and got.grad_norm == expected.grad_norm
     for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
         assert torch.equal(v, w), k

@@ -27,9 +27,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sft_core.cluster.actor import SFTWorkerActor
 from sft_core.config import SFTConfig
 from sft_core.errors import ConfigError, user_error_in
-from sft_core.train.worker import SFTWorker
+from sft_core.train.artifacts import TrainArtifacts
 
 # Passed to each actor so it sees the same Prefect server, caches and thread settings as the driver.
 _FORWARDED_ENV = (
@@ -51,7 +52,7 @@ class WorkerFailure(RuntimeError):
 
 
 class Cluster:
-    def __init__(self, cfg: SFTConfig, artifacts: dict[str, Any]):
+    def __init__(self, cfg: SFTConfig, artifacts: TrainArtifacts):
         if not ray.is_initialized():
             raise RuntimeError("Cluster needs a running Ray runtime (the flow's RayTaskRunner starts one)")
         self.name = cfg.sft_train.name
@@ -81,10 +82,10 @@ class Cluster:
             self.shutdown()
             raise
 
-    def _start(self, cfg: SFTConfig, artifacts: dict[str, Any], env: dict[str, str], bundle: dict) -> None:
+    def _start(self, cfg: SFTConfig, artifacts: TrainArtifacts, env: dict[str, str], bundle: dict) -> None:
         # `ping` runs in its own thread (concurrency group), so a worker busy in a long call still
         # answers it; every other method runs in the default group's one thread, in order.
-        actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorker)
+        actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorkerActor)
         cfg_dict = cfg.model_dump()
         self.workers = [
             actor_cls.options(
@@ -98,8 +99,8 @@ class Cluster:
         self.nodes = self._wait([w.node.remote() for w in self.workers], "node", "start-up")
         # Every worker must see the data and the run folder the driver wrote (multi-node: shared
         # storage); a node that cannot is named before any work starts.
-        shared = [p for p in (artifacts.get("train_encoded"), artifacts.get("val_encoded")) if p]
-        probe_dir = artifacts.get("shared_dir")
+        shared = artifacts.data_files()
+        probe_dir = artifacts.shared_dir
         self._wait(
             [w.check_storage.remote(shared, probe_dir) for w in self.workers], "check_storage", "start-up"
         )

@@ -19,25 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.errors import ModelError
+from sft_core.home import model_cache
+from sft_core.model.source import EMBEDDED_PREFIX, pretrain_kind
 
 EMBEDDED = ("smollm2-135m-instruct", "tiny-smollm2")
 _COMPLETE = ".complete"
 
 
-def sft_home() -> Path:
-    """Root of everything the project recreates (git-ignored): $SFT_HOME or <repo>/.sft."""
-    return Path(os.environ.get("SFT_HOME") or Path(__file__).resolve().parents[2] / ".sft")
-
-
-def cache_root() -> Path:
-    """Converted models: $SFT_MODEL_CACHE or <sft_home>/models (tests share one across runs)."""
-    return Path(os.environ.get("SFT_MODEL_CACHE") or sft_home() / "models")
-
-
 def resolve_pretrained(pretrain: str) -> Path:
     """Return a local HF folder for `pretrain`, converting or building it once where needed."""
-    if pretrain.startswith("embedded:"):
-        name = pretrain.removeprefix("embedded:")
+    kind = pretrain_kind(pretrain)
+    if kind == "embedded":
+        name = pretrain.removeprefix(EMBEDDED_PREFIX)
         if name == "smollm2-135m-instruct":
             return _smollm2_folder()
         if name == "tiny-smollm2":
@@ -49,18 +42,14 @@ def resolve_pretrained(pretrain: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"config key 'pretrain': GGUF file '{pretrain}' does not exist.")
-        return _convert_gguf(path, cache_root() / f"gguf-{_file_digest(path)[:16]}")
+        return _convert_gguf(path, model_cache() / f"gguf-{_file_digest(path)[:16]}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"config key 'pretrain': '{pretrain}' is a folder but not a Hugging Face model (no config.json)."
             )
         return path.resolve()
-    if (
-        os.environ.get("HF_HUB_OFFLINE") == "1"
-        or pretrain.startswith((".", "/", "~"))
-        or pretrain.count("/") != 1
-    ):
+    if kind == "path" or os.environ.get("HF_HUB_OFFLINE") == "1" or pretrain.count("/") != 1:
         raise ModelError(
             f"config key 'pretrain': '{pretrain}' does not exist. Give a Hugging Face model folder, a .gguf file, "
             f"or one of: {', '.join('embedded:' + e for e in EMBEDDED)}."
@@ -102,7 +91,7 @@ def _smollm2_gguf() -> Path:
 
 
 def _smollm2_folder() -> Path:
-    return _convert_gguf(_smollm2_gguf(), cache_root() / "smollm2-135m-instruct")
+    return _convert_gguf(_smollm2_gguf(), model_cache() / "smollm2-135m-instruct")
 
 
 def _locked(out: Path):
@@ -144,7 +133,7 @@ def _convert_gguf_unlocked(gguf: Path, out: Path) -> None:
 
 def _tiny_smollm2_folder() -> Path:
     """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer, random weights from a fixed seed."""
-    out = cache_root() / "tiny-smollm2"
+    out = model_cache() / "tiny-smollm2"
     if (out / _COMPLETE).exists():
         return out
     tokenizer_dir = _smollm2_folder()

@@ -1,14 +1,24 @@
-"""The one interface every training strategy implements (ddp_train, fsdp2_train, megatron_train)."""
+"""The one interface every training strategy implements (the names are in registry.py).
+
+A strategy owns the model's distribution: wrapping, the step over micro-batches, evaluation,
+export and exact resume; and the decisions about itself that are made before workers start
+(class methods: checks of the model against the layout, its line in the run log, whether a
+process group is needed).
+"""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 
+from sft_core.config import SFTConfig
 from sft_core.data.collate import MicroBatch
+from sft_core.train import rng
+from sft_core.train.stats import EvalSums, StepStats
 
 
 @dataclass(frozen=True)
@@ -22,40 +32,95 @@ class DistContext:
         return self.rank == 0
 
 
-class Strategy(Protocol):
-    """Owns the model's distribution: wrapping, the step over micro-batches, evaluation, export."""
+class Strategy(abc.ABC):
+    name: ClassVar[str]
 
-    name: str
+    def __init__(self, cfg: SFTConfig, ctx: DistContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.args = cfg.sft_train.training_args
+        self.skipped_steps = 0  # non-finite steps, never applied to the weights
 
+    # -- decided before any worker starts ------------------------------------------------------
+    @classmethod
+    def preflight(cls, cfg: SFTConfig, model_dir: str) -> None:
+        """Stop (ConfigError / ModelError) when this model cannot run with this layout."""
+        return None  # nothing to check for strategies that take any model the loader takes
+
+    @classmethod
+    def describe(cls, cfg: SFTConfig) -> str:
+        """The strategy and its layout, one line for the run log."""
+        return f"{cls.name}: {cfg.sft_train.world_size} data-parallel worker(s)"
+
+    @classmethod
+    def needs_process_group(cls, world_size: int) -> bool:
+        """Whether torch.distributed must be initialized for `world_size` workers."""
+        return world_size > 1
+
+    # -- the layout, as this rank sees it --------------------------------------------------------
     @property
     def data_parallel(self) -> tuple[int, int]:
         """(rank, size) among model replicas: which share of each global batch this rank trains on.
         Every rank for ddp/fsdp2; ranks of one tensor/pipeline group share a replica's data."""
+        return self.ctx.rank, self.ctx.world_size
 
     @property
     def reports_metrics(self) -> bool:
         """Whether this rank's loss and token counts are its replica's (exactly one rank per replica),
         so that summing over ranks counts each token once."""
+        return True
 
+    # -- the work ------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def initialize(self, model_dir: Path, total_steps: int) -> None:
         """Load the model from a Hugging Face folder, wrap it, build optimizer and scheduler."""
 
-    def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> dict[str, float]:
+    @abc.abstractmethod
+    def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> StepStats:
         """One optimizer step. `num_targets` is the supervised-target count of the whole global batch."""
 
-    def eval_step(self, micro_batches: list[MicroBatch]) -> tuple[float, int]:
-        """(summed loss, supervised targets) over this rank's validation micro-batches."""
+    @abc.abstractmethod
+    def eval_step(self, micro_batches: list[MicroBatch]) -> EvalSums:
+        """Summed loss and supervised targets over this rank's validation micro-batches."""
 
+    @abc.abstractmethod
     def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
         """Write a Hugging Face folder (rank 0 writes; every rank calls); `final` at the run's end."""
 
+    @abc.abstractmethod
     def save_state(self, out_dir: Path) -> None:
         """Write everything exact resume needs (every rank calls)."""
 
+    @abc.abstractmethod
     def load_state(self, state_dir: Path) -> None:
         """Restore what save_state wrote, on the same layout."""
 
+    @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on CPU (collective where sharded)."""
 
+    @abc.abstractmethod
     def num_parameters(self) -> int: ...
+
+    # -- written once for every strategy -------------------------------------------------------------
+    def sync(self) -> None:
+        """Wait for this rank's device, so a timer read after it measures finished work."""
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def save_rank_state(self, path: Path, rng_extra: dict[str, Any] | None = None, **state: Any) -> None:
+        """This rank's resume file: `state`, the skipped-step count and every RNG it draws from
+        (plus `rng_extra`, e.g. megatron's tracker streams). Tensors and plain values only."""
+        torch.save(
+            {**state, "skipped_steps": self.skipped_steps,
+             "rng": {**rng.capture(self.ctx.device), **(rng_extra or {})}},
+            path,
+        )  # fmt: skip
+
+    def read_rank_state(self, path: Path) -> dict[str, Any]:
+        return rng.load_state_file(path)
+
+    def restore_rank_state(self, own: dict[str, Any]) -> None:
+        """The part of a rank's resume file every strategy restores the same way."""
+        self.skipped_steps = own["skipped_steps"]
+        rng.restore(own["rng"], self.ctx.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -19,31 +20,23 @@ from sft_core.config import SFTConfig
 from sft_core.data.collate import MicroBatch
 from sft_core.model import lora
 from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
-from sft_core.strategies.base import DistContext
+from sft_core.strategies.base import DistContext, Strategy
 from sft_core.strategies.precision import autocast_dtype
-from sft_core.train import rng
 from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import build_scheduler
+from sft_core.train.stats import EvalSums, StepStats
+
+# A skipped (non-finite) step still advances the schedule, which torch then warns about.
+_SCHEDULER_WARNING = re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`")
 
 
-class TorchStrategy:
-    name = "torch"
-
+class TorchStrategy(Strategy):
     def __init__(self, cfg: SFTConfig, ctx: DistContext):
-        self.cfg = cfg
-        self.ctx = ctx
-        self.args = cfg.sft_train.training_args
+        super().__init__(cfg, ctx)
         # Weights stay fp32 (the optimizer's master copy); bf16/fp16 is autocast, on CPU where the
         # CPU multiplies bf16 natively (precision.py).
         self.autocast_dtype = autocast_dtype(DTYPES[cfg.sft_train.model_args.dtype], ctx.device)
-        self.skipped_steps = 0
         self.lora = cfg.sft_train.model_args.lora
-
-    @property
-    def data_parallel(self) -> tuple[int, int]:
-        return self.ctx.rank, self.ctx.world_size
-
-    reports_metrics = True
 
     # -- what subclasses provide -------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -101,12 +94,8 @@ class TorchStrategy:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
 
-    def _sync(self) -> None:
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-
     # -- the step ---------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> StepStats:
         self.model.train()
         batches = micro_batches  # the worker gives every rank the same count (padding with masked ones)
         # Gradients are averaged over ranks by DDP / FSDP; multiplying by world_size turns that into
@@ -124,7 +113,7 @@ class TorchStrategy:
                 (loss * scale).backward()
             loss_sum += float(loss.detach())
             targets += n
-        self._sync()
+        self.sync()
         t1 = time.perf_counter()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = grad_norm_fp64(grads)
@@ -137,22 +126,22 @@ class TorchStrategy:
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # A skipped step still advances the schedule: lr stays a function of the global step.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=_SCHEDULER_WARNING)
             self.scheduler.step()
-        self._sync()
-        return {
-            "loss_sum": loss_sum,
-            "targets": targets,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "skipped_steps": self.skipped_steps,
-            "time_fwd_bwd": t1 - t0,
-            "time_comm": self._take_comm_time(),
-            "time_optimizer": time.perf_counter() - t1,
-        }
+        self.sync()
+        return StepStats(
+            loss_sum=loss_sum,
+            targets=targets,
+            grad_norm=grad_norm,
+            lr=lr,
+            skipped_steps=self.skipped_steps,
+            time_fwd_bwd=t1 - t0,
+            time_optimizer=time.perf_counter() - t1,
+            time_comm=self._take_comm_time(),
+        )
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[MicroBatch]) -> tuple[float, int]:
+    def eval_step(self, micro_batches: list[MicroBatch]) -> EvalSums:
         self.model.eval()
         loss_sum, targets = 0.0, 0
         for mb in micro_batches:
@@ -162,7 +151,7 @@ class TorchStrategy:
             loss, n = summed_token_loss(logits, mb.labels)
             loss_sum += float(loss)
             targets += n
-        return loss_sum, targets
+        return EvalSums(loss_sum, targets)
 
     # -- export and exact resume -------------------------------------------------------------------
     def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
@@ -196,14 +185,7 @@ class TorchStrategy:
             get_state_dict(self.model, self.optimizer, options=self._state_options())
         )
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out_dir / "dcp"))
-        torch.save(
-            {
-                "scheduler": self.scheduler.state_dict(),
-                "skipped_steps": self.skipped_steps,
-                "rng": rng.capture(self.ctx.device),
-            },
-            out_dir / f"rank{self.ctx.rank}.pt",
-        )
+        self.save_rank_state(out_dir / f"rank{self.ctx.rank}.pt", scheduler=self.scheduler.state_dict())
 
     def load_state(self, state_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -221,10 +203,9 @@ class TorchStrategy:
             optim_state_dict=state["optim"],
             options=self._state_options(),
         )
-        own = rng.load_state_file(state_dir / f"rank{self.ctx.rank}.pt")
+        own = self.read_rank_state(state_dir / f"rank{self.ctx.rank}.pt")
         self.scheduler.load_state_dict(own["scheduler"])
-        self.skipped_steps = own["skipped_steps"]
-        rng.restore(own["rng"], self.ctx.device)
+        self.restore_rank_state(own)
 
     def _state_options(self) -> Any:
         """Frozen weights (a LoRA run's base model) come from the pretrained folder on resume."""

@@ -1,0 +1,26 @@
+"""Where the project keeps what it recreates (git-ignored): converted models, encoded data,
+tokenizers, the local Prefect home, the measured CPU peak. One root, owned here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def sft_home() -> Path:
+    """$SFT_HOME or <repo>/.sft."""
+    return Path(os.environ.get("SFT_HOME") or Path(__file__).resolve().parents[1] / ".sft")
+
+
+def model_cache() -> Path:
+    """Converted models: $SFT_MODEL_CACHE or <sft_home>/models (tests share one across runs)."""
+    return Path(os.environ.get("SFT_MODEL_CACHE") or sft_home() / "models")
+
+
+def data_cache(key: str) -> Path:
+    """One encoded split and its packing plans, by encode cache key."""
+    return sft_home() / "data" / key
+
+
+def tokenizers() -> Path:
+    return sft_home() / "tokenizers"

@@ -1,0 +1,9 @@
+"""The base of every config schema: an unknown key or a wrong type is an error, never ignored."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
