@@ -16,10 +16,9 @@ import time
 from typing import Any
 
 from flows.runtime import ensure_server, set_local_defaults, stop_server
-from sft_core.config import check_runnable
 from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
-from sft_core.preflight import preflight
+from sft_core.preflight import load_run_config, preflight
 from sft_core.secrets import move_secrets_to_env
 
 
@@ -28,11 +27,9 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     # A secret typed on the command line goes to the environment; the flow run's stored parameters
     # hold only a ${oc.env:...} reference to it.
     overrides = move_secrets_to_env(overrides, os.environ)
-    cfg = load_config(config_name, overrides, config_path)
+    cfg = load_run_config(config_name, overrides, config_path)
     if cfg.ray_address:
         os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's task runner starts
-    check_runnable(cfg)
-    preflight(cfg)
     t0 = time.perf_counter()
     api_url, started = ensure_server()
     print(

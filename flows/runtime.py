@@ -1,8 +1,8 @@
 """Process environment for a run: local defaults, and one Prefect server shared by every process.
 
 Without PREFECT_API_URL every process that touches Prefect starts its own temporary server, Ray
-workers included (STACK.md). So before Ray starts we make sure a server is up and export its URL;
-workers inherit it.
+workers included, each with its own empty history. So before Ray starts we make sure a server is
+up and export its URL; workers inherit it.
 """
 
 from __future__ import annotations

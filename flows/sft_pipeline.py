@@ -19,13 +19,12 @@ from flows.artifacts import publish_run_artifacts
 from flows.ray_runner import SFTRayTaskRunner
 from flows.validate import validate
 from sft_core.cluster.cluster import WorkerFailure
-from sft_core.config import SFTConfig, check_runnable
-from sft_core.config_loader import load_config
+from sft_core.config import SFTConfig
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
 from sft_core.data.splits import EncodedSplit, PackedSplit
 from sft_core.errors import ConfigError
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
-from sft_core.preflight import preflight
+from sft_core.preflight import load_run_config
 from sft_core.secrets import literal_secret_overrides, redact
 from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
@@ -248,9 +247,7 @@ def sft_pipeline(
     config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    cfg = load_config(config_name, overrides or [], config_path)
-    check_runnable(cfg)
-    preflight(cfg)  # the CLI ran it too; a deployment run starts here
+    cfg = load_run_config(config_name, overrides or [], config_path)
     connected = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     if cfg.ray_address and connected and cfg.ray_address.split(":")[-1] != connected.split(":")[-1]:
         raise ConfigError(

@@ -354,7 +354,7 @@ def check_runnable(cfg: SFTConfig, devices: tuple[str, int] | None = None) -> No
     if problem := cfg.strategy_config.machine_problem(kind, _has_transformer_engine()):
         raise ConfigError(f"config key 'sft_train.strategy_args.strategy_config': {problem}")
     mapping = cfg.sft_train.device_mapping
-    if os.environ.get("RAY_ADDRESS"):
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         return  # a multi-node cluster: Ray's scheduler is the judge of capacity
     if max(mapping) >= count:
         raise ConfigError(

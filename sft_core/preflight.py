@@ -1,12 +1,15 @@
 """Cheap checks of a config before any server, cluster or data work starts: paths that must exist,
-and a built-in template's special tokens in the model's tokenizer. Run by the CLI before it starts
-a server and by the flow itself, so deployment runs get them too."""
+and a built-in template's special tokens in the model's tokenizer. `load_run_config` is the one
+path from config name and overrides to a checked config: the flow calls it first (so deployment
+runs get every check), and the CLI calls it before it starts a server, to fail fast; in a CLI run the
+flow then finds that config already checked in its process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sft_core.config import SFTConfig
+from sft_core.config import SFTConfig, check_runnable
+from sft_core.config_loader import load_config
 from sft_core.data.templates import TEMPLATE_TOKENS, check_template_tokens
 from sft_core.model.source import pretrain_kind
 
@@ -38,3 +41,18 @@ def preflight(cfg: SFTConfig) -> None:
         tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))  # resolved once, cached on disk
         for name in builtins:
             check_template_tokens(name, tokenizer)
+
+
+_checked: set[str] = set()  # configs (as JSON, with the directory they were resolved from) checked here
+
+
+def load_run_config(config_name: str, overrides: list[str], config_path: str | None = None) -> SFTConfig:
+    """Compose and validate the config, then check it against this machine and its files, once per
+    process for the same resulting config."""
+    cfg = load_config(config_name, overrides, config_path)
+    key = f"{Path.cwd()}\n{cfg.model_dump_json()}"
+    if key not in _checked:
+        check_runnable(cfg)
+        preflight(cfg)
+        _checked.add(key)
+    return cfg

@@ -154,3 +154,17 @@ def test_data_policies_are_listed_so_overrides_need_no_plus():
     )  # fmt: skip
     args = cfg.sft_train.data_args
     assert (args.on_bad_row, args.format, args.supervise) == ("skip", "sharegpt", "last_assistant_turn")
+
+
+def test_a_config_is_checked_once_per_process_whoever_asks(monkeypatch):
+    """The CLI checks before it starts a server; the flow it then runs in the same process gets the
+    same config without checking again. Another config is checked on its own."""
+    from sft_core import preflight as pf
+
+    checked = []
+    monkeypatch.setattr(pf, "preflight", lambda cfg: checked.append(cfg.seed))
+    monkeypatch.setattr(pf, "_checked", set())
+    first = pf.load_run_config("sft_config", ["seed=7"])
+    again = pf.load_run_config("sft_config", ["seed=7"])
+    pf.load_run_config("sft_config", ["seed=8"])
+    assert first == again and checked == [7, 8]

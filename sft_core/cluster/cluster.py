@@ -85,7 +85,7 @@ class Cluster:
     def _start(self, cfg: SFTConfig, artifacts: TrainArtifacts, env: dict[str, str], bundle: dict) -> None:
         # `ping` runs in its own thread (concurrency group), so a worker busy in a long call still
         # answers it; every other method runs in the default group's one thread, in order.
-        actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorkerActor)
+        actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorkerActor)  # type: ignore[call-overload]  # stubs lack it
         cfg_dict = cfg.model_dump()
         self.workers = [
             actor_cls.options(

@@ -31,7 +31,9 @@ class FSDP2Strategy(TorchStrategy):
 
     @contextlib.contextmanager
     def _hold_grad_sync(self) -> Iterator[None]:
-        if not hasattr(self.model, "set_requires_gradient_sync"):
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.model, FSDPModule):  # one worker: not sharded
             yield
             return
         self.model.set_requires_gradient_sync(False)
@@ -45,9 +47,10 @@ class FSDP2Strategy(TorchStrategy):
 
         if not torch.distributed.is_initialized():
             return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return get_model_state_dict(
+        state = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -67,7 +67,8 @@ class TorchStrategy(Strategy):
         self.module = model
         self.num_params = count_parameters(model)  # before sharding: the full model's size
         self.model = self._wrap(model)
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in self.model.named_parameters():
             if p.requires_grad:  # with LoRA only the adapter trains
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
@@ -117,7 +118,7 @@ class TorchStrategy(Strategy):
         t1 = time.perf_counter()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = grad_norm_fp64(grads)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         if math.isfinite(grad_norm):
             clip_(grads, self.args.max_grad_norm, grad_norm)
             self.optimizer.step()

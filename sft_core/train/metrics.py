@@ -1,4 +1,5 @@
-"""The metric names of DESIGN.md, in one place, and the step and validation results turned into them."""
+"""The metric names every run logs (MLflow, TensorBoard, registered versions), in one place, and
+the per-rank step and validation results turned into them."""
 
 from __future__ import annotations
 

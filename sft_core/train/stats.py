@@ -2,7 +2,7 @@
 
 Strategies fill `StepStats`; the worker wraps it in `RankStep` with what only it knows (tokens,
 timings around the strategy, FLOPs); metrics.py turns a list of `RankStep`, one per rank, into the
-metric names of DESIGN.md. Plain frozen dataclasses: they cross Ray by pickling.
+metric names runs log. Plain frozen dataclasses: they cross Ray by pickling.
 """
 
 from __future__ import annotations

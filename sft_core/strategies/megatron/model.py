@@ -128,7 +128,7 @@ def global_name(chunk: torch.nn.Module, name: str, shape: bridge.GPTShape) -> st
     from 0); a tied output layer on the last stage is the word embedding."""
     if name.startswith("decoder.layers."):
         local, rest = name[len("decoder.layers.") :].split(".", 1)
-        layer = chunk.decoder.layers[int(local)]  # type: ignore[union-attr, index]
+        layer: Any = chunk.decoder.layers[int(local)]  # type: ignore[union-attr, index]
         return f"decoder.layers.{layer.layer_number - 1}.{rest}"
     if name == "output_layer.weight" and shape.tied_embeddings:
         return "embedding.word_embeddings.weight"
