@@ -46,7 +46,7 @@ def compose_dict(config_dir: Path, config_name: str, overrides: list[str]) -> di
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(raw, dict)
-    return raw
+    return {str(k): v for k, v in raw.items()}  # str keys already (YAML mapping keys); typed as such
 
 
 def load_config(

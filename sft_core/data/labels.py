@@ -3,16 +3,19 @@ supervised character spans (the answers and their end-of-turn tokens, see templa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.templates import ChatTemplate, supervised_char_spans
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def encode_messages(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate,
     messages: list[dict[str, str]],
     where: str,
@@ -25,7 +28,11 @@ def encode_messages(
 
 
 def conversation_spans(
-    tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]], where: str, supervise: str
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    messages: list[dict[str, str]],
+    where: str,
+    supervise: str,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the spans `supervise` keeps (every answer, or the last one)."""
     text, spans = supervised_char_spans(template, tokenizer, messages, where)
@@ -33,8 +40,8 @@ def conversation_spans(
 
 
 def tokenize_with_labels(
-    tokenizer: Any, texts: list[str], spans: list[list[tuple[int, int]]]
-) -> list[tuple[list[int], list[int]]]:
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[list[tuple[int, int]]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenize a batch (the fast tokenizer's batch path) and label each token from the char spans.
 
     A token is supervised when it overlaps a span. A token can straddle the span start only when
@@ -48,7 +55,7 @@ def tokenize_with_labels(
             labels_from_offsets(i, o, sp)
             for i, o, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True)
         ]
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for e, sample_spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans, strict=True):
         ids = np.array(e.ids, dtype=np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
@@ -67,7 +74,7 @@ def tokenize_with_labels(
 
 
 def labels_from_offsets(
-    ids: list[int], offsets: list, spans: list[tuple[int, int]]
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray]:
     ids_arr = np.asarray(ids, dtype=np.int32)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
@@ -21,18 +21,30 @@ from sft_core.data.packing import build_row, plan_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 GREEN, RESET = "\x1b[30;42m", "\x1b[0m"
 
 
+class Sample(TypedDict):
+    """One encoded sample as the preview shows it (and prints it with --json)."""
+
+    file: str
+    row: int
+    input_ids: list[int]
+    labels: list[int]
+
+
 def encode_preview(
-    cfg: SFTConfig, tokenizer: Any, n: int, split: str = "train"
-) -> tuple[list[dict[str, Any]], EncodeStats]:
+    cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int, split: str = "train"
+) -> tuple[list[Sample], EncodeStats]:
     """The first `n` usable samples of the split, encoded exactly as training encodes them, and
     the counts of the rows read up to there (skipped bad rows, dropped samples)."""
     files = cfg.sft_train.data_args.files() if split == "train" else cfg.validation_files
-    samples: list[dict[str, Any]] = []
+    samples: list[Sample] = []
     stats = EncodeStats()
-    encoded: Iterator = iter_encoded(files, tokenizer, EncodeSpec.from_config(cfg, split), stats)
+    encoded = iter_encoded(files, tokenizer, EncodeSpec.from_config(cfg, split), stats)
     for row, ids, labels in encoded:
         samples.append(
             {
@@ -59,19 +71,27 @@ def skipped_summary(stats: EncodeStats) -> list[str]:
     return lines
 
 
-def render(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
+def render(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], color: bool) -> str:
     """Decode runs of supervised / unsupervised tokens, marking the supervised runs."""
-    out, run, supervised = [], [], None
+    out: list[str] = []
+    run: list[int] = []
+    supervised: bool | None = None
     for token, label in zip(ids, labels, strict=True):
         flag = label != IGNORE_INDEX
         if flag != supervised and run:
-            out.append(_mark(tokenizer.decode(run), supervised, color))
+            out.append(_mark(_decode(tokenizer, run), supervised, color))
             run = []
         supervised = flag
         run.append(token)
     if run:
-        out.append(_mark(tokenizer.decode(run), supervised, color))
+        out.append(_mark(_decode(tokenizer, run), supervised, color))
     return "".join(out)
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    text = tokenizer.decode(ids)
+    assert isinstance(text, str)  # one sequence decodes to one string (the annotation covers batches)
+    return text
 
 
 def _mark(text: str, supervised: bool | None, color: bool) -> str:
@@ -81,7 +101,11 @@ def _mark(text: str, supervised: bool | None, color: bool) -> str:
 
 
 def preview_lines(
-    cfg: SFTConfig, tokenizer: Any, samples: list[dict[str, Any]], as_json: bool, color: bool
+    cfg: SFTConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    as_json: bool,
+    color: bool,
 ) -> Iterator[str]:
     if as_json:
         if cfg.sft_train.use_sequence_packing:
@@ -96,7 +120,7 @@ def preview_lines(
         yield render(tokenizer, s["input_ids"], s["labels"], color)
 
 
-def _packed_json(cfg: SFTConfig, samples: list[dict[str, Any]]) -> Iterator[str]:
+def _packed_json(cfg: SFTConfig, samples: list[Sample]) -> Iterator[str]:
     import numpy as np
 
     lengths = [len(s["input_ids"]) for s in samples]

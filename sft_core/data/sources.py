@@ -55,14 +55,14 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
 
 # Files are read as UTF-8 (a leading BOM is skipped); bytes that are not UTF-8 are kept as surrogate
 # escapes, so the row holding them is a bad row naming its field, and every other row still reads.
-_OPEN = {"encoding": "utf-8-sig", "errors": "surrogateescape"}
+_ENCODING, _ERRORS = "utf-8-sig", "surrogateescape"
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a surrogate written as a JSON escape
 
 
-def _not_utf8(value: Any, path: str = "") -> str | None:
+def _not_utf8(value: object, path: str = "") -> str | None:
     """The field path of the first string that is not valid text: bytes that were not UTF-8 (kept
     as surrogate escapes) or a lone surrogate from a JSON escape; the tokenizer cannot take either."""
     if isinstance(value, str):
@@ -75,7 +75,7 @@ def _not_utf8(value: Any, path: str = "") -> str | None:
     return None
 
 
-def _checked(p: Path, index: int, unit: str, data: Any, raw: Any, suspect: bool = True) -> Row:
+def _checked(p: Path, index: int, unit: str, data: object, raw: object, suspect: bool = True) -> Row:
     if not isinstance(data, dict):
         return Row(
             str(p), index, {"raw": raw}, f"{unit} {index}: expected a JSON object, got {type(data).__name__}"
@@ -87,7 +87,7 @@ def _checked(p: Path, index: int, unit: str, data: Any, raw: Any, suspect: bool 
     return Row(str(p), index, data)
 
 
-def _printable(raw: Any) -> Any:
+def _printable(raw: object) -> object:
     if isinstance(raw, str):
         return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return raw
@@ -111,7 +111,7 @@ def count_rows(path: str) -> int | None:
 
 
 def _jsonl_rows(p: Path) -> Iterator[Row]:
-    with p.open(**_OPEN) as f:
+    with p.open(encoding=_ENCODING, errors=_ERRORS) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -131,7 +131,7 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
 
 
 def _json_rows(p: Path) -> Iterator[Row]:
-    text = p.read_text(**_OPEN)
+    text = p.read_text(encoding=_ENCODING, errors=_ERRORS)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

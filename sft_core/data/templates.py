@@ -13,9 +13,13 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sft_core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from jinja2 import Template
+    from transformers import PreTrainedTokenizerBase
 
 CHATML = (
     "{% for message in messages %}"
@@ -70,26 +74,31 @@ class ChatTemplate:
     supervise_empty_think: bool = False  # train on an empty <think></think> block (Qwen3) too
 
     def render(
-        self, tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = False,
     ) -> str:
         """Same text as `tokenizer.apply_chat_template(..., tokenize=False)`, through transformers'
         own compiled Jinja environment but without its per-call preprocessing (encoding renders 2-3
         times per row). Falls back to apply_chat_template if that private API moves."""
         compiled = _compiled(self.source or tokenizer.chat_template)
         if compiled is None:
-            return tokenizer.apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 messages,
                 chat_template=self.source,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
             )
+            assert isinstance(text, str)  # one conversation, tokenize=False: text (typed for every mode)
+            return text
         return compiled.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map
         )
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(source: str) -> Any:
+def _compiled(source: str) -> Template | None:
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:  # private API: keep working (slower) if it is renamed
@@ -97,11 +106,13 @@ def _compiled(source: str) -> Any:
     return _compile_jinja_template(source)
 
 
-def get_template(name: str, tokenizer: Any, supervise_empty_think: bool = False) -> ChatTemplate:
+def get_template(
+    name: str, tokenizer: PreTrainedTokenizerBase, supervise_empty_think: bool = False
+) -> ChatTemplate:
     return dataclasses.replace(_named_template(name, tokenizer), supervise_empty_think=supervise_empty_think)
 
 
-def _named_template(name: str, tokenizer: Any) -> ChatTemplate:
+def _named_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     if name == "native":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
@@ -125,7 +136,7 @@ def _named_template(name: str, tokenizer: Any) -> ChatTemplate:
     )
 
 
-def check_template_tokens(name: str, tokenizer: Any) -> None:
+def check_template_tokens(name: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """A built-in template needs its special tokens to be single tokens of this tokenizer."""
     known = set(special_tokens(tokenizer))
     missing = [t for t in TEMPLATE_TOKENS.get(name, ()) if t not in known]
@@ -137,22 +148,21 @@ def check_template_tokens(name: str, tokenizer: Any) -> None:
         )
 
 
-def special_tokens(tokenizer: Any) -> list[str]:
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Special and added tokens, longest first (for matching the end-of-turn token); cached per tokenizer."""
-    size, cached = getattr(tokenizer, "_sft_special_tokens", (None, None))
-    if size != len(tokenizer):  # first call, or tokens were added since
-        cached = sorted(
-            set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True
-        )
-        tokenizer._sft_special_tokens = (len(tokenizer), cached)
-    return cached
+    cache: tuple[int, list[str]] | None = getattr(tokenizer, "_sft_special_tokens", None)
+    if cache is None or cache[0] != len(tokenizer):  # first call, or tokens were added since
+        tokens = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        cache = (len(tokenizer), sorted(tokens, key=len, reverse=True))
+        tokenizer._sft_special_tokens = cache
+    return cache[1]
 
 
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
 
 
 def supervised_char_spans(
-    template: ChatTemplate, tokenizer: Any, messages: list[dict[str, str]], where: str
+    template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and return (text, [(start, end)]) of each assistant turn's supervised chars.
 
@@ -179,7 +189,7 @@ def supervised_char_spans(
 
     text = render(len(messages))
     specials = special_tokens(tokenizer)
-    spans = []
+    spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue

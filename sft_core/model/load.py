@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 DTYPES = {
     "fp32": torch.float32,
@@ -17,7 +20,9 @@ DTYPES = {
 }
 
 
-def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> Any:
+def load_causal_lm(
+    model_dir: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -31,7 +36,9 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, attn_implementatio
     # positions never influence a target here (right padding, causal attention, ignored labels), so
     # the only effect would be on real occurrences of the id: SmolLM2's pad is <|im_end|>, which ends
     # every turn. Train the true gradient, as megatron_train does.
-    model.get_input_embeddings().padding_idx = None
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, torch.nn.Embedding):
+        embeddings.padding_idx = None
     return model
 
 
@@ -54,7 +61,7 @@ def load_hf_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_hf_folder(
-    hf_config: Any, model_dir: str | Path, state: dict[str, torch.Tensor], out_dir: Path
+    hf_config: PreTrainedConfig, model_dir: str | Path, state: dict[str, torch.Tensor], out_dir: Path
 ) -> None:
     """Write a Hugging Face folder from a full state dict without allocating a second copy of the
     weights (the model skeleton is built on the meta device). Generation settings come from the

@@ -8,40 +8,53 @@ the exact-resume state holds just the adapter and its optimizer state.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from sft_core.config import LoraArgs
 
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
-def peft_config(args: LoraArgs) -> Any:
+
+def peft_config(args: LoraArgs) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(
         r=args.rank,
-        lora_alpha=args.alpha,
+        # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float is valid.
+        lora_alpha=args.alpha,  # type: ignore[arg-type]
         lora_dropout=args.dropout,
         target_modules=args.target_modules,
         task_type="CAUSAL_LM",
     )
 
 
-def apply_lora(model: torch.nn.Module, args: LoraArgs) -> torch.nn.Module:
-    from peft import get_peft_model
+def apply_lora(model: torch.nn.Module, args: LoraArgs) -> PeftModel:
+    from peft import PeftModel, get_peft_model
 
-    return get_peft_model(model, peft_config(args))
+    wrapped = get_peft_model(model, peft_config(args))
+    assert isinstance(wrapped, PeftModel)  # mixed=False (the default) always wraps in a PeftModel
+    return wrapped
+
+
+@runtime_checkable
+class _Wrapper(Protocol):
+    """A peft wrapper: isinstance checks only that the method is there (hasattr)."""
+
+    def get_base_model(self) -> torch.nn.Module: ...
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_base_model() if isinstance(model, _Wrapper) else model
 
 
-def save_adapter(peft_model: Any, full_state: dict[str, torch.Tensor], out_dir: Path) -> None:
+def save_adapter(peft_model: PeftModel, full_state: dict[str, torch.Tensor], out_dir: Path) -> None:
     """adapter_config.json + adapter_model.safetensors, taken from a full (gathered) state dict; the
     config names the base model's folder, so from_pretrained(out_dir) loads base + adapter."""
-    peft_model.save_pretrained(out_dir, state_dict=full_state, save_embedding_layers=False)
+    peft_model.save_pretrained(str(out_dir), state_dict=full_state, save_embedding_layers=False)
 
 
 def save_merged(

@@ -19,11 +19,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sft_core.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
+    from sft_core.config import MegatronConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -50,7 +55,7 @@ class GPTShape:
         return self.num_heads // self.num_query_groups
 
 
-def gpt_shape(hf_config: Any) -> GPTShape:
+def gpt_shape(hf_config: PreTrainedConfig) -> GPTShape:
     """Read a Hugging Face config; refuse what the megatron mapping would get wrong."""
     kind = getattr(hf_config, "model_type", "?")
     if kind not in SUPPORTED_MODEL_TYPES:
@@ -113,9 +118,9 @@ def layout_problems(shape: GPTShape, tp: int, pp: int, vpp: int | None) -> list[
     return problems
 
 
-def check_model_layout(strategy_config: Any, model_dir: str | Path) -> None:
-    """Stop before any worker starts when the model cannot be split as `strategy_config` asks
-    (a `MegatronConfig`), or megatron cannot represent it."""
+def check_model_layout(strategy_config: MegatronConfig, model_dir: str | Path) -> None:
+    """Stop before any worker starts when the model cannot be split as `strategy_config` asks,
+    or megatron cannot represent it."""
     from transformers import AutoConfig
 
     try:

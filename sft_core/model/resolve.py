@@ -16,11 +16,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sft_core.errors import ModelError
 from sft_core.home import model_cache
 from sft_core.model.source import EMBEDDED_PREFIX, pretrain_kind
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+    from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
 EMBEDDED = ("smollm2-135m-instruct", "tiny-smollm2")
 _COMPLETE = ".complete"
@@ -94,7 +98,7 @@ def _smollm2_folder() -> Path:
     return _convert_gguf(_smollm2_gguf(), model_cache() / "smollm2-135m-instruct")
 
 
-def _locked(out: Path):
+def _locked(out: Path) -> FileLock:
     from filelock import FileLock
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +122,8 @@ def _convert_gguf_unlocked(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized already; drop the quantizer so save_pretrained writes plain safetensors.
-    model.hf_quantizer = None
+    # nn.Module.__setattr__ is annotated for tensor and module values; any value is set at runtime.
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
@@ -172,7 +177,11 @@ def _build_tiny(tokenizer_dir: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def fix_tokenizer(tokenizer: Any, model_config: Any, generation_config: Any = None) -> list[str]:
+def fix_tokenizer(
+    tokenizer: PreTrainedTokenizerBase,
+    model_config: PreTrainedConfig,
+    generation_config: GenerationConfig | None = None,
+) -> list[str]:
     """Make the tokenizer safe for chat fine-tuning; returns what was changed (for the run log).
 
     - eos is the model's end-of-turn token (generation_config / config eos), not a GGUF's stray `<s>`
@@ -181,7 +190,7 @@ def fix_tokenizer(tokenizer: Any, model_config: Any, generation_config: Any = No
       labels built from spans, never by comparing ids to pad, so pad == eos is safe.
     - no BOS is added to rendered chats (templates write their own special tokens).
     """
-    changes = []
+    changes: list[str] = []
     eos_id = getattr(generation_config, "eos_token_id", None) or getattr(model_config, "eos_token_id", None)
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
@@ -200,7 +209,7 @@ def fix_tokenizer(tokenizer: Any, model_config: Any, generation_config: Any = No
     return changes
 
 
-def load_tokenizer(model_dir: str | Path) -> Any:
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """The one way to load a tokenizer: from a model folder with `fix_tokenizer` applied, or from
     a tokenizer-only folder that `prepare_tokenizer` already fixed and saved."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig

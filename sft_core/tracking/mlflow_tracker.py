@@ -10,9 +10,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft_core.tracking import flatten
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 def default_tracking_uri(output_dir: str) -> str:
@@ -91,7 +94,7 @@ class RegisteredVersion:
     is_best: bool
 
 
-def _client(tracking_uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
+def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -158,14 +161,18 @@ def best_version_source(tracking_uri: str, model_name: str) -> str | None:
         mv = _client(tracking_uri).get_model_version_by_alias(model_name, "best")
     except MlflowException:
         return None
-    return mv.source.removeprefix("file://")
+    return mv.source.removeprefix("file://") if mv.source is not None else None
 
 
 def versions_for_source(tracking_uri: str, model_name: str, folder: str) -> list[int]:
     """Registered versions whose source is `folder` (or a folder inside it)."""
     prefix = Path(folder).as_uri()
     versions = _client(tracking_uri).search_model_versions(f"name='{model_name}'")
-    return sorted(int(v.version) for v in versions if v.source == prefix or v.source.startswith(prefix + "/"))
+    return sorted(
+        int(v.version)
+        for v in versions
+        if v.source is not None and (v.source == prefix or v.source.startswith(prefix + "/"))
+    )
 
 
 def delete_versions(tracking_uri: str, model_name: str, versions: list[int]) -> None:

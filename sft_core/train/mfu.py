@@ -31,14 +31,17 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # Dense (no sparsity) tensor-core peaks from the vendors' datasheets, TFLOP/s: (bf16/fp16, fp32).
 # fp32 is the plain (non-TF32) figure, which is what torch's default matmul precision uses.
@@ -86,7 +89,7 @@ class ModelShape:
     trained_fraction: float = 1.0  # 1.0 full fine-tuning; 0.0 LoRA (adapter FLOPs left out)
 
     @classmethod
-    def from_hf_config(cls, config: Any, params: int, lora: bool = False) -> ModelShape:
+    def from_hf_config(cls, config: PreTrainedConfig, params: int, lora: bool = False) -> ModelShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -237,7 +240,7 @@ def _cpuinfo() -> dict[str, str]:
 
 
 @contextmanager
-def _locked(path: Path):
+def _locked(path: Path) -> Iterator[None]:
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -7,6 +7,7 @@ weights_only=True)`: a checkpoint folder someone hands you cannot run code when 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,10 @@ import torch
 
 
 def capture(device: torch.device) -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True is numpy's default; the stub's overloads give the default call the dict form.
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # the tuple form: the global RandomState is MT19937
+    name, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -36,6 +40,6 @@ def restore(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_state_file(path: Any) -> dict[str, Any]:
+def load_state_file(path: str | Path) -> dict[str, Any]:
     """A resume-state file (rank<r>.pt / megatron_rank<r>.pt): tensors and plain values only."""
     return torch.load(path, weights_only=True)
