@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
 from sft_core.data.templates import ChatTemplate, get_template
 from sft_core.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -47,7 +50,9 @@ _CHUNK = 256  # rows per batch: large enough for the batched tokenizer, small en
 Encoded = tuple[Row, "np.ndarray | None", "np.ndarray | None", "str | None"]
 
 
-def _encode_chunk(rows: list[Row], tokenizer: Any, template: ChatTemplate, spec: EncodeSpec) -> list[Encoded]:
+def _encode_chunk(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, spec: EncodeSpec
+) -> list[Encoded]:
     """(row, ids, labels, error) for each row of a chunk; errors are returned, not raised, so the
     caller applies on_bad_row in row order."""
     prepared: list[tuple[Row, str | None, list | None, str | None]] = []
@@ -60,10 +65,9 @@ def _encode_chunk(rows: list[Row], tokenizer: Any, template: ChatTemplate, spec:
             prepared.append((row, text, spans, None))
         except DataError as err:
             prepared.append((row, None, None, str(err)))
-    good = [p for p in prepared if p[3] is None]
-    encoded = iter(
-        tokenize_with_labels(tokenizer, [p[1] for p in good], [p[2] for p in good]) if good else ()
-    )
+    texts = [text for _, text, _, error in prepared if error is None and text is not None]
+    answers = [span for _, _, span, error in prepared if error is None and span is not None]
+    encoded = iter(tokenize_with_labels(tokenizer, texts, answers) if texts else ())
     result: list[Encoded] = []
     for row, *_, error in prepared:
         ids, labels = next(encoded) if error is None else (None, None)
@@ -75,7 +79,7 @@ def _encode_chunk(rows: list[Row], tokenizer: Any, template: ChatTemplate, spec:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, spec: EncodeSpec) -> None:
+def _init_worker(tokenizer: PreTrainedTokenizerBase, spec: EncodeSpec) -> None:
     _WORKER.update(tokenizer=tokenizer, spec=spec, template=_template(tokenizer, spec))
 
 
@@ -83,7 +87,7 @@ def _encode_chunk_in_worker(rows: list[Row]) -> list[Encoded]:
     return _encode_chunk(rows, _WORKER["tokenizer"], _WORKER["template"], _WORKER["spec"])
 
 
-def _template(tokenizer: Any, spec: EncodeSpec) -> ChatTemplate:
+def _template(tokenizer: PreTrainedTokenizerBase, spec: EncodeSpec) -> ChatTemplate:
     return get_template(spec.template, tokenizer, spec.supervise_empty_think)
 
 
@@ -104,7 +108,7 @@ Progress = Callable[[EncodeStats], None]
 
 def iter_encoded(
     files: list[str],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     spec: EncodeSpec,
     stats: EncodeStats,
     workers: int = 1,
@@ -167,7 +171,7 @@ def _apply_policies(
 
 def encode_files(
     files: list[str],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     spec: EncodeSpec,
     limit: int | None = None,
     workers: int = 1,
@@ -191,7 +195,7 @@ def encode_files(
 
 def encode_to_dir(
     files: list[str],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     spec: EncodeSpec,
     out: Path,
     workers: int = 1,

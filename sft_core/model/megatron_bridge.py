@@ -28,7 +28,7 @@ from sft_core.errors import ConfigError, ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
-    from sft_core.config import MegatronConfig
+    from sft_core.strategies.megatron.layout import MegatronConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -19,6 +19,9 @@ from sft_core.config import SFTConfig
 from sft_core.data.collate import MicroBatch
 from sft_core.train import rng
 from sft_core.train.stats import EvalSums, StepStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class Strategy(abc.ABC):
         """Summed loss and supervised targets over this rank's validation micro-batches."""
 
     @abc.abstractmethod
-    def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
+    def save_hf(self, out_dir: Path, tokenizer: PreTrainedTokenizerBase, final: bool = False) -> None:
         """Write a Hugging Face folder (rank 0 writes; every rank calls); `final` at the run's end."""
 
     @abc.abstractmethod

@@ -12,7 +12,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from sft_core.strategies.precision import autocast_dtype
 from sft_core.train.loss import summed_token_loss
 from sft_core.train.schedule import build_scheduler
 from sft_core.train.stats import EvalSums, StepStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # A skipped (non-finite) step still advances the schedule, which torch then warns about.
 _SCHEDULER_WARNING = re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`")
@@ -58,11 +61,10 @@ class TorchStrategy(Strategy):
     # -- setup -----------------------------------------------------------------------------------
     def initialize(self, model_dir: Path, total_steps: int) -> None:
         self.model_dir = model_dir
-        model = load_causal_lm(model_dir, torch.float32, self.cfg.sft_train.model_args.attn_implementation)
+        base = load_causal_lm(model_dir, torch.float32, self.cfg.sft_train.model_args.attn_implementation)
         if self.args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.lora:
-            model = lora.apply_lora(model, self.lora)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model: torch.nn.Module = lora.apply_lora(base, self.lora) if self.lora else base
         model.to(self.ctx.device)
         self.module = model
         self.num_params = count_parameters(model)  # before sharding: the full model's size
@@ -155,13 +157,16 @@ class TorchStrategy(Strategy):
         return EvalSums(loss_sum, targets)
 
     # -- export and exact resume -------------------------------------------------------------------
-    def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
+    def save_hf(self, out_dir: Path, tokenizer: PreTrainedTokenizerBase, final: bool = False) -> None:
         """A Hugging Face folder; with LoRA the adapter folder, and at the end (merge_at_end) the
         merged model in `<out_dir>-merged` beside it."""
         state = self.full_state_dict()
         if not self.ctx.is_main:
             return
         if self.lora:
+            from peft import PeftModel
+
+            assert isinstance(self.module, PeftModel), "LoRA runs wrap the model in peft"
             lora.save_adapter(self.module, state, out_dir)
             tokenizer.save_pretrained(out_dir)
             if final and self.lora.merge_at_end:
@@ -169,6 +174,9 @@ class TorchStrategy(Strategy):
                 lora.save_merged(self.model_dir, self.lora, state, merged, torch.float32)
                 tokenizer.save_pretrained(merged)
             return
+        from transformers import PreTrainedModel
+
+        assert isinstance(self.module, PreTrainedModel), "full fine-tuning trains the loaded model itself"
         config = self.module.config
         config.use_cache = True  # the exported model generates with its KV cache
         try:

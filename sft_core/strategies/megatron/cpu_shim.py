@@ -132,7 +132,7 @@ def install() -> None:
         if name in _INSTALLED or not name.startswith("megatron.core") or module is None:
             continue
         if getattr(module, "torch", None) is torch:
-            module.torch = _torch_on_cpu
+            module.torch = _torch_on_cpu  # type: ignore[attr-defined]  # the module's own global
         _INSTALLED.add(name)
 
 
@@ -161,8 +161,9 @@ def active() -> Iterator[None]:
             return result
         return _CUDA_TYPE_NAMES.get(result, result)
 
-    torch.Tensor.cuda, torch.Tensor.type = cuda, type_
+    # Deliberate monkeypatching for the duration of the call (restored below).
+    torch.Tensor.cuda, torch.Tensor.type = cuda, type_  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
-        torch.Tensor.cuda, torch.Tensor.type = original_cuda, original_type
+        torch.Tensor.cuda, torch.Tensor.type = original_cuda, original_type  # type: ignore[method-assign]

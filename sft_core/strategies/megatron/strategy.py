@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,9 @@ from sft_core.strategies.megatron.layout import MegatronConfig
 from sft_core.strategies.precision import autocast_dtype
 from sft_core.train.schedule import lr_factor
 from sft_core.train.stats import EvalSums, StepStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # What megatron-core says that is expected here: it falls back from Transformer Engine / Apex to
 # plain torch modules (the intended path on these machines), and two notices about settings we set.
@@ -292,7 +295,7 @@ class MegatronStrategy(Strategy):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return mmodel.gather_hf_state(self.modules, self.shape, self.ctx.rank)
 
-    def save_hf(self, out_dir: Path, tokenizer: Any, final: bool = False) -> None:
+    def save_hf(self, out_dir: Path, tokenizer: PreTrainedTokenizerBase, final: bool = False) -> None:
         with in_megatron():
             state = self.full_state_dict()
         if not self.ctx.is_main:
