@@ -290,3 +290,30 @@ def test_an_unknown_role_or_an_unanswered_last_question_is_a_bad_row_naming_file
     with pytest.raises(DataError, match=expected) as err:
         row_to_messages(row, FieldMapping(format="messages"))
     assert "d.jsonl" in str(err.value) and "7" in str(err.value)
+
+
+def test_the_prepared_tokenizer_is_reused_until_its_source_changes(tmp_path, tiny_model_dir, monkeypatch):
+    """A rerun reads the record of the tokenizer prepared before instead of loading it again; a
+    changed tokenizer file or a deleted prepared folder prepares it again."""
+    import shutil
+
+    from prefect.logging import disable_run_logger
+
+    import tasks.model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.setenv("SFT_HOME", str(tmp_path / "home"))
+    loads = []
+    real = tasks.model.load_tokenizer
+    monkeypatch.setattr(tasks.model, "load_tokenizer", lambda d: loads.append(d) or real(d))
+    with disable_run_logger():
+        first = tasks.model.prepare_tokenizer.fn(str(model))
+        assert tasks.model.prepare_tokenizer.fn(str(model)) == first and len(loads) == 1
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+        changed = tasks.model.prepare_tokenizer.fn(str(model))
+        assert len(loads) == 2 and changed.fingerprint != first.fingerprint
+        shutil.rmtree(changed.tokenizer_dir)
+        assert tasks.model.prepare_tokenizer.fn(str(model)) == changed and len(loads) == 3
+    assert Path(changed.tokenizer_dir, "tokenizer.json").is_file()

@@ -32,8 +32,6 @@ def write_mlflow_model(hf_dir: Path) -> None:
     """Add MLmodel, its environment files and components/tokenizer to a Hugging Face model folder."""
     import json
 
-    import transformers
-
     config = json.loads((hf_dir / "config.json").read_text())
     components = hf_dir / "components" / "tokenizer"
     components.mkdir(parents=True, exist_ok=True)
@@ -41,6 +39,7 @@ def write_mlflow_model(hf_dir: Path) -> None:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, components / name)
     requirements = _requirements()
+    versions = dict(r.split("==") for r in requirements)  # not `import transformers`: seconds, for a string
     (hf_dir / "requirements.txt").write_text("\n".join(requirements) + "\n")
     python = platform.python_version()
     (hf_dir / "python_env.yaml").write_text(
@@ -74,10 +73,10 @@ def write_mlflow_model(hf_dir: Path) -> None:
                 "task": "text-generation",
                 "tokenizer_type": tokenizer_class,
                 "torch_dtype": f"torch.{config.get('dtype') or config.get('torch_dtype') or 'float32'}",
-                "transformers_version": transformers.__version__,
+                "transformers_version": versions["transformers"],
             },
         },
-        "mlflow_version": requirements[0].split("==")[1],
+        "mlflow_version": versions["mlflow"],
         "model_size_bytes": size,
         "model_uuid": uuid.uuid4().hex,
         "signature": {
