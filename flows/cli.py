@@ -15,11 +15,23 @@ import textwrap
 import time
 from typing import Any
 
-from flows.runtime import ensure_server, set_local_defaults, stop_server
+from flows.runtime import ensure_server, server_running, set_local_defaults, stop_server
 from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
-from sft_core.preflight import load_run_config, preflight
+from sft_core.preflight import check_run_config, preflight
 from sft_core.secrets import move_secrets_to_env
+
+
+def _server_then_ray() -> None:
+    """The Prefect server (reused or started), then Ray's start in the background."""
+    t0 = time.perf_counter()
+    api_url, started = ensure_server()
+    print(
+        f"Prefect server: {api_url} ({'started' if started else 'reused'} in {time.perf_counter() - t0:.1f}s)"
+    )
+    from flows.ray_runner import begin_local_start
+
+    begin_local_start()
 
 
 def run(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
@@ -27,14 +39,19 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     # A secret typed on the command line goes to the environment; the flow run's stored parameters
     # hold only a ${oc.env:...} reference to it.
     overrides = move_secrets_to_env(overrides, os.environ)
-    cfg = load_run_config(config_name, overrides, config_path)
+    cfg = load_config(config_name, overrides, config_path)
     if cfg.ray_address:
         os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's task runner starts
-    t0 = time.perf_counter()
-    api_url, started = ensure_server()
-    print(
-        f"Prefect server: {api_url} ({'started' if started else 'reused'} in {time.perf_counter() - t0:.1f}s)"
-    )
+    # Ray starts in the background as soon as the server's URL is known (its processes inherit it)
+    # and comes up while the flow is imported and its run created; the flow's task runner takes it
+    # over. With a server already up that is now, under the checks below (a failed check ends the
+    # run and Ray with it); otherwise after them, so that a bad config starts no server.
+    server_up = server_running()
+    if server_up:
+        _server_then_ray()
+    check_run_config(cfg)  # the flow's own check then finds this config checked
+    if not server_up:
+        _server_then_ray()
     from flows.sft_pipeline import sft_pipeline
 
     return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)

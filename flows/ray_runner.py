@@ -4,16 +4,28 @@ A deployment run's config arrives as flow-run parameters, but Prefect enters the
 before the flow body reads them. So on entry the runner reads the run's parameters itself and
 joins the config's `ray_address`; the CLI and a deployment run behave alike, and the worker needs
 no RAY_ADDRESS of its own. Without an address, a local Ray starts on loopback only.
+
+Ray starts in the background: nothing before the training cluster needs it (the data stages run in
+the flow's process), so the flow prepares data and MLflow while Ray's processes come up, and waits
+for them only where it needs them (`wait_for_ray`, or a task submitted to Ray). `sft run` begins the
+start even earlier, as soon as the Prefect server is known (`begin_local_start`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from typing import Any
 
 import ray
+from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 
 from flows.runtime import set_local_defaults
@@ -31,7 +43,9 @@ def pin_to_loopback() -> dict[str, Any]:
 
 
 def local_init_kwargs() -> dict[str, Any]:
-    """A Ray of this run's own, on loopback, without a dashboard."""
+    """A Ray of this run's own, on loopback, without a dashboard, and without idle workers started
+    ahead: the flow submits nothing to Ray before its actors, and those (with a runtime_env of their
+    own) cannot use them, so they would only take CPU while the run starts."""
     return {
         **pin_to_loopback(),
         "num_cpus": max(2, os.cpu_count() or 2),
@@ -39,6 +53,7 @@ def local_init_kwargs() -> dict[str, Any]:
         "log_to_driver": True,
         "configure_logging": True,
         "logging_level": "warning",
+        "_system_config": {"prestart_worker_first_driver": False, "enable_worker_prestart": False},
     }
 
 
@@ -65,8 +80,85 @@ def configured_address() -> str | None:
     return cfg.ray_address
 
 
+def init_arguments(address: str | None) -> tuple[str, dict[str, Any]]:
+    """ray.init's (address, kwargs) for a configured address, or for a local Ray of our own."""
+    if address:
+        kwargs: dict[str, Any] = {"namespace": "prefect"}
+        if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on this machine
+            kwargs.update(pin_to_loopback())
+        return address, kwargs
+    # "local": a Ray of our own, even where `ray start` left a cluster that ray.init() would
+    # otherwise join.
+    return "local", {"namespace": "prefect", **local_init_kwargs()}
+
+
+class _NotMainThread(logging.Filter):
+    """Ray warns that a background ray.init cannot set its SIGTERM handler; we set the same one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+
+
+class RayStart:
+    """ray.init in a thread of its own; `wait()` returns once Ray is up, or raises its error.
+
+    The thread lives on until `release()`, after Ray is shut down: Ray ties the processes it starts
+    to the *thread* that started them (Linux's parent-death signal), so they would die with it."""
+
+    def __init__(self, address: str, init_kwargs: dict[str, Any]):
+        self.address, self.init_kwargs = address, init_kwargs
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._ready, self._released = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        began = time.perf_counter()
+        try:
+            ray.init(self.address, **self.init_kwargs)
+        except BaseException as err:  # raised again in whoever waits
+            self.error = err
+        self.seconds = time.perf_counter() - began
+        self._ready.set()
+        self._released.wait()
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def release(self) -> None:
+        self._released.set()
+        self._thread.join()
+
+
+_early: RayStart | None = None
+
+
+def begin_local_start() -> None:
+    """Start Ray for the flow run this process is about to make (`sft run`), so that it comes up
+    while the flow is imported and its run created; the flow's task runner takes it over. Only
+    where the runner would decide the same: no deployment parameters to read, no Ray running."""
+    global _early
+    if _early is None and not ray.is_initialized() and not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        set_local_defaults()
+        _early = RayStart(*init_arguments(os.environ.get("RAY_ADDRESS")))
+
+
+def _ray_sigterm(signum: int, frame: Any) -> None:
+    sys.exit(signum)  # as ray.init sets it in the main thread: the exit shuts Ray down (atexit)
+
+
 class SFTRayTaskRunner(RayTaskRunner):
+    _start: RayStart | None = None
+    _ray_up = False
+
     def __enter__(self) -> SFTRayTaskRunner:
+        global _early
         # One result cache (encode/pack records) for `sft run` and a worker's runs: the project's
         # default, unless the environment names another. Tasks get the flow's Prefect settings
         # with them, so this reaches the Ray workers too, on a joined cluster as well.
@@ -74,20 +166,58 @@ class SFTRayTaskRunner(RayTaskRunner):
         results = os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]
         self._settings = temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results})
         self._settings.__enter__()
-        if not ray.is_initialized():
-            address = configured_address()
-            if address:
-                self.address, self.init_kwargs = address, {"namespace": "prefect"}
-                if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on this machine
-                    self.init_kwargs.update(pin_to_loopback())
-            else:
-                # "local": a Ray of our own, even where `ray start` left a cluster that ray.init()
-                # would otherwise join.
-                self.address, self.init_kwargs = "local", {"namespace": "prefect", **local_init_kwargs()}
-        return super().__enter__()
+        # Not RayTaskRunner.__enter__, which would wait in ray.init: ours runs in the background.
+        TaskRunner.__enter__(self)
+        self._start, _early = _early, None
+        if self._start is None and not ray.is_initialized():
+            self._start = RayStart(*init_arguments(configured_address()))
+        self._owns_ray = self._start is not None
+        if self._start is None:  # a Ray this process joined before: used as it is
+            self._ray_up = True
+            return self
+        self.address, self.init_kwargs = self._start.address, self._start.init_kwargs
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _ray_sigterm)
+        where = "a local Ray on 127.0.0.1" if self.address == "local" else f"Ray at {self.address}"
+        self.logger.info("Ray: starting %s in the background", where)
+        return self
+
+    def wait_for_ray(self) -> None:
+        if self._ray_up or self._start is None:
+            return
+        began = time.perf_counter()
+        self._start.wait()
+        self._ray_up = True
+        nodes = sum(1 for n in ray.nodes() if n.get("alive"))
+        self.logger.info(
+            "Ray: up in %.1fs (the flow waited %.1fs for it), %d node(s)",
+            self._start.seconds, time.perf_counter() - began, nodes,
+        )  # fmt: skip
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.wait_for_ray()
+        return super().submit(*args, **kwargs)
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
+            if self._start is not None:
+                with contextlib.suppress(Exception):  # its error, if any, was the flow's to raise
+                    self._start.wait()  # a start still under way ends before Ray is shut down
+                # A failed start left nothing to shut down (and the base class's check of the
+                # runtime context would start a Ray of its own).
+                self._owns_ray = ray.is_initialized()
             super().__exit__(*exc_info)
         finally:
+            if self._start is not None:
+                self._start.release()
             self._settings.__exit__(None, None, None)
+
+
+def wait_for_ray() -> None:
+    """Block until this flow run's Ray is up (the task runner starts it in the background)."""
+    ctx = FlowRunContext.get()
+    runner = ctx.task_runner if ctx else None
+    if isinstance(runner, SFTRayTaskRunner):
+        runner.wait_for_ray()
+    if not ray.is_initialized():
+        raise RuntimeError("no Ray runtime: the flow's task runner did not start one")

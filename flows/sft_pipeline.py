@@ -16,7 +16,7 @@ from prefect.context import get_run_context
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_run_artifacts
-from flows.ray_runner import SFTRayTaskRunner
+from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
 from flows.validate import validate
 from sft_core.cluster.cluster import WorkerFailure
 from sft_core.config import SFTConfig
@@ -40,12 +40,14 @@ from tasks.model import prepare_tokenizer, resolve_model
 from tasks.train import prune_checkpoints, register_model, save_checkpoint, start_cluster, train_steps
 
 
-def _existing(task: Any, future: Any, **params: Any) -> Any:
-    """The task's result; if it came from the cache but its files were deleted, run it again."""
-    result = future.result()
+def _existing(task: Any, **params: Any) -> Any:
+    """Run a data task here, in the flow's process; if its result came from the cache but its files
+    were deleted since, run it again. Here, not on Ray: a cache hit takes milliseconds, while a Ray
+    task first waits for a worker process to start and import the project (seconds each)."""
+    result = task(**params)
     if Path(result.path).exists():
         return result
-    return task.with_options(refresh_cache=True).submit(**params).result()
+    return task.with_options(refresh_cache=True)(**params)
 
 
 def boundaries(total: int, eval_steps: int, save_steps: int, after: int = 0) -> list[int]:
@@ -61,7 +63,7 @@ def boundaries(total: int, eval_steps: int, save_steps: int, after: int = 0) -> 
 def prepare_data(
     cfg: SFTConfig, tokenizer: PreparedTokenizer
 ) -> tuple[dict[str, EncodedSplit], dict[str, PackedSplit]]:
-    """Encode then pack every split (Ray tasks, cached); returns ({split: encoded}, {split: packed})."""
+    """Encode then pack every split (cached tasks); returns ({split: encoded}, {split: packed})."""
     splits = {"train": cfg.sft_train.data_args.files()}
     if cfg.validation_files:
         splits["validation"] = cfg.validation_files
@@ -70,16 +72,14 @@ def prepare_data(
                 "workers": cfg.data_args_for(split).preprocessing_num_workers}
         for split, files in splits.items()
     }  # fmt: skip
-    futures = {split: encode_dataset.submit(**p) for split, p in enc_params.items()}
-    # Wait on every encoding before packing, so a bad row surfaces as its own error.
-    encoded = {split: _existing(encode_dataset, futures[split], **p) for split, p in enc_params.items()}
+    # Every encoding before packing, so a bad row surfaces as its own error.
+    encoded = {split: _existing(encode_dataset, **p) for split, p in enc_params.items()}
     packing = cfg.sft_train.use_sequence_packing
     pack_params = {
         split: {"encoded": enc, "sequence_length": cfg.sequence_length, "packing": packing}
         for split, enc in encoded.items()
     }
-    futures = {split: pack_dataset.submit(**p) for split, p in pack_params.items()}
-    packed = {split: _existing(pack_dataset, futures[split], **p) for split, p in pack_params.items()}
+    packed = {split: _existing(pack_dataset, **p) for split, p in pack_params.items()}
     return encoded, packed
 
 
@@ -172,6 +172,7 @@ def train(
     restarts = 0
     checkpoints: list[dict[str, Any]] = []
     version_tags, description = version_provenance(cfg), model_description(cfg)
+    wait_for_ray()  # started in the background when the flow run began
     while True:
         state = read_state(resume) if resume else {}
         start = state.get("global_step", 0)
@@ -248,6 +249,8 @@ def sft_pipeline(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_run_config(config_name, overrides or [], config_path)
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        wait_for_ray()  # joining a cluster: quick, and a wrong address fails before any data work
     connected = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     if cfg.ray_address and connected and cfg.ray_address.split(":")[-1] != connected.split(":")[-1]:
         raise ConfigError(
@@ -263,10 +266,10 @@ def sft_pipeline(
         )
     os.environ.update(cfg.system_envs)
 
-    model_dir = resolve_model.submit(cfg.pretrain).result()
+    model_dir = resolve_model(cfg.pretrain)
     # The model against the strategy's layout, before data work and workers start.
     strategy_for(cfg).preflight(cfg, model_dir)
-    tokenizer = prepare_tokenizer.submit(model_dir).result()
+    tokenizer = prepare_tokenizer(model_dir)
     encoded, packed = prepare_data(cfg, tokenizer)
     data_metrics = report_data(cfg, encoded, packed)
     files = {split: SplitFiles(encoded[split].path, packed[split].path) for split in encoded}

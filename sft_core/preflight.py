@@ -50,9 +50,14 @@ def load_run_config(config_name: str, overrides: list[str], config_path: str | N
     """Compose and validate the config, then check it against this machine and its files, once per
     process for the same resulting config."""
     cfg = load_config(config_name, overrides, config_path)
+    check_run_config(cfg)
+    return cfg
+
+
+def check_run_config(cfg: SFTConfig) -> None:
+    """Check a loaded config against this machine and its files, once per process."""
     key = f"{Path.cwd()}\n{cfg.model_dump_json()}"
     if key not in _checked:
         check_runnable(cfg)
         preflight(cfg)
         _checked.add(key)
-    return cfg
