@@ -193,7 +193,8 @@ async def prefect_runs(api: str, flow_run_id: str) -> tuple[Any, list[Any], list
     return run, subflows, tasks
 
 
-def step_seconds(work: Path) -> tuple[float, list[float]]:
+def mlflow_figures(work: Path) -> dict[str, Any]:
+    """The newest run's step times and what validation costs beside the forward compute of its tokens."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{work}/out/mlflow/mlflow.db"
@@ -201,8 +202,35 @@ def step_seconds(work: Path) -> tuple[float, list[float]]:
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"]
     )
-    steps = sorted(client.get_metric_history(runs[0].info.run_id, "time/step_train"), key=lambda m: m.step)
-    return sum(m.value for m in steps), [m.value for m in steps]
+    run = runs[0]
+
+    def history(name: str) -> list[float]:
+        return [
+            m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        ]
+
+    per_step = history("time/step_train")
+    out: dict[str, Any] = {"steps": sum(per_step), "per_step": per_step}
+    # Forward compute of the validation tokens, estimated from the training steps of the same run:
+    # a step's fwd+bwd is ~3x its forward FLOPs, over the step's tokens (all ranks, in parallel).
+    metrics, params = run.data.metrics, run.data.params
+    val_rows = metrics.get("data/validation_rows")
+    if val_rows is not None:
+        seq = int(params["sequence_length"])
+        val_tokens = val_rows * seq * (1 - metrics["data/validation_padding_fraction"])
+        step_tokens = [t * s for t, s in zip(history("sft_train/tokens_per_sec"), per_step, strict=True)]
+        fwd_bwd_per_token = statistics.median(
+            f / t for f, t in zip(history("time/fwd_bwd"), step_tokens, strict=True)
+        )
+        forward_s = val_tokens * fwd_bwd_per_token / 3
+        val_s = statistics.median(history("time/val"))
+        out["validation"] = {
+            "tokens": val_tokens,
+            "seconds (median of the run's validations)": val_s,
+            "forward compute estimate (s)": forward_s,
+            "ratio": val_s / forward_s,
+        }
+    return out
 
 
 def phases(run: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -219,7 +247,8 @@ def phases(run: dict[str, Any], work: Path) -> dict[str, Any]:
     def tasks_named(prefix: str) -> list[Any]:
         return [t for t in tasks if t.name.startswith(prefix)]
 
-    steps, per_step = step_seconds(work)
+    figures = mlflow_figures(work)
+    steps, per_step = figures["steps"], figures["per_step"]
     out: dict[str, Any] = {"wall": run["wall"], "training steps": steps}
     out["start-up before the flow run (CLI imports, config, checks, server, flow run created)"] = (
         flow.start_time - run["began"]
@@ -268,6 +297,9 @@ def phases(run: dict[str, Any], work: Path) -> dict[str, Any]:
     out["first step / median step"] = (
         per_step[0] / statistics.median(per_step[1:]) if len(per_step) > 1 else 1.0
     )
+    if "validation" in figures:
+        out["validation / forward compute of its tokens"] = figures["validation"]["ratio"]
+        out["validation tokens"] = figures["validation"]["tokens"]
     out["task seconds"] = {}
     for t in tasks:
         name = re.sub(r"-(\d+|[0-9a-f]{3})(-\d+)?$", "", t.name)  # train-steps-0-3 -> train-steps

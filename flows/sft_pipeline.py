@@ -100,8 +100,10 @@ def report_data(
     rows = packed["train"]
     logger.info("train: %d samples -> %d rows (padding %.1f%%)", rows.samples, rows.rows,
                 100 * rows.padding_fraction)  # fmt: skip
-    return {**metrics, m.data_metric("train", "rows"): rows.rows,
-            m.data_metric("train", "padding_fraction"): rows.padding_fraction}  # fmt: skip
+    for split, plan in packed.items():
+        metrics.update({m.data_metric(split, "rows"): plan.rows,
+                        m.data_metric(split, "padding_fraction"): plan.padding_fraction})  # fmt: skip
+    return metrics
 
 
 def data_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:

@@ -63,7 +63,7 @@ class Cluster:
         env.update(cfg.system_envs)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         # One bundle per device_mapping entry; rank r runs in bundle r. CPU workers claim only a
-        # sliver of a CPU slot: the Prefect tasks running on Ray must still be schedulable.
+        # sliver of a CPU slot, so that a cluster of any world size fits a machine of few cores.
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
         self.placement = placement_group(
             [bundle] * self.world_size, strategy=_PLACEMENT[cfg.sft_train.placement]
