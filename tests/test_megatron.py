@@ -296,7 +296,9 @@ def train(artifacts: dict, workers: int, micro: int, accumulation: int, *overrid
 def test_parallel_layouts_reproduce_the_single_process_run(artifacts):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(
+        "local", num_cpus=2, include_dashboard=False, logging_level="warning"
+    )  # never a `ray start` cluster
     try:
         ref_weights, ref_losses, ref_norms = train(artifacts, 1, 8, 1, MEGATRON)
         layouts = {

@@ -68,7 +68,9 @@ def test_workers_spread_over_two_nodes_train_like_one_node(
         ray.shutdown()
         nodes.shutdown()
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(
+        "local", num_cpus=2, include_dashboard=False, logging_level="warning"
+    )  # never a `ray start` cluster
     try:
         single, single_losses, _ = train_on_cluster(config("pack"), artifacts, STEPS)
     finally:
@@ -86,7 +88,9 @@ def test_a_worker_that_cannot_see_the_data_is_named(tmp_path, tiny_model_dir, sm
         str(tmp_path / "elsewhere" / "train.npz"), artifacts.train.plan
     )  # not on this node
     artifacts = replace(artifacts, train=elsewhere)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(
+        "local", num_cpus=2, include_dashboard=False, logging_level="warning"
+    )  # never a `ray start` cluster
     try:
         with pytest.raises(Exception, match=r"rank \d on node \S+ cannot read .*elsewhere/train\.npz"):
             Cluster(config("pack"), artifacts)

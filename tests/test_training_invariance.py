@@ -45,7 +45,9 @@ def train_weights(
 
 
 def test_workers_and_accumulation_do_not_change_the_weights(artifacts):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(
+        "local", num_cpus=2, include_dashboard=False, logging_level="warning"
+    )  # never a `ray start` cluster
     try:
         reference, ref_losses = train_weights(artifacts, workers=1, micro=8, accumulation=1)
         layouts = {
@@ -73,7 +75,9 @@ LORA = "+sft_train.model_args.lora={rank: 4, alpha: 8, target_modules: all-linea
 
 
 def test_workers_and_accumulation_do_not_change_the_lora_adapter(artifacts):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(
+        "local", num_cpus=2, include_dashboard=False, logging_level="warning"
+    )  # never a `ray start` cluster
     try:
         reference, ref_losses = train_weights(artifacts, 1, 8, 1, "ddp_train", LORA)
         layouts = {
