@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,13 +99,17 @@ print(json.dumps({"s_per_step": Times.steps, "losses": Times.losses, "peak_rss_m
 
 
 def run_trl(rows: Path, model: Path, a: dict) -> dict:
-    args = {**a, "rows": str(rows), "model": str(model), "out": tempfile.mkdtemp()}
+    work = Path(tempfile.mkdtemp(prefix="sft-compare-trl-"))  # deleted after the run: checkpoints are GBs
+    args = {**a, "rows": str(rows), "model": str(model), "out": str(work / "out")}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": tempfile.mkdtemp(), "OMP_NUM_THREADS": str(os.cpu_count())}  # fmt: skip
+           "HF_DATASETS_CACHE": str(work / "datasets"), "OMP_NUM_THREADS": str(os.cpu_count())}  # fmt: skip
     t = time.perf_counter()
-    out = subprocess.run([str(trl_python()), "-c", TRL_SCRIPT, json.dumps(args)], capture_output=True, text=True,
-                         env=env, check=False)  # fmt: skip
-    wall = time.perf_counter() - t
+    try:
+        out = subprocess.run([str(trl_python()), "-c", TRL_SCRIPT, json.dumps(args)], capture_output=True,
+                             text=True, env=env, check=False)  # fmt: skip
+    finally:
+        wall = time.perf_counter() - t
+        shutil.rmtree(work, ignore_errors=True)
     if out.returncode != 0:
         raise SystemExit(f"TRL run failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,8 +119,6 @@ def run_trl(rows: Path, model: Path, a: dict) -> dict:
 
 
 def run_ours(rows: Path, model: Path, a: dict, workers: int) -> dict:
-    from mlflow import MlflowClient
-
     work = Path(tempfile.mkdtemp(prefix="sft-compare-"))
     overrides = [
         f"pretrain={model}", "exp_name=bench-compare", f"output_dir={work}/out", f"logging_dir={work}/tb",
@@ -127,6 +130,15 @@ def run_ours(rows: Path, model: Path, a: dict, workers: int) -> dict:
         f"sft_train.device_mapping=[{','.join(str(i) for i in range(workers))}]",
         f"sft_train.model_args.dtype={'bf16' if a['bf16'] else 'fp32'}",
     ]  # fmt: skip
+    try:
+        return _run_ours(work, overrides, workers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints with optimizer state: GBs on the 135M model
+
+
+def _run_ours(work: Path, overrides: list[str], workers: int) -> dict:
+    from mlflow import MlflowClient
+
     t = time.perf_counter()
     out = subprocess.run([str(REPO / ".venv" / "bin" / "sft"), "run", *overrides], cwd=work, capture_output=True,
                          text=True, check=False)  # fmt: skip
@@ -257,7 +269,14 @@ def main() -> None:
     from sft_core.model.resolve import resolve_pretrained
 
     model = resolve_pretrained(args.model)
-    rows = Path(tempfile.mkdtemp()) / "rows.jsonl"
+    rows_dir = Path(tempfile.mkdtemp(prefix="sft-compare-rows-"))
+    try:
+        compare(args, model, rows_dir / "rows.jsonl")
+    finally:
+        shutil.rmtree(rows_dir, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace, model: Path, rows: Path) -> None:
     rows.write_text("".join(json.dumps(r) + "\n" for r in generate_rows(args.rows)))
     a = {
         "seq": args.seq,

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -337,30 +338,34 @@ def main() -> None:
         args.overrides = [f"+experiment={args.experiment}", *args.overrides]
     codes = [Path(c).resolve() for c in (args.code or [str(REPO)])]
     work = Path(tempfile.mkdtemp(prefix="sft-overhead-"))
-    cold = {str(c): sft_run(work, c, args.overrides)["wall"] for c in codes}
-    runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in codes}
-    for i in range(args.repeats):
-        for c in codes:
-            load = os.getloadavg()[0]
-            run = sft_run(work, c, args.overrides)
-            result = phases(run, work)
-            result["load average before"] = load
-            runs[str(c)].append(result)
-            print(
-                f"[{i + 1}/{args.repeats}] {c.name}: {run['wall']:.1f}s wall (load {load:.1f})",
-                file=sys.stderr,
-            )
-    emit(
-        {
-            "config": args.overrides,
-            "cores": os.cpu_count(),
-            "repeats": args.repeats,
-            "versions": {
-                c: {"cold_wall_s": cold[c], "median": median_of(rs), "runs": rs} for c, rs in runs.items()
+    try:
+        cold = {str(c): sft_run(work, c, args.overrides)["wall"] for c in codes}
+        runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in codes}
+        for i in range(args.repeats):
+            for c in codes:
+                load = os.getloadavg()[0]
+                run = sft_run(work, c, args.overrides)
+                result = phases(run, work)
+                result["load average before"] = load
+                runs[str(c)].append(result)
+                print(
+                    f"[{i + 1}/{args.repeats}] {c.name}: {run['wall']:.1f}s wall (load {load:.1f})",
+                    file=sys.stderr,
+                )
+        emit(
+            {
+                "config": args.overrides,
+                "cores": os.cpu_count(),
+                "repeats": args.repeats,
+                "versions": {
+                    c: {"cold_wall_s": cold[c], "median": median_of(rs), "runs": rs} for c, rs in runs.items()
+                },
             },
-        },
-        args.out,
-    )
+            args.out,
+        )
+
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a demo run's checkpoints are GBs
 
 
 if __name__ == "__main__":

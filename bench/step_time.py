@@ -64,7 +64,8 @@ def main() -> None:
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="warning")
     try:
         t = time.perf_counter()
-        cluster = Cluster(cfg, artifacts)
+        cluster = Cluster(cfg)
+        cluster.start(artifacts)
         info = cluster.execute_all("initialize")[0]
         startup = time.perf_counter() - t
         steps = [train_metrics(cluster.execute_all("train_step", s)) for s in range(args.steps)]

@@ -16,9 +16,10 @@ from prefect.context import get_run_context
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_run_artifacts
+from flows.cluster_launch import ClusterLaunch
 from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
 from flows.validate import validate
-from sft_core.cluster.cluster import WorkerFailure
+from sft_core.cluster.cluster import Cluster, WorkerFailure
 from sft_core.config import SFTConfig
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
 from sft_core.data.splits import EncodedSplit, PackedSplit
@@ -166,24 +167,26 @@ def train(
     mlflow_run: MLflowTracker,
     trackers: Trackers,
     fingerprint: str,
+    launch: ClusterLaunch,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Train to the last step from `resume` (or the pretrained model); returns (history,
-    checkpoints, total steps). A worker that dies or stops responding restarts the cluster from the
-    run's newest checkpoint, up to sft_train.max_restarts times."""
+    """Train to the last step from `resume` (or the pretrained model) on the launched actors;
+    returns (history, checkpoints, total steps). A worker that dies or stops responding restarts the
+    cluster from the run's newest checkpoint, up to sft_train.max_restarts times."""
     logger = get_run_logger()
     restarts = 0
     checkpoints: list[dict[str, Any]] = []
     version_tags, description = version_provenance(cfg), model_description(cfg)
-    wait_for_ray()  # started in the background when the flow run began
     while True:
         state = read_state(resume) if resume else {}
         start = state.get("global_step", 0)
         history: list[dict[str, Any]] = state.get("history", [])
         cluster = None
         try:
-            cluster, info = start_cluster(
-                cfg, artifacts.with_shared_dir(str(run.root)), str(resume / "train_state") if resume else None
-            )
+            cluster = launch.take() if restarts == 0 else Cluster(cfg)
+            info = start_cluster(
+                cfg, cluster, artifacts.with_shared_dir(str(run.root)),
+                str(resume / "train_state") if resume else None,
+            )  # fmt: skip
             total = info.total_steps
             if resume and start >= total:
                 logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)
@@ -271,6 +274,15 @@ def sft_pipeline(
     model_dir = resolve_model(cfg.pretrain)
     # The model against the strategy's layout, before data work and workers start.
     strategy_for(cfg).preflight(cfg, model_dir)
+    launch = ClusterLaunch(cfg)  # the actors start while the data and MLflow are prepared
+    try:
+        return _prepare_and_train(cfg, model_dir, launch)
+    finally:
+        launch.discard()
+
+
+def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) -> dict[str, Any]:
+    logger = get_run_logger()
     tokenizer = prepare_tokenizer(model_dir)
     encoded, packed = prepare_data(cfg, tokenizer)
     data_metrics = report_data(cfg, encoded, packed)
@@ -299,7 +311,7 @@ def sft_pipeline(
         status = "FAILED"
         try:
             history, checkpoints, total = train(
-                cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, fingerprint
+                cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, fingerprint, launch
             )
             status = "FINISHED"
         finally:

@@ -31,10 +31,12 @@ from sft_core.train.run_folder import RunFolder
 
 @task(name="start-cluster", cache_policy=NONE, persist_result=False)
 def start_cluster(
-    cfg: SFTConfig, artifacts: TrainArtifacts, resume_state: str | None = None
-) -> tuple[Cluster, WorkerInfo]:
-    cluster = Cluster(cfg, artifacts)
+    cfg: SFTConfig, cluster: Cluster, artifacts: TrainArtifacts, resume_state: str | None = None
+) -> WorkerInfo:
+    """Join the launched actors (`Cluster(cfg)`) into the training cluster and load the model,
+    the data and, with `resume_state`, the exact state of a checkpoint."""
     try:
+        cluster.start(artifacts)
         info: WorkerInfo = cluster.execute_all("initialize", resume_state, label="initialize")[0]
     except BaseException:
         cluster.shutdown()
@@ -50,7 +52,7 @@ def start_cluster(
         info.train_rows,
         strategy_for(cfg).describe(cfg),
     )
-    return cluster, info
+    return info
 
 
 @task(name="train-steps", cache_policy=NONE, persist_result=False, task_run_name="train-steps-{start}-{end}")

@@ -42,8 +42,9 @@ def train_on_cluster(cfg, artifacts: TrainArtifacts, steps: int) -> tuple[dict, 
     grad norm of each step."""
     from sft_core.cluster.cluster import Cluster
 
-    cluster = Cluster(cfg, artifacts)
+    cluster = Cluster(cfg)
     try:
+        cluster.start(artifacts)
         cluster.execute_all("initialize")
         results = [cluster.execute_all("train_step", s) for s in range(steps)]
         for step in results:  # each supervised token counted exactly once over the ranks

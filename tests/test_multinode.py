@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 
+from flows.cluster_launch import ClusterLaunch
 from sft_core.config_loader import load_config
 from sft_core.train.artifacts import SplitFiles
 from tests.helpers import encoded_demo, train_on_cluster
@@ -55,8 +56,9 @@ def test_workers_spread_over_two_nodes_train_like_one_node(
     ray.init(address=nodes.address, logging_level="warning", _node_ip_address="127.0.0.1")
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cluster = Cluster(config("spread"), artifacts)
+        cluster = Cluster(config("spread"))
         try:
+            cluster.start(artifacts)
             placed = cluster.nodes
             assert len({n["node_id"] for n in placed}) == 2, placed  # ranks span the nodes
             assert cluster.master[0] == placed[0]["ip"]  # rank 0's node is the rendezvous address
@@ -93,9 +95,25 @@ def test_a_worker_that_cannot_see_the_data_is_named(tmp_path, tiny_model_dir, sm
     )  # never a `ray start` cluster
     try:
         with pytest.raises(Exception, match=r"rank \d on node \S+ cannot read .*elsewhere/train\.npz"):
-            Cluster(config("pack"), artifacts)
-        assert ray.util.placement_group_table() == {} or all(
-            pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
-        )  # nothing left reserved
+            Cluster(config("pack")).start(artifacts)
+        assert _nothing_reserved()
+
+        # The flow launches the actors before its data is ready; a flow that fails before training
+        # shuts them down (discard), and a launch is taken once.
+        launch = ClusterLaunch(config("pack"))
+        launch.discard()
+        assert _nothing_reserved()
+        launch = ClusterLaunch(config("pack"))
+        cluster = launch.take()
+        with pytest.raises(RuntimeError, match="taken already"):
+            launch.take()
+        launch.discard()  # not its to shut down any more
+        assert not _nothing_reserved()
+        cluster.shutdown()
+        assert _nothing_reserved()
     finally:
         ray.shutdown()
+
+
+def _nothing_reserved() -> bool:
+    return all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())

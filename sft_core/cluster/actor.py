@@ -11,6 +11,7 @@ import ray
 from sft_core.cluster import rendezvous
 from sft_core.cluster.worker import SFTWorker
 from sft_core.strategies.registry import strategy_for
+from sft_core.train.artifacts import TrainArtifacts
 
 
 class SFTWorkerActor(SFTWorker):
@@ -34,17 +35,19 @@ class SFTWorkerActor(SFTWorker):
         ctx = ray.get_runtime_context()
         return {"rank": self.rank, "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address()}
 
-    def check_storage(self, paths: list[str], probe_dir: str | None) -> None:
-        """The driver's files must be readable here, and a probe written here visible to the driver."""
+    def use_artifacts(self, artifacts: TrainArtifacts) -> None:
+        """Take the run's files: each must be readable here, and a probe written here (into the
+        run folder) visible to the driver."""
         node = ray.util.get_node_ip_address()
-        for p in paths:
+        for p in artifacts.data_files():
             if not Path(p).is_file():
                 raise FileNotFoundError(
                     f"rank {self.rank} on node {node} cannot read {p}: the data cache (SFT_HOME) must be "
                     "on storage every node shares"
                 )
-        if probe_dir:
-            (Path(probe_dir) / f".probe-rank{self.rank}").write_text(node)
+        if artifacts.shared_dir:
+            (Path(artifacts.shared_dir) / f".probe-rank{self.rank}").write_text(node)
+        super().use_artifacts(artifacts)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:

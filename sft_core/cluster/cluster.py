@@ -52,7 +52,11 @@ class WorkerFailure(RuntimeError):
 
 
 class Cluster:
-    def __init__(self, cfg: SFTConfig, artifacts: TrainArtifacts):
+    """Started in two parts, so that the actors' process start and imports can overlap the driver's
+    data work: `Cluster(cfg)` places and starts the actors and returns at once; `start(artifacts)`
+    waits for them, hands them the run's files and joins them into one process group."""
+
+    def __init__(self, cfg: SFTConfig):
         if not ray.is_initialized():
             raise RuntimeError("Cluster needs a running Ray runtime (the flow's RayTaskRunner starts one)")
         self.name = cfg.sft_train.name
@@ -75,35 +79,39 @@ class Cluster:
                 f"{cfg.sft_train.placement}) on this Ray cluster ({ray.available_resources()} available) "
                 f"within {self.timeout_s:g}s"
             )
-        self.workers: list[Any] = []
-        try:
-            self._start(cfg, artifacts, env, bundle)
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def _start(self, cfg: SFTConfig, artifacts: TrainArtifacts, env: dict[str, str], bundle: dict) -> None:
         # `ping` runs in its own thread (concurrency group), so a worker busy in a long call still
         # answers it; every other method runs in the default group's one thread, in order.
         actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorkerActor)  # type: ignore[call-overload]  # stubs lack it
         cfg_dict = cfg.model_dump()
-        self.workers = [
-            actor_cls.options(
-                runtime_env={"env_vars": env},
-                num_gpus=bundle.get("GPU", 0),
-                num_cpus=bundle["CPU"],
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, rank),
-            ).remote(cfg_dict, rank, self.world_size, artifacts)
-            for rank in range(self.world_size)
-        ]
+        self.workers: list[Any] = []
+        try:
+            self.workers = [
+                actor_cls.options(
+                    runtime_env={"env_vars": env},
+                    num_gpus=bundle.get("GPU", 0),
+                    num_cpus=bundle["CPU"],
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, rank),
+                ).remote(cfg_dict, rank, self.world_size)
+                for rank in range(self.world_size)
+            ]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def start(self, artifacts: TrainArtifacts) -> None:
+        """Wait for the actors, give them the run's files, and join them into a process group."""
+        try:
+            self._start(artifacts)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, artifacts: TrainArtifacts) -> None:
         self.nodes = self._wait([w.node.remote() for w in self.workers], "node", "start-up")
         # Every worker must see the data and the run folder the driver wrote (multi-node: shared
         # storage); a node that cannot is named before any work starts.
-        shared = artifacts.data_files()
+        self._wait([w.use_artifacts.remote(artifacts) for w in self.workers], "use_artifacts", "start-up")
         probe_dir = artifacts.shared_dir
-        self._wait(
-            [w.check_storage.remote(shared, probe_dir) for w in self.workers], "check_storage", "start-up"
-        )
         if probe_dir:
             missing = [
                 r for r in range(self.world_size) if not (Path(probe_dir) / f".probe-rank{r}").is_file()

@@ -27,7 +27,7 @@ from sft_core.model.load import DTYPES
 from sft_core.model.resolve import load_tokenizer
 from sft_core.strategies.base import DistContext
 from sft_core.strategies.precision import compute_dtype
-from sft_core.strategies.registry import create_strategy
+from sft_core.strategies.registry import create_strategy, strategy_for
 from sft_core.train import mfu
 from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.batching import BatchSchedule, split_for_rank
@@ -62,9 +62,18 @@ class SFTWorker:
 
     ctx: DistContext
 
-    def __init__(self, cfg: dict[str, Any], rank: int, world_size: int, artifacts: TrainArtifacts):
+    artifacts: TrainArtifacts
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world_size: int):
         self.cfg = SFTConfig.model_validate(cfg)
         self.rank, self.world_size = rank, world_size
+        # What `initialize` needs, imported now: the flow starts the workers before the run's data
+        # is ready, so that these seconds overlap its data and MLflow work.
+        strategy_for(self.cfg)
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
+    def use_artifacts(self, artifacts: TrainArtifacts) -> None:
+        """The run's data, tokenizer and model files (ready once the driver has prepared them)."""
         self.artifacts = artifacts
 
     # -- SFTWorker API (as in the seed) ------------------------------------------------------
