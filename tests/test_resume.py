@@ -16,23 +16,33 @@ from tests.helpers import checkpoint_path, run_cli, worker_pids
 
 pytestmark = pytest.mark.slow
 
+# Killed after checkpoint-2, resumed for steps 3 and 4: those steps match the uninterrupted run
+# only if the optimizer state, the schedule, the data order and the RNG were all restored.
+STEPS, SAVE = 4, 2
 
-LAYOUTS = {
-    "ddp": [],
+LORA = "+sft_train.model_args.lora={rank: 4, alpha: 8}"
+MEGATRON_DISTRIBUTED_OPTIMIZER = [
+    "sft_train.strategy_args.strategy_name=megatron_train",
+    "+sft_train.strategy_args.strategy_config.use_distributed_optimizer=true",
+]
+# (layout, how the run continues after the SIGKILL). "sft run": the run fails (max_restarts=0) and
+# `sft run resume_from_checkpoint=auto`, a new process, resumes it in its run folder and MLflow
+# run. "restart": the flow restarts its cluster from the run's newest checkpoint by itself
+# (max_restarts=1). Both hand the checkpoint to new workers the same way, so each layout's resume
+# state is checked through one of them: a run costs about a minute of CI.
+CASES = {
+    "ddp-resumed-by-sft-run": ([], "sft run"),
     # Only the adapter (and its Adam state) is in the resume state; the base comes from the pretrained folder.
-    "ddp-lora": ["+sft_train.model_args.lora={rank: 4, alpha: 8}"],
+    "ddp-lora-restarted-by-the-flow": ([LORA], "restart"),
     # Two data-parallel replicas whose Adam state is sharded between them (megatron's own state).
-    "megatron-dp2-distributed-optimizer": [
-        "sft_train.strategy_args.strategy_name=megatron_train",
-        "+sft_train.strategy_args.strategy_config.use_distributed_optimizer=true",
-    ],
+    "megatron-dp2-distributed-optimizer-restarted-by-the-flow": (MEGATRON_DISTRIBUTED_OPTIMIZER, "restart"),
 }
 
 
 def common(out: Path, data: Path, layout: list[str]) -> list[str]:
     return [
         "run", "+experiment=smoke",
-        "sft_train.training_args.max_steps=8", "save_steps=4", "eval_steps=4",
+        f"sft_train.training_args.max_steps={STEPS}", f"save_steps={SAVE}", f"eval_steps={SAVE}",
         f"output_dir={out}", f"logging_dir={out}/tb",
         f"sft_train.data_args.file_name={data}/train.jsonl",
         f"validation.data_args.file_name={data}/validation.jsonl",
@@ -40,37 +50,42 @@ def common(out: Path, data: Path, layout: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, tmp_path, demo_copy):
+@pytest.mark.parametrize("case", CASES)
+def test_resume_after_sigkill_matches_uninterrupted_run(case, prefect_server, tmp_path, demo_copy):
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    reference = run_cli(common(tmp_path / "ref", demo_copy, LAYOUTS[layout]), cwd=tmp_path)
+    layout, how = CASES[case]
+    reference = run_cli(common(tmp_path / "ref", demo_copy, layout), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(  # no automatic restart: this run must fail, and be resumed by hand
-        [sys.executable, "-m", "flows.cli", *common(out, demo_copy, LAYOUTS[layout]), "sft_train.max_restarts=0"],
+    restarts = 1 if how == "restart" else 0  # 0: this run must fail, and be resumed by hand
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *common(out, demo_copy, layout), f"sft_train.max_restarts={restarts}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not list(out.glob("runs/*/sft_train/checkpoint-4/manifest.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before checkpoint-4"
+    while not list(out.glob(f"runs/*/sft_train/checkpoint-{SAVE}/manifest.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, f"run ended before checkpoint-{SAVE}"
         time.sleep(0.1)
     pids = worker_pids(proc.pid)
     assert pids, "no SFTWorker process found"
     os.kill(pids[-1], signal.SIGKILL)
     log, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, log[-3000:]
-    assert not checkpoint_path(out, 8).exists()
+    if how == "restart":
+        assert proc.returncode == 0, log[-3000:]
+        assert "restarting the cluster (restart 1 of sft_train.max_restarts=1)" in log, log[-3000:]
+    else:
+        assert proc.returncode != 0, log[-3000:]
+        assert not checkpoint_path(out, STEPS).exists()
+        resumed = run_cli([*common(out, demo_copy, layout), "resume_from_checkpoint=auto"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "resuming from" in resumed.stdout + resumed.stderr
 
-    resumed = run_cli([*common(out, demo_copy, LAYOUTS[layout]), "resume_from_checkpoint=auto"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout + resumed.stderr
-
-    weights = "adapter_model.safetensors" if "lora" in layout else "model.safetensors"
-    final = load_file(str(checkpoint_path(out, 8) / "sft_train" / weights))
-    expected = load_file(str(checkpoint_path(tmp_path / "ref", 8) / "sft_train" / weights))
+    weights = "adapter_model.safetensors" if LORA in layout else "model.safetensors"
+    final = load_file(str(checkpoint_path(out, STEPS) / "sft_train" / weights))
+    expected = load_file(str(checkpoint_path(tmp_path / "ref", STEPS) / "sft_train" / weights))
     assert final.keys() == expected.keys()
     for key, value in expected.items():
         assert (final[key] - value).abs().max() <= 1e-6, key
@@ -86,5 +101,5 @@ def test_resume_after_sigkill_matches_uninterrupted_run(layout, prefect_server, 
         return history
 
     got, want = losses(out), losses(tmp_path / "ref")
-    assert sorted(got) == list(range(1, 9)) and all(len(v) == 1 for v in got.values()), got
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in got.values()), got
     assert {s: v[0] for s, v in got.items()} == pytest.approx({s: v[0] for s, v in want.items()}, rel=1e-6)

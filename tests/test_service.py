@@ -2,10 +2,13 @@
 
 - a worker killed mid-run, the flow run failed, then `prefect flow-run retry`: the retry continues
   from the run's newest checkpoint in the same run folder and MLflow run, data stages Cached;
-- a worker frozen (SIGSTOP) mid-run: the step fails within worker_timeout_s naming the rank, and
-  the flow restarts the cluster from the newest checkpoint by itself (max_restarts);
-- the same deployment run twice into one output_dir, as a schedule runs it: both succeed, the first
-  run's checkpoints and registered versions are untouched (sha256).
+- a worker frozen (SIGSTOP) mid-run of `sft run`: the step fails within worker_timeout_s naming the
+  rank, and the flow restarts the cluster from the newest checkpoint by itself (max_restarts);
+- a deployment run with `ray_address` joins that Ray cluster and finds the encodings that `sft run`
+  cached; the same deployment run again into its output_dir, as a schedule runs it: both succeed,
+  the first run's checkpoints and registered versions are untouched (sha256).
+
+Runs are shared where tests look at different sides of one: each costs a minute of CI.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from flows.runtime import free_port, stop_process_group
-from tests.helpers import REPO, run_cli, run_folders, worker_pids
+from tests.helpers import DEMO, REPO, run_folders, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -177,16 +183,23 @@ def test_retry_of_a_failed_deployment_run_resumes_from_its_newest_checkpoint(dep
     assert seconds > 0
 
 
-def test_a_frozen_worker_fails_the_step_by_the_timeout_and_the_run_recovers_by_itself(
-    prefect_server, tmp_path, demo_copy
-):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def frozen_worker_run(prefect_server, tmp_path_factory) -> SimpleNamespace:
+    """`sft run` on data no other test has encoded, one of its workers frozen (SIGSTOP) once
+    checkpoint-3 is written. Two tests read this run: the frozen worker's (the timeout, the restart)
+    and the ray_address one's (a deployment run finds the encodings this `sft run` cached)."""
+    root = tmp_path_factory.mktemp("frozen")
+    data = root / "data"
+    shutil.copytree(DEMO, data)
+    with (data / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"instruction": f"Say {time.time_ns()}", "input": "", "output": "Done."}) + "\n")
+    out = root / "out"
     args = [
         "run",
-        *smoke_overrides(out, demo_copy, "sft_train.worker_timeout_s=20", "sft_train.max_restarts=1"),
+        *smoke_overrides(out, data, "sft_train.worker_timeout_s=20", "sft_train.max_restarts=1"),
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     ckpt3 = wait_for("runs/*/sft_train/checkpoint-3/manifest.json", out, lambda: proc.poll() is None).parent
     before = tree_digest(ckpt3)
@@ -198,32 +211,93 @@ def test_a_frozen_worker_fails_the_step_by_the_timeout_and_the_run_recovers_by_i
     finally:
         if Path(f"/proc/{frozen}").exists():
             os.kill(frozen, signal.SIGKILL)
-    assert proc.returncode == 0, log[-4000:]
-    found = re.search(r"rank\(s\) \[(\d)\] stopped responding during (\w+) \(([^)]*)\)", log)
-    assert found, log[-4000:]
-    assert "restarting the cluster (restart 1 of sft_train.max_restarts=1)" in log
-    assert time.monotonic() - stopped_at < 400
-    assert tree_digest(ckpt3) == before  # restarted from it, did not rewrite it
-    client = mlflow_client(out)
+    return SimpleNamespace(
+        out=out, data=data, log=log, returncode=proc.returncode, ckpt3=ckpt3, ckpt3_before=before,
+        seconds_after_freeze=time.monotonic() - stopped_at,
+    )  # fmt: skip
+
+
+def test_a_frozen_worker_fails_the_step_by_the_timeout_and_the_run_recovers_by_itself(frozen_worker_run):
+    run = frozen_worker_run
+    assert run.returncode == 0, run.log[-4000:]
+    found = re.search(r"rank\(s\) \[(\d)\] stopped responding during (\w+) \(([^)]*)\)", run.log)
+    assert found, run.log[-4000:]
+    assert "restarting the cluster (restart 1 of sft_train.max_restarts=1)" in run.log
+    assert run.seconds_after_freeze < 400
+    assert tree_digest(run.ckpt3) == run.ckpt3_before  # restarted from it, did not rewrite it
+    client = mlflow_client(run.out)
     runs = client.search_runs([client.get_experiment_by_name("smoke-sft").experiment_id])
     assert len(runs) == 1
     loss = client.get_metric_history(runs[0].info.run_id, "sft_train/loss")
     assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]
 
 
-def test_the_same_config_run_twice_keeps_the_first_runs_checkpoints_and_versions(
-    deployment, tmp_path, demo_copy
-):
-    out = tmp_path / "out"
-    overrides = smoke_overrides(out, demo_copy)
-    first = start_run(overrides)
-    assert wait_state(first, {"FAILED", "CRASHED", "COMPLETED"}) == "COMPLETED"
+@pytest.fixture(scope="module")
+def ray_address_run(deployment, frozen_worker_run, tmp_path_factory) -> SimpleNamespace:
+    """`ray start --head` on loopback, then a deployment run with `ray_address` pointing at it, of
+    the data that only the frozen-worker `sft run` has encoded, into an output_dir of its own. Two
+    tests read this run: one for the Ray cluster it joined and the cache it found, one as the first
+    of two scheduled runs into that output_dir (the cluster stays up for the second)."""
+    root = tmp_path_factory.mktemp("ray-address")
+    data = frozen_worker_run.data
+
+    # A head of this test's own, found only through its address: `--block` in a process group that
+    # is stopped as a whole (`ray stop` stops every Ray on the machine, other sessions' too), and a
+    # temp dir of its own (`ray start` records its address in /tmp/ray, where a bare ray.init()
+    # anywhere on the machine would find and join it).
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    temp_dir = tempfile.mkdtemp(prefix="sft-ray-")  # short: Ray's socket paths live under it
+    log = root / "ray-head.log"
+    with log.open("w") as f:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}"],
+            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        out = root / "dep"
+        overrides = smoke_overrides(out, data, f"ray_address=127.0.0.1:{port}")
+        run_id = start_run(overrides)
+        state = wait_state(run_id, {"FAILED", "CRASHED", "COMPLETED"})
+        jobs = subprocess.run(
+            [sys.executable, "-c", "import ray, ray._private.state as s; "
+             f"ray.init(address='127.0.0.1:{port}', _node_ip_address='127.0.0.1', logging_level='error'); "
+             "print(len(s.jobs()))"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        yield SimpleNamespace(run_id=run_id, state=state, jobs=jobs, out=out, data=data, overrides=overrides)
+    finally:
+        stop_process_group(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_deployment_run_joins_its_ray_address_and_reuses_what_the_cli_cached(ray_address_run):
+    """ray_address works in a deployment run as in the CLI, with no RAY_ADDRESS in the worker; and
+    the worker's runs find the encodings that `sft run` cached (one result cache, not one per home):
+    here the frozen-worker run's, the only one to have encoded this data."""
+    run = ray_address_run
+    assert run.state == "COMPLETED"
+    states = task_states(run.run_id)
+    assert states["encode-train"] == ["Cached"] and states["encode-validation"] == ["Cached"], states
+    # The cluster's job table: the flow run's driver, and the query's own.
+    assert int(run.jobs.stdout.strip().splitlines()[-1]) >= 2, run.jobs.stderr[-2000:]
+
+
+def test_the_same_config_run_twice_keeps_the_first_runs_checkpoints_and_versions(ray_address_run):
+    out, overrides = ray_address_run.out, ray_address_run.overrides
+    assert ray_address_run.state == "COMPLETED"
     client = mlflow_client(out)
     v1 = client.get_model_version("smoke-sft", "1")
     v1_files = tree_digest(Path(v1.source.removeprefix("file://")))
 
     # New data arrives before the next scheduled run: only the changed file is encoded again.
-    with (demo_copy / "train.jsonl").open("a") as f:
+    with (ray_address_run.data / "train.jsonl").open("a") as f:
         f.write(json.dumps({"instruction": "One more row", "input": "", "output": "Indeed."}) + "\n")
     second = start_run(overrides)
     assert wait_state(second, {"FAILED", "CRASHED", "COMPLETED"}) == "COMPLETED"
@@ -236,36 +310,3 @@ def test_the_same_config_run_twice_keeps_the_first_runs_checkpoints_and_versions
     assert sorted(versions) == [1, 2, 3, 4] and len({v.source for v in versions.values()}) == 4
     assert client.get_model_version("smoke-sft", "1").source == v1.source
     assert {versions[1].run_id, versions[2].run_id} != {versions[3].run_id, versions[4].run_id}
-
-
-def test_a_deployment_run_joins_its_ray_address_and_reuses_what_the_cli_cached(
-    deployment, tmp_path, demo_copy
-):
-    """ray_address works in a deployment run as in the CLI, with no RAY_ADDRESS in the worker; and
-    the worker's runs find the encodings that `sft run` cached (one result cache, not one per home)."""
-    with (demo_copy / "train.jsonl").open("a") as f:  # data no other test has encoded
-        f.write(json.dumps({"instruction": f"Say {time.time_ns()}", "input": "", "output": "Done."}) + "\n")
-    cli = run_cli(["run", *smoke_overrides(tmp_path / "cli", demo_copy)], tmp_path)
-    assert cli.returncode == 0, cli.stderr[-3000:]
-
-    port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    started = subprocess.run([*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert started.returncode == 0, started.stderr[-2000:]
-    try:
-        run = start_run(smoke_overrides(tmp_path / "dep", demo_copy, f"ray_address=127.0.0.1:{port}"))
-        assert wait_state(run, {"FAILED", "CRASHED", "COMPLETED"}) == "COMPLETED"
-        states = task_states(run)
-        assert states["encode-train"] == ["Cached"] and states["encode-validation"] == ["Cached"], states
-        jobs = subprocess.run(
-            [sys.executable, "-c", "import ray, ray._private.state as s; "
-             f"ray.init(address='127.0.0.1:{port}', _node_ip_address='127.0.0.1', logging_level='error'); "
-             "print(len(s.jobs()))"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert int(jobs.stdout.strip().splitlines()[-1]) >= 2, jobs.stderr[-2000:]  # the flow run's, and ours
-    finally:
-        subprocess.run([*ray_cli, "stop"], env=env, capture_output=True, timeout=120)
