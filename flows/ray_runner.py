@@ -29,6 +29,7 @@ from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 
 from flows.runtime import set_local_defaults
+from sft_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,29 @@ class RayStart:
     def wait(self) -> None:
         self._ready.wait()
         if self.error is not None:
+            if self.address != "local" and _refused_for_auth(self.error):
+                raise ConfigError(
+                    f"the Ray cluster at {self.address} (config key 'ray_address', or RAY_ADDRESS) requires "
+                    "token authentication: set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
+                    "or the file ~/.ray/auth_token) in the environment of the process that runs the flow "
+                    "(for a deployment run, the Prefect worker's). Ray never sends a token to an explicit "
+                    "address by itself."
+                ) from self.error
             raise self.error
 
     def release(self) -> None:
         self._released.set()
         self._thread.join()
+
+
+def _refused_for_auth(err: BaseException) -> bool:
+    """ray.init's error, or one it was raised from, says the cluster wants a token it did not get."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if "InvalidAuthToken" in str(seen) or "Authentication token is missing" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 _early: RayStart | None = None

@@ -3,10 +3,15 @@ training loop on real Ray actors, the CLI in a subprocess, and where a run wrote
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,3 +96,32 @@ def worker_pids(root: int) -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return sorted(found)
+
+
+@contextlib.contextmanager
+def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[int]:
+    """`ray start --head` on loopback for one test; yields its GCS port. Found only through that
+    address: `--block` in a process group stopped as a whole (`ray stop` would stop every Ray on the
+    machine, other sessions' too), and a temp dir of its own (`ray start` records its address in
+    /tmp/ray, where a bare ray.init() anywhere on the machine would find and join it)."""
+    from flows.runtime import free_port, stop_process_group
+
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="sft-ray-")  # short: Ray's socket paths live under it
+    with log.open("w") as f:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}"],
+            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=f, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        yield port
+    finally:
+        stop_process_group(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)

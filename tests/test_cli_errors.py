@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import ray_head, run_cli
 
 
 def assert_user_error(result, *needles: str) -> None:
@@ -72,3 +72,28 @@ def test_bad_rows_name_file_row_and_field(prefect_server, tmp_path, content, nee
         tmp_path,
     )
     assert_user_error(result, *needles)
+
+
+@pytest.mark.slow
+def test_a_ray_address_that_wants_a_token_says_how_to_give_it(prefect_server, tmp_path):
+    """A cluster with token authentication (Ray's default where a token exists), and Ray sends no
+    token to an explicit address by itself: the run stops naming ray_address and what to set, not
+    with Ray's GCS connection traceback."""
+    import os
+    import secrets
+
+    # `ray start --head` turns token authentication on where ~/.ray/auth_token exists (a default
+    # `ray.init()` writes one): this test's own HOME with its own token.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(home)}
+    log = tmp_path / "ray-head.log"
+    with ray_head(log, env, num_cpus=1) as port:
+        assert "Token authentication is enabled" in log.read_text(), log.read_text()[-2000:]
+        result = run_cli(
+            ["run", "+experiment=smoke", f"ray_address=127.0.0.1:{port}", f"output_dir={tmp_path}/out"],
+            tmp_path,
+            env={"HOME": str(home)},
+        )
+    assert_user_error(result, "ray_address", "requires token authentication", "RAY_AUTH_MODE=token")

@@ -22,15 +22,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from flows.runtime import free_port, stop_process_group
-from tests.helpers import DEMO, REPO, run_folders, worker_pids
+from flows.runtime import stop_process_group
+from tests.helpers import DEMO, REPO, ray_head, run_folders, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -241,26 +240,8 @@ def ray_address_run(deployment, frozen_worker_run, tmp_path_factory) -> SimpleNa
     root = tmp_path_factory.mktemp("ray-address")
     data = frozen_worker_run.data
 
-    # A head of this test's own, found only through its address: `--block` in a process group that
-    # is stopped as a whole (`ray stop` stops every Ray on the machine, other sessions' too), and a
-    # temp dir of its own (`ray start` records its address in /tmp/ray, where a bare ray.init()
-    # anywhere on the machine would find and join it).
-    port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    temp_dir = tempfile.mkdtemp(prefix="sft-ray-")  # short: Ray's socket paths live under it
-    log = root / "ray-head.log"
-    with log.open("w") as f:
-        head = subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-             f"--temp-dir={temp_dir}"],
-            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in log.read_text():
-            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
+    with ray_head(root / "ray-head.log", env) as port:  # stays up for the second run
         out = root / "dep"
         overrides = smoke_overrides(out, data, f"ray_address=127.0.0.1:{port}")
         run_id = start_run(overrides)
@@ -272,9 +253,6 @@ def ray_address_run(deployment, frozen_worker_run, tmp_path_factory) -> SimpleNa
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         yield SimpleNamespace(run_id=run_id, state=state, jobs=jobs, out=out, data=data, overrides=overrides)
-    finally:
-        stop_process_group(head.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_deployment_run_joins_its_ray_address_and_reuses_what_the_cli_cached(ray_address_run):
