@@ -34,13 +34,10 @@ def start_cluster(
     cfg: SFTConfig, cluster: Cluster, artifacts: TrainArtifacts, resume_state: str | None = None
 ) -> WorkerInfo:
     """Join the launched actors (`Cluster(cfg)`) into the training cluster and load the model,
-    the data and, with `resume_state`, the exact state of a checkpoint."""
-    try:
-        cluster.start(artifacts)
-        info: WorkerInfo = cluster.execute_all("initialize", resume_state, label="initialize")[0]
-    except BaseException:
-        cluster.shutdown()
-        raise
+    the data and, with `resume_state`, the exact state of a checkpoint. On failure the caller, which
+    owns the cluster, shuts it down."""
+    cluster.start(artifacts)
+    info: WorkerInfo = cluster.execute_all("initialize", resume_state, label="initialize")[0]
     get_run_logger().info(
         "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows); %s",
         cluster.name,
