@@ -1,5 +1,6 @@
 """Where the project keeps what it recreates (git-ignored): converted models, encoded data,
-tokenizers, the local Prefect home, the measured CPU peak. One root, owned here."""
+tokenizers, the local Prefect home, the measured CPU peak, an empty migrated MLflow database.
+One root, owned here."""
 
 from __future__ import annotations
 
@@ -24,3 +25,8 @@ def data_cache(key: str) -> Path:
 
 def tokenizers() -> Path:
     return sft_home() / "tokenizers"
+
+
+def mlflow_templates() -> Path:
+    """Empty migrated MLflow databases, one per MLflow version (tracking/mlflow_store.py)."""
+    return sft_home() / "mlflow"

@@ -4,6 +4,7 @@ find a checkpoint's versions; a registered checkpoint folder is a real MLflow mo
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,59 @@ def test_a_registered_version_is_served_by_mlflow_models_serve(tmp_path, tiny_mo
         assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0]
     finally:
         stop_process_group(server.pid)
+
+
+def test_a_new_tracking_database_is_a_copy_of_an_empty_migrated_one(tmp_path, monkeypatch):
+    """The seeded database has MLflow's own schema, no experiment but the Default one MLflow adds
+    with this store's artifact root, works for runs and the registry, and an existing database is
+    never replaced."""
+    import sqlite3
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sft_core.tracking.mlflow_store import seed_sqlite, sqlite_path
+    from sft_core.tracking.mlflow_tracker import MLflowTracker
+
+    monkeypatch.setenv("SFT_HOME", str(tmp_path / "home"))  # a template made by this test
+    monkeypatch.chdir(tmp_path)
+    by_mlflow, seeded = tmp_path / "by-mlflow.db", tmp_path / "out" / "mlflow" / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{by_mlflow}").search_experiments()  # MLflow migrates it
+
+    def schema(db):
+        with sqlite3.connect(db) as c:
+            return sorted(c.execute("SELECT type, name, sql FROM sqlite_master")), c.execute(
+                "SELECT version_num FROM alembic_version"
+            ).fetchall()
+
+    uri = f"sqlite:///{seeded}"
+    tracker = MLflowTracker(uri, "exp", str(tmp_path / "art"), "run", {"k": "v"})
+    assert [t.name for t in (tmp_path / "home" / "mlflow").iterdir()] == [f"empty-{mlflow.__version__}.db"]
+    assert schema(seeded) == schema(by_mlflow)
+    client = MlflowClient(tracking_uri=uri)
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert sorted(experiments) == ["Default", "exp"]
+    assert experiments["Default"].artifact_location == str(tmp_path / "mlruns" / "0")
+    tracker.log_metrics({"loss": 1.5}, step=1)
+    tracker.close()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    assert register_checkpoint(uri, "m", str(folder), tracker.run_id, 1, {"val_loss": 1.0}, {}, "d",
+                               "val_loss", False).version == 1  # fmt: skip
+
+    before = seeded.read_bytes()
+    seed_sqlite(uri)
+    assert seeded.read_bytes() == before  # an existing database is left as it is
+    MLflowTracker(uri, "exp", str(tmp_path / "art"), "run2", {})
+    assert [r.info.run_name for r in client.search_runs([experiments["exp"].experiment_id])] == [
+        "run2",
+        "run",
+    ]
+    assert client.get_metric_history(tracker.run_id, "loss")[0].value == 1.5
+    assert not list(seeded.parent.glob(".*.tmp"))
+
+    assert sqlite_path("sqlite:///rel/m.db") == Path("rel/m.db")
+    assert sqlite_path("sqlite:////abs/m.db") == Path("/abs/m.db")
+    for other in ("sqlite:///:memory:", "sqlite://", "postgresql://h/db", "http://127.0.0.1:5000",
+                  "sqlite:///m.db?mode=ro"):  # fmt: skip
+        assert sqlite_path(other) is None

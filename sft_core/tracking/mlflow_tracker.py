@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sft_core.tracking import flatten
+from sft_core.tracking.mlflow_store import seed_sqlite
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -33,10 +34,8 @@ class MLflowTracker:
         resume_run_id: str | None = None,
         resume_step: int = 0,
     ):
-        from mlflow import MlflowClient
-
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client = _client(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
             exp.experiment_id
@@ -97,6 +96,7 @@ class RegisteredVersion:
 def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
+    seed_sqlite(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

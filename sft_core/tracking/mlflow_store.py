@@ -1,0 +1,71 @@
+"""A new sqlite tracking database starts as a copy of an empty, migrated one.
+
+MLflow creates a sqlite database by running all of its schema migrations, about 3 CPU-seconds here,
+which every new output_dir used to pay. The first one made is kept, emptied, under sft_home (one per
+MLflow version); later databases are a file copy. The copy holds no experiment: MLflow adds its
+Default experiment, with this store's own artifact root, when it first opens it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+from sft_core.home import mlflow_templates
+
+_SQLITE = "sqlite:///"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The file of a `sqlite:///<path>` URI (relative to the working directory unless absolute);
+    None for any other store, in-memory databases and URIs with query options."""
+    if not tracking_uri.startswith(_SQLITE):
+        return None
+    rest = tracking_uri.removeprefix(_SQLITE)
+    if not rest or rest == ":memory:" or "?" in rest:
+        return None
+    return Path(rest)
+
+
+def seed_sqlite(tracking_uri: str) -> None:
+    """Put an empty, migrated database where a sqlite tracking URI names one that does not exist yet.
+    An existing database is never touched, also one another process creates meanwhile."""
+    path = sqlite_path(tracking_uri)
+    if path is None or path.exists():
+        return
+    try:
+        template = _template()
+    except OSError:
+        return  # no writable sft_home: MLflow migrates the new database itself, as it would anyway
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(template, staged)
+    try:
+        os.link(staged, path)  # fails, rather than replaces, if the database appeared meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        staged.unlink()
+
+
+def _template() -> Path:
+    import mlflow
+
+    template = mlflow_templates() / f"empty-{mlflow.__version__}.db"
+    if template.is_file():
+        return template
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    template.parent.mkdir(parents=True, exist_ok=True)
+    staged = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    store = SqlAlchemyStore(f"{_SQLITE}{staged}", staged.parent.as_uri())  # runs the migrations
+    store.engine.dispose()
+    with sqlite3.connect(staged) as db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            if table != "alembic_version":  # the schema's version is what makes it a migrated database
+                db.execute(f'DELETE FROM "{table}"')
+    os.replace(staged, template)
+    return template
