@@ -1,19 +1,22 @@
 """Training beside TRL: the same model, rows, sequence length, global batch, steps and schedule.
 
     .venv/bin/python bench/compare_trl.py --quick --out bench/results/compare-trl-quick.json
-    .venv/bin/python bench/compare_trl.py --model embedded:smollm2-135m-instruct --steps 12 \\
-        --out bench/results/compare-trl-135m.json
+    .venv/bin/python bench/compare_trl.py --model embedded:smollm2-135m-instruct --steps 8 \\
+        --repeats 2 --out bench/results/compare-trl-135m.json
 
 Contenders, run in alternation (A B C D, A B C D, ...) so that drift on a shared machine hits all:
   trl      TRL's SFTTrainer, packing (BFD) and padding-free, gradient checkpointing off, loss on the
            completion only; run in its own virtual environment (never a project dependency)
   ours-1w  `sft run` with 1 worker (the whole pipeline: Prefect, Ray, MLflow, checkpoint, registry)
   ours-2w  `sft run` with 2 workers (DDP), half the accumulation: the same global batch
-  plain    a plain PyTorch loop over our packed rows: no framework, the floor for a step
+  plain    a plain PyTorch loop, no framework, over the same global batches as ours (our packed rows
+           and seeded order), with the same loss, parameter groups and schedule: the floor for a step
 
-Per run: steady s/step (median after the first two steps), tokens/s and supervised tokens/s, padding,
-peak RSS, first and last loss, and the whole command's wall time. The TRL venv is made on first use:
-a venv whose site-packages sees the project's (same torch and transformers) plus trl, no deps.
+Per run: steady s/step (median after the first two steps) and its forward+backward part, tokens/s and
+supervised tokens/s, padding, peak RSS, the losses, and the whole command's wall time. Ours and the
+plain loop must agree on every step's loss (max_loss_gap_vs_plain), or their speeds mean nothing.
+The TRL venv is made on first use: a venv whose site-packages sees the project's (same torch and
+transformers) plus trl, no deps.
 """
 
 from __future__ import annotations
@@ -158,56 +161,60 @@ def _run_ours(work: Path, overrides: list[str], workers: int) -> dict:
     steady = statistics.median(steps[2:] or steps)
     tokens = statistics.median(series("sft_train/tokens_per_sec")[2:] or [0]) * steady
     supervised = statistics.median(series("sft_train/supervised_tokens")[2:] or [0])
-    pad = statistics.median(series("sft_train/pad_ratio"))
+    pad = statistics.fmean(series("sft_train/pad_ratio"))  # rows are all one width: the mean is the ratio
     rss = sum(max(series(f"memory/peak_mb_rank{r}")) for r in range(workers))
-    return summary(steady, tokens, supervised, pad, rss, series("sft_train/loss"), wall)
+    out = summary(steady, tokens, supervised, pad, rss, series("sft_train/loss"), wall)
+    return {**out, "s_fwd_bwd": statistics.median(series("time/fwd_bwd")[2:])}
 
 
 PLAIN_SCRIPT = r"""
-import json, math, resource, sys, time
+import json, resource, sys, time
 import torch
+import torch.nn.functional as F
 sys.path.insert(0, sys.argv[2])
 from sft_core.config_loader import load_config
 from sft_core.data.collate import collate_rows
 from sft_core.data.encode import encode_files
 from sft_core.data.packing import plan_rows
 from sft_core.data.spec import EncodeSpec
+from sft_core.model.load import load_causal_lm
 from sft_core.model.resolve import load_tokenizer
-from transformers import AutoModelForCausalLM
+from sft_core.train.batching import BatchSchedule
+from sft_core.train.schedule import build_scheduler
 a = json.loads(sys.argv[1])
 tok = load_tokenizer(a["model"])
-spec = EncodeSpec.from_config(load_config("sft_config", [f"sequence_length={a['seq']}", f"pretrain={a['model']}"]))
-data, _ = encode_files([a["rows"]], tok, spec)
+cfg = load_config("sft_config", [f"sequence_length={a['seq']}", f"pretrain={a['model']}"])
+data, _ = encode_files([a["rows"]], tok, EncodeSpec.from_config(cfg))
 plan = plan_rows(data, a["seq"], packing=True)
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(a["model"], torch_dtype=torch.float32)
+# The same global batches, parameter groups and schedule as `sft run`, so the losses must agree.
+schedule = BatchSchedule(len(plan.rows), a["accum"], cfg.seed)
+model = load_causal_lm(a["model"], torch.float32)  # the cache off: packed samples must not see each other
 model.train()
-opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], weight_decay=0.01)
-def lr_at(s):
-    if s < a["warmup"]: return (s + 1) / a["warmup"]
-    p = (s - a["warmup"]) / max(1, a["steps"] - a["warmup"]); return 0.5 * (1 + math.cos(math.pi * p))
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-times, losses, tokens, supervised = [], [], [], []
-order = torch.randperm(len(plan.rows), generator=torch.Generator().manual_seed(0)).tolist()
+groups = [[p for n, p in model.named_parameters() if (p.ndim < 2 or "norm" in n) == nd] for nd in (False, True)]
+opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.01}, {"params": groups[1], "weight_decay": 0.0}],
+                        lr=a["lr"])
+sched = build_scheduler(opt, a["steps"], a["warmup"], 0.0, "cosine", 0.0)
+times, fwd_bwd, losses, tokens, supervised, real = [], [], [], [], [], []
 for step in range(a["steps"]):
     t = time.perf_counter()
-    rows = [order[(step * a["accum"] + i) % len(order)] for i in range(a["accum"])]
-    batches = [collate_rows(data, plan, [r], tok.pad_token_id) for r in rows]
+    batches = [collate_rows(data, plan, [r], tok.pad_token_id) for r in schedule.global_batch(step)]
     n = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     total = 0.0
     for b in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a["bf16"]):
             logits = model(input_ids=b.input_ids, position_ids=b.position_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
-                                                 ignore_index=-100, reduction="sum") / n
+        targets = F.pad(b.labels[:, 1:], (0, 1), value=-100)  # shift labels, not the [T, V] logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               reduction="sum") / n
         loss.backward(); total += loss.item()
+    fwd_bwd.append(time.perf_counter() - t)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - t); losses.append(total)
     tokens.append(sum(b.num_tokens for b in batches)); supervised.append(n)
-real = sum(b.real_tokens for b in batches)
-print(json.dumps({"s_per_step": times, "losses": losses, "tokens": tokens, "supervised": supervised,
-                  "padding": 1 - real / max(1, sum(b.num_tokens for b in batches)),
+    real.append(sum(b.real_tokens for b in batches))
+print(json.dumps({"s_per_step": times, "s_fwd_bwd": fwd_bwd, "losses": losses, "tokens": tokens, "supervised": supervised,
+                  "padding": 1 - sum(real) / max(1, sum(tokens)),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -222,8 +229,9 @@ def run_plain(rows: Path, model: Path, a: dict) -> dict:
         raise SystemExit(f"plain loop failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     steady = statistics.median(r["s_per_step"][2:] or r["s_per_step"])
-    tokens, supervised = statistics.median(r["tokens"]), statistics.median(r["supervised"])
-    return summary(steady, tokens, supervised, r["padding"], r["peak_rss_mb"], r["losses"], wall)
+    tokens, supervised = statistics.median(r["tokens"][2:]), statistics.median(r["supervised"][2:])
+    out = summary(steady, tokens, supervised, r["padding"], r["peak_rss_mb"], r["losses"], wall)
+    return {**out, "s_fwd_bwd": statistics.median(r["s_fwd_bwd"][2:])}
 
 
 def summary(steady: float, tokens: float, supervised: float | None, padding: float, rss: float,
@@ -237,6 +245,7 @@ def summary(steady: float, tokens: float, supervised: float | None, padding: flo
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "wall_s": wall,
+        "losses": losses,
     }
 
 
@@ -293,8 +302,17 @@ def compare(args: argparse.Namespace, model: Path, rows: Path) -> None:
         for name in args.only:
             runs[name].append(runners[name]())
             print(f"repeat {repeat + 1} {name}: {json.dumps(runs[name][-1])}", file=sys.stderr)
-    median = {name: {k: statistics.median([r[k] for r in rs if r[k] is not None] or [0]) for k in rs[0]}
-              for name, rs in runs.items()}  # fmt: skip
+    median = {name: {k: statistics.median([r[k] for r in rs if r[k] is not None] or [0]) for k in rs[0]
+                     if k != "losses"} for name, rs in runs.items()}  # fmt: skip
+    # Ours and the plain loop train the same batches from the same weights: their per-step losses
+    # must agree (to float reassociation: DDP buckets, the fp64 grad norm), or a speedup means nothing.
+    if "plain" in runs:
+        for name in ("ours-1w", "ours-2w"):
+            if name in runs:
+                pairs = [
+                    zip(r["losses"], p["losses"], strict=True) for r in runs[name] for p in runs["plain"]
+                ]
+                median[name]["max_loss_gap_vs_plain"] = max(abs(x - y) for pair in pairs for x, y in pair)
     base = median.get("trl")
     ratios = {
         name: {"tokens_per_s_vs_trl": m["tokens_per_s"] / base["tokens_per_s"], "wall_vs_trl": m["wall_s"] / base["wall_s"]}
