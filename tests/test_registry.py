@@ -179,3 +179,23 @@ def test_a_new_tracking_database_is_a_copy_of_an_empty_migrated_one(tmp_path, mo
     for other in ("sqlite:///:memory:", "sqlite://", "postgresql://h/db", "http://127.0.0.1:5000",
                   "sqlite:///m.db?mode=ro"):  # fmt: skip
         assert sqlite_path(other) is None
+
+
+def test_a_new_tracking_database_without_hard_links_is_made_by_mlflow(tmp_path, monkeypatch):
+    """Where the output_dir's filesystem refuses hard links, MLflow creates the database itself."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from sft_core.tracking import mlflow_store
+    from sft_core.tracking.mlflow_tracker import MLflowTracker
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(dst))
+
+    monkeypatch.setenv("SFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mlflow_store.os, "link", no_links)
+    db = tmp_path / "out" / "mlflow.db"
+    tracker = MLflowTracker(f"sqlite:///{db}", "exp", str(tmp_path / "art"), "run", {})
+    assert db.is_file() and sorted(os.listdir(db.parent)) == ["mlflow.db"]  # no staged copy left
+    assert MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(tracker.run_id).info.run_name == "run"

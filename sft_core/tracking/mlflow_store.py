@@ -41,13 +41,13 @@ def seed_sqlite(tracking_uri: str) -> None:
         return  # no writable sft_home: MLflow migrates the new database itself, as it would anyway
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.copyfile(template, staged)
     try:
+        shutil.copyfile(template, staged)
         os.link(staged, path)  # fails, rather than replaces, if the database appeared meanwhile
-    except FileExistsError:
-        pass
+    except OSError:
+        pass  # it appeared, or no hard links here (some network mounts): MLflow opens or makes it
     finally:
-        staged.unlink()
+        staged.unlink(missing_ok=True)
 
 
 def _template() -> Path:
@@ -60,12 +60,15 @@ def _template() -> Path:
 
     template.parent.mkdir(parents=True, exist_ok=True)
     staged = template.with_name(f".{template.name}.{os.getpid()}.tmp")
-    store = SqlAlchemyStore(f"{_SQLITE}{staged}", staged.parent.as_uri())  # runs the migrations
-    store.engine.dispose()
-    with sqlite3.connect(staged) as db:
-        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            if table != "alembic_version":  # the schema's version is what makes it a migrated database
-                db.execute(f'DELETE FROM "{table}"')
-    os.replace(staged, template)
+    try:
+        store = SqlAlchemyStore(f"{_SQLITE}{staged}", staged.parent.as_uri())  # runs the migrations
+        store.engine.dispose()
+        with sqlite3.connect(staged) as db:
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                if table != "alembic_version":  # the schema's version makes it a migrated database
+                    db.execute(f'DELETE FROM "{table}"')
+        os.replace(staged, template)
+    finally:
+        staged.unlink(missing_ok=True)  # a failed attempt leaves nothing behind
     return template
