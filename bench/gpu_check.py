@@ -164,13 +164,19 @@ def step_targets(step: list[list[Row]]) -> int:
     return sum(int((labels[1:] != -100).sum()) for micro in step for _, labels, _ in micro)
 
 
-def step_flops(step: list[list[Row]], shape: Any) -> float:
+def step_flops(step: list[list[Row]], shape: Any, head_at_targets: bool = False) -> float:
+    """FLOPs of a step; with `head_at_targets` the LM head runs at the target positions only (ours)."""
     from sft_core.train.mfu import training_flops
 
     return sum(
-        training_flops(shape, len(ids), int((np.array(sample_lengths(pos)) ** 2).sum()))
+        training_flops(
+            shape,
+            len(ids),
+            int((np.array(sample_lengths(pos)) ** 2).sum()),
+            int((labels[1:] != -100).sum()) if head_at_targets else None,
+        )
         for micro in step
-        for ids, _, pos in micro
+        for ids, labels, pos in micro
     )
 
 
@@ -313,7 +319,7 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
             "grad_norm": out.grad_norm,
             "tokens": sum(mb.real_tokens for mb in micro),
             "targets": targets,
-            "flops": step_flops(rows, shape),
+            "flops": step_flops(rows, shape, strategy.logits_at_targets_only),
         }
         steps.append(record)
         print_step(args.contender, i, args, record)

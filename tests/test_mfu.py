@@ -48,6 +48,16 @@ def test_flop_formula_matches_torch_flop_counter_on_the_real_tiny_model(tiny_mod
         model(input_ids=ids, position_ids=torch.arange(tokens)[None]).logits.sum().backward()
     expected = mfu.training_flops(shape, tokens, tokens**2)
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-3)
+    # The LM head at 30 target positions only (as TorchStrategy runs it): counted for those only.
+    keep = torch.zeros(1, tokens, dtype=torch.bool)
+    keep[0, 50:80] = True
+    with FlopCounterMode(display=False) as counter:
+        model(
+            input_ids=ids, position_ids=torch.arange(tokens)[None], logits_to_keep=keep
+        ).logits.sum().backward()
+    selected = mfu.training_flops(shape, tokens, tokens**2, head_tokens=30)
+    assert counter.get_total_flops() == pytest.approx(selected, rel=1e-3)
+    assert selected < 0.5 * expected  # the tiny model's 49k-word head is most of its FLOPs
 
 
 def test_mfu_is_never_above_one():

@@ -14,7 +14,7 @@ from sft_core.data.collate import MicroBatch, masked_batch
 from sft_core.strategies.base import DistContext
 from sft_core.strategies.registry import create_strategy
 from sft_core.train.batching import BatchSchedule, split_for_rank
-from sft_core.train.loss import summed_token_loss
+from sft_core.train.loss import next_token_targets, summed_token_loss
 from sft_core.train.schedule import lr_factor
 
 
@@ -31,7 +31,7 @@ def test_token_loss_scores_each_position_against_the_next_supervised_label():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, requires_grad=True)
     labels = torch.tensor([[-100, 3, 4, -100, 6], [-100, -100, 1, 2, -100]])
-    loss, n = summed_token_loss(logits, labels)
+    loss, n = summed_token_loss(logits, next_token_targets(labels))
     # Reference: one position at a time, -log softmax(logits[b, t])[labels[b, t + 1]].
     pairs = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
     expected = sum(-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for b, t in pairs)
@@ -108,6 +108,28 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir):
         plain.module.state_dict().items(), checkpointed.module.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_the_lm_head_only_at_target_positions_gives_the_same_step(tiny_model_dir):
+    selected = _strategy(tiny_model_dir)
+    full = _strategy(tiny_model_dir)
+    full.logits_at_targets_only = False
+    assert selected.logits_at_targets_only  # transformers' boolean logits_to_keep was detected
+    uneven = _batch(3)
+    uneven.labels[1, :20] = -100  # rows with different numbers of targets
+    batches = [_batch(1), uneven, masked_batch()]
+    for _ in range(2):  # the second step runs on the weights the first one changed
+        a = selected.train_step(batches, num_targets=52)
+        b = full.train_step(batches, num_targets=52)
+        assert a.targets == b.targets == 52
+        assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-6)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    for (k, v), w in zip(
+        selected.module.state_dict().items(), full.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-7, msg=k)
+    ev_a, ev_b = selected.eval_step(batches), full.eval_step(batches)
+    assert ev_a.targets == ev_b.targets == 52 and ev_a.loss_sum == pytest.approx(ev_b.loss_sum, rel=1e-6)
 
 
 def test_masked_filler_batches_change_nothing(tiny_model_dir):

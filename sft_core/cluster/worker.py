@@ -143,7 +143,8 @@ class SFTWorker:
         dp_rank, dp_size = self.strategy.data_parallel
         mine = [r for ids in split_for_rank(rows, dp_rank, dp_size, size) for r in ids]
         squares = int(self.train_row_squares[mine].sum()) if counted else 0
-        flops = mfu.training_flops(self.shape, real, squares)
+        head = stats.targets if self.strategy.logits_at_targets_only else None
+        flops = mfu.training_flops(self.shape, real, squares, head)
         return RankStep(
             rank=self.rank,
             stats=stats,

@@ -37,6 +37,9 @@ class DistContext:
 
 class Strategy(abc.ABC):
     name: ClassVar[str]
+    # Whether the LM head runs only at positions that have a target (else at every token): the
+    # FLOP count of the step (train/mfu.py) follows it.
+    logits_at_targets_only: bool = False
 
     def __init__(self, cfg: SFTConfig, ctx: DistContext):
         self.cfg = cfg

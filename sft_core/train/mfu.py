@@ -15,6 +15,15 @@ A packed row attends within each sample only, so its attention term uses each sa
 >>> 6 * 1000 * 6 + 12 * 2 * 8 * (9 + 9)
 39456
 
+Where the LM head runs only at the positions that have a target (TorchStrategy), its share of N
+(vocab x hidden) is counted for those positions only: FLOPs not computed are not counted.
+
+>>> head = ModelShape(params=1000, layers=2, attn_width=8, embedding_params=0, head_params=400)
+>>> training_flops(head, real_tokens=6, attn_square_tokens=18, head_tokens=2)
+29856.0
+>>> 6 * (600 * 6 + 400 * 2) + 12 * 2 * 8 * 18
+29856
+
 N_matmul counts the weights that multiply: an untied input embedding is a lookup and is left out; a
 tied one is the LM head's matmul and stays.
 
@@ -87,6 +96,7 @@ class ModelShape:
     attn_width: int  # heads x head_dim (the width of Q, K and V)
     embedding_params: int  # an untied input embedding's size (a lookup), else 0
     trained_fraction: float = 1.0  # 1.0 full fine-tuning; 0.0 LoRA (adapter FLOPs left out)
+    head_params: int = 0  # the LM head's matmul (vocab x hidden), part of params - embedding_params
 
     @classmethod
     def from_hf_config(cls, config: PreTrainedConfig, params: int, lora: bool = False) -> ModelShape:
@@ -99,6 +109,7 @@ class ModelShape:
             attn_width=heads * head_dim,
             embedding_params=0 if tied else config.vocab_size * config.hidden_size,
             trained_fraction=0.0 if lora else 1.0,
+            head_params=config.vocab_size * config.hidden_size,
         )
 
     @property
@@ -106,10 +117,15 @@ class ModelShape:
         return self.params - self.embedding_params
 
 
-def training_flops(shape: ModelShape, real_tokens: int, attn_square_tokens: int) -> float:
+def training_flops(
+    shape: ModelShape, real_tokens: int, attn_square_tokens: int, head_tokens: int | None = None
+) -> float:
     """FLOPs of one forward + backward over `real_tokens`, whose packed samples have lengths L_i
-    with sum(L_i^2) = `attn_square_tokens` (see the module docstring)."""
-    dense = (4 + 2 * shape.trained_fraction) * shape.matmul_params * real_tokens
+    with sum(L_i^2) = `attn_square_tokens`, the LM head over `head_tokens` of them (default: all);
+    see the module docstring."""
+    head_tokens = real_tokens if head_tokens is None else head_tokens
+    body = (shape.matmul_params - shape.head_params) * real_tokens + shape.head_params * head_tokens
+    dense = (4 + 2 * shape.trained_fraction) * body
     attention = 12 * shape.layers * shape.attn_width * attn_square_tokens
     return float(dense + attention)
 

@@ -1,0 +1,109 @@
+"""The LM head at target positions only, against the head at every position: one training step.
+
+    .venv/bin/python bench/head_at_targets.py --out bench/results/head-at-targets-135m.json
+    .venv/bin/python bench/head_at_targets.py --model embedded:tiny-smollm2 --repeats 6
+
+Two ddp_train strategies (1 process, fp32) load the same model and train on the same packed rows of
+the demo data (encoded with the model's own template, packed to --seq tokens), alternating A/B
+step by step so that machine noise hits both alike. Reported per variant: the median step, the
+forward+backward part, the eval forward over the same rows, and the loss of every step (the two
+must agree: only which logits are computed differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=1, help="packed rows per step (one micro-batch)")
+    parser.add_argument("--repeats", type=int, default=4, help="steps per variant (after one warm-up each)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from sft_core.config_loader import load_config
+    from sft_core.data.collate import collate_rows
+    from sft_core.data.encode import encode_files
+    from sft_core.data.messages import FieldMapping
+    from sft_core.data.packing import plan_rows
+    from sft_core.data.spec import EncodeSpec
+    from sft_core.model.resolve import load_tokenizer, resolve_pretrained
+    from sft_core.strategies.base import DistContext
+    from sft_core.strategies.registry import create_strategy
+
+    model_dir = resolve_pretrained(args.model)
+    tok = load_tokenizer(model_dir)
+    spec = EncodeSpec(args.seq, fields=FieldMapping(query_key="input"))
+    data, _ = encode_files([str(REPO / "data/demo/train.jsonl")], tok, spec, limit=400)
+    plan = plan_rows(data, args.seq, True)
+    steps = args.repeats + 1
+    batches = [
+        collate_rows(data, plan, list(range(i * args.rows, (i + 1) * args.rows)), tok.pad_token_id)
+        for i in range(steps)
+    ]
+    targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
+
+    cfg = load_config("sft_config", ["sft_train.device_mapping=[0]", "sft_train.model_args.dtype=fp32"])
+    variants = {}
+    for name, selected in (("head at targets", True), ("head everywhere", False)):
+        torch.manual_seed(0)
+        strategy = create_strategy(cfg, DistContext(0, 1, torch.device("cpu")))
+        strategy.initialize(model_dir, total_steps=steps)
+        assert strategy.logits_at_targets_only, "this transformers has no boolean logits_to_keep"
+        strategy.logits_at_targets_only = selected
+        variants[name] = {"strategy": strategy, "step": [], "fwd_bwd": [], "eval": [], "loss": []}
+
+    for i, (batch, n) in enumerate(zip(batches, targets, strict=True)):
+        for v in variants.values():  # A then B on the same step's rows
+            t = time.perf_counter()
+            out = v["strategy"].train_step([batch], n)
+            step_s = time.perf_counter() - t
+            t = time.perf_counter()
+            v["strategy"].eval_step([batch])
+            eval_s = time.perf_counter() - t
+            v["loss"].append(out.loss_sum / n)
+            if i > 0:  # step 0 warms up
+                v["step"].append(step_s)
+                v["fwd_bwd"].append(out.time_fwd_bwd)
+                v["eval"].append(eval_s)
+
+    a, b = variants["head at targets"], variants["head everywhere"]
+    result = {
+        "model": args.model,
+        "seq": args.seq,
+        "rows_per_step": args.rows,
+        "supervised_fraction": sum(targets) / sum(int(x.labels.numel()) for x in batches),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "threads": torch.get_num_threads(),
+        "max_loss_gap": max(abs(x - y) for x, y in zip(a["loss"], b["loss"], strict=True)),
+    }
+    for name, v in variants.items():
+        result[name] = {
+            "s_step": statistics.median(v["step"]),
+            "s_fwd_bwd": statistics.median(v["fwd_bwd"]),
+            "s_eval": statistics.median(v["eval"]),
+            "steps_s": v["step"],
+            "losses": v["loss"],
+        }
+    result["step_speedup"] = result["head everywhere"]["s_step"] / result["head at targets"]["s_step"]
+    result["eval_speedup"] = result["head everywhere"]["s_eval"] / result["head at targets"]["s_eval"]
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
