@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=1, help="packed rows per step (one micro-batch)")

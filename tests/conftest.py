@@ -20,6 +20,9 @@ os.environ.update(
     # Converted models are shared across sessions (the GGUF conversion takes ~25 s).
     SFT_MODEL_CACHE=os.environ.get("SFT_MODEL_CACHE", str(REPO / ".sft" / "models")),
     PREFECT_HOME=str(_SESSION_HOME / "prefect"),
+    # fp32 on every CPU, so that the exactness tests (layouts, splits, resume) mean the same on
+    # machines with and without native bf16; tests/test_bf16.py sets it per test.
+    SFT_CPU_BF16="0",
 )
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -265,6 +265,43 @@ def test_megatron_logits_equal_hf_logits_on_packed_rows(kind, llama_dir, qwen2_d
         assert torch.equal(exported[key], value), key
 
 
+def test_cpu_bf16_autocast_trains_megatron_close_to_fp32(llama_dir, smollm2_tokenizer, tmp_path, monkeypatch,
+                                                        process_group):  # fmt: skip
+    """Autocast spans megatron's backward too (its linear layers' backward restores autocast for
+    CUDA only): bf16 steps run and track fp32 within test_bf16's tolerance, weights stay fp32.
+    Forced where the CPU lacks native bf16 (slower there, the same numbers)."""
+    import json
+
+    from sft_core.data.collate import collate_rows
+    from sft_core.data.packing import PackedPlan
+    from sft_core.data.store import EncodedData
+    from sft_core.strategies import precision
+    from sft_core.strategies.base import DistContext
+    from sft_core.strategies.megatron.strategy import MegatronStrategy
+    from tests.test_bf16 import BF16_LOSS_RTOL
+
+    artifacts = encoded_demo(tmp_path, smollm2_tokenizer, llama_dir, packing=True)
+    data = EncodedData.load(artifacts.train.encoded)
+    plan = PackedPlan.from_dict(json.loads(Path(artifacts.train.plan).read_text()))
+    batches = [collate_rows(data, plan, [r], int(smollm2_tokenizer.pad_token_id)) for r in range(3)]
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        monkeypatch.setenv("SFT_CPU_BF16", "1")
+        precision.cpu_supports_bf16.cache_clear()
+        cfg = load(MEGATRON, "sft_train.device_mapping=[0]", f"sft_train.model_args.dtype={dtype}")
+        strategy = MegatronStrategy(cfg, DistContext(0, 1, torch.device("cpu")))
+        assert strategy.cpu_autocast == (torch.bfloat16 if dtype == "bf16" else None)
+        torch.manual_seed(0)
+        strategy.initialize(llama_dir, total_steps=3)
+        outs = [strategy.train_step([b], int((b.labels[:, 1:] != -100).sum())) for b in batches]
+        losses[dtype] = [out.loss_sum / out.targets for out in outs]
+        assert {p.dtype for m in strategy.modules for p in m.parameters()} == {torch.float32}
+    precision.cpu_supports_bf16.cache_clear()
+    assert losses["bf16"] != losses["fp32"], "bf16 autocast was not active"
+    for step, (a, b) in enumerate(zip(losses["bf16"], losses["fp32"], strict=True)):
+        assert abs(a - b) / b < BF16_LOSS_RTOL, f"step {step}: bf16 {a:.5f} vs fp32 {b:.5f}"
+
+
 # -- training on real Ray actors: every layout gives the single-process losses ---------------------
 
 

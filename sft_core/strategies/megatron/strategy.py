@@ -200,10 +200,9 @@ class MegatronStrategy(Strategy):
         self, data_iterator: Any, model: torch.nn.Module, scale: float
     ) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        with torch.autocast("cpu", dtype=self.cpu_autocast, enabled=self.cpu_autocast is not None):
-            per_token = model(
-                batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
-            )
+        per_token = model(
+            batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+        )
         return per_token, partial(masked_loss, batch["loss_mask"], scale)
 
     def _run_schedule(
@@ -216,15 +215,19 @@ class MegatronStrategy(Strategy):
             scale = scale * len(mb.batches)  # megatron divides each micro-batch loss by their count
         chunks = len(self.chunks)
         iterators = [iter(mb.batches) for _ in range(chunks)] if chunks > 1 else iter(mb.batches)
-        results = self.forward_backward(
-            forward_step_func=partial(self._forward_step, scale=scale or 0.0),
-            data_iterator=iterators,
-            model=self.chunks if chunks > 1 else self.chunks[0],
-            num_microbatches=len(mb.batches),
-            seq_length=mb.width,
-            micro_batch_size=mb.rows,
-            forward_only=forward_only,
-        )
+        # CPU bf16 autocast spans the backward too: megatron's linear layers are autograd Functions
+        # whose backward restores autocast for CUDA only, so outside it a bf16 gradient would meet
+        # an fp32 weight in their matmul.
+        with torch.autocast("cpu", dtype=self.cpu_autocast, enabled=self.cpu_autocast is not None):
+            results = self.forward_backward(
+                forward_step_func=partial(self._forward_step, scale=scale or 0.0),
+                data_iterator=iterators,
+                model=self.chunks if chunks > 1 else self.chunks[0],
+                num_microbatches=len(mb.batches),
+                seq_length=mb.width,
+                micro_batch_size=mb.rows,
+                forward_only=forward_only,
+            )
         if not self.reports_metrics:
             return EvalSums()
         return EvalSums(
