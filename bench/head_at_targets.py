@@ -3,7 +3,7 @@
     .venv/bin/python bench/head_at_targets.py --out bench/results/head-at-targets-135m.json
     .venv/bin/python bench/head_at_targets.py --model embedded:tiny-smollm2 --repeats 6
 
-Two ddp_train strategies (1 process, fp32) load the same model and train on the same packed rows of
+Two ddp_train strategies (1 process, fp32 or --bf16 autocast) load the same model and train on the same packed rows of
 the demo data (encoded with the model's own template, packed to --seq tokens), alternating A/B
 step by step so that machine noise hits both alike. Reported per variant: the median step, the
 forward+backward part, the eval forward over the same rows, and the loss of every step (the two
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=1, help="packed rows per step (one micro-batch)")
     parser.add_argument("--repeats", type=int, default=4, help="steps per variant (after one warm-up each)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU has native bf16)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -60,13 +61,15 @@ def main() -> None:
     ]
     targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
 
-    cfg = load_config("sft_config", ["sft_train.device_mapping=[0]", "sft_train.model_args.dtype=fp32"])
+    dtype = "bf16" if args.bf16 else "fp32"
+    cfg = load_config("sft_config", ["sft_train.device_mapping=[0]", f"sft_train.model_args.dtype={dtype}"])
     variants = {}
     for name, selected in (("head at targets", True), ("head everywhere", False)):
         torch.manual_seed(0)
         strategy = create_strategy(cfg, DistContext(0, 1, torch.device("cpu")))
         strategy.initialize(model_dir, total_steps=steps)
         assert strategy.logits_at_targets_only, "this transformers has no boolean logits_to_keep"
+        assert (strategy.autocast_dtype is not None) == args.bf16, "no native bf16 on this CPU"
         strategy.logits_at_targets_only = selected
         variants[name] = {"strategy": strategy, "step": [], "fwd_bwd": [], "eval": [], "loss": []}
 
@@ -89,6 +92,7 @@ def main() -> None:
         "model": args.model,
         "seq": args.seq,
         "rows_per_step": args.rows,
+        "dtype": dtype,
         "supervised_fraction": sum(targets) / sum(int(x.labels.numel()) for x in batches),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "threads": torch.get_num_threads(),
