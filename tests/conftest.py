@@ -21,8 +21,9 @@ os.environ.update(
     SFT_MODEL_CACHE=os.environ.get("SFT_MODEL_CACHE", str(REPO / ".sft" / "models")),
     PREFECT_HOME=str(_SESSION_HOME / "prefect"),
     # fp32 on every CPU, so that the exactness tests (layouts, splits, resume) mean the same on
-    # machines with and without native bf16; tests/test_bf16.py sets it per test.
-    SFT_CPU_BF16="0",
+    # machines with and without native bf16; tests/test_bf16.py sets it per test. SFT_CPU_BF16=1
+    # in the environment runs the suite with bf16 autocast, by hand.
+    SFT_CPU_BF16=os.environ.get("SFT_CPU_BF16", "0"),
 )
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -34,6 +34,8 @@ CASES = {
     "ddp-resumed-by-sft-run": ([], "sft run"),
     # Only the adapter (and its Adam state) is in the resume state; the base comes from the pretrained folder.
     "ddp-lora-restarted-by-the-flow": ([LORA], "restart"),
+    # Sharded weights and Adam state; the full weights come back from the checkpoint's HF folder.
+    "fsdp2-restarted-by-the-flow": (["sft_train.strategy_args.strategy_name=fsdp2_train"], "restart"),
     # Two data-parallel replicas whose Adam state is sharded between them (megatron's own state).
     "megatron-dp2-distributed-optimizer-restarted-by-the-flow": (MEGATRON_DISTRIBUTED_OPTIMIZER, "restart"),
 }

@@ -163,6 +163,15 @@ def test_packing_on_or_off_gives_the_same_loss_on_the_same_samples(tiny_model_di
     assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
 
 
+def _save_checkpoint(strategy, root: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """A checkpoint as the worker writes it: the Hugging Face folder, then the resume state."""
+    from sft_core.model.resolve import load_tokenizer
+
+    strategy.save_hf(root / "sft_train", load_tokenizer(tiny_model_dir))
+    strategy.save_state(root / "train_state")
+    return root / "train_state", root / "sft_train"
+
+
 def test_resume_state_loads_with_weights_only_and_continues_exactly(tiny_model_dir, tmp_path):
     import random
 
@@ -170,16 +179,46 @@ def test_resume_state_loads_with_weights_only_and_continues_exactly(tiny_model_d
 
     a = _strategy(tiny_model_dir)
     a.train_step([_batch(1)], num_targets=32)
-    a.save_state(tmp_path)
-    for f in tmp_path.glob("rank*.pt"):  # no pickled objects: nothing in it can run code on load
+    state, hf = _save_checkpoint(a, tmp_path, tiny_model_dir)
+    for f in state.glob("rank*.pt"):  # no pickled objects: nothing in it can run code on load
         torch.load(f, weights_only=True)
+    # The weights are written once, in the Hugging Face folder: the resume state holds Adam's two
+    # moments (2x the weights) and no third copy.
+    weights = sum(v.numel() * v.element_size() for v in a.module.parameters())
+    saved = sum(f.stat().st_size for f in (state / "dcp").iterdir())
+    assert 1.9 * weights < saved < 2.2 * weights, (saved, weights)
     draws = (torch.rand(3), np.random.rand(3), random.random())
     expected = a.train_step([_batch(2)], num_targets=32)
 
     b = _strategy(tiny_model_dir)
-    b.load_state(tmp_path)
+    b.load_state(state, hf)
     assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.rand(3), draws[1])
     assert random.random() == draws[2]
+    got = b.train_step([_batch(2)], num_targets=32)
+    assert got.loss_sum == expected.loss_sum and got.grad_norm == expected.grad_norm
+    for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(FileNotFoundError, match="keeps its weights in this Hugging Face folder"):
+        _strategy(tiny_model_dir).load_state(state, missing)
+
+
+def test_resume_state_with_the_weights_inside_still_loads_exactly(tiny_model_dir, tmp_path):
+    """Checkpoints written before the weights left the resume state (DCP holds "model" too, the
+    rank file names no `weights`) resume as before, without reading the Hugging Face folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    a = _strategy(tiny_model_dir)
+    a.train_step([_batch(1)], num_targets=32)
+    model_sd, optim_sd = get_state_dict(a.model, a.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "dcp"))
+    a.save_rank_state(tmp_path / "rank0.pt", scheduler=a.scheduler.state_dict())
+    expected = a.train_step([_batch(2)], num_targets=32)
+
+    b = _strategy(tiny_model_dir)
+    b.load_state(tmp_path, tmp_path / "no-hf-folder")
     got = b.train_step([_batch(2)], num_targets=32)
     assert got.loss_sum == expected.loss_sum and got.grad_norm == expected.grad_norm
     for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
@@ -220,13 +259,13 @@ def test_lora_trains_only_the_adapter_and_its_exports_load_as_the_trained_model(
 def test_lora_resume_state_holds_only_the_adapter_and_continues_exactly(tiny_model_dir, tmp_path):
     a = _strategy(tiny_model_dir, LORA)
     a.train_step([_batch(1)], num_targets=32)
-    a.save_state(tmp_path)
-    saved = sum(f.stat().st_size for f in (tmp_path / "dcp").iterdir())
+    state, hf = _save_checkpoint(a, tmp_path, tiny_model_dir)
+    saved = sum(f.stat().st_size for f in (state / "dcp").iterdir())
     full = sum(v.numel() * v.element_size() for v in a.module.state_dict().values())
     assert saved < full / 4, (saved, full)  # adapter + its Adam moments, not the frozen base
     expected = a.train_step([_batch(2)], num_targets=32)
     b = _strategy(tiny_model_dir, LORA)
-    b.load_state(tmp_path)
+    b.load_state(state, hf)
     got = b.train_step([_batch(2)], num_targets=32)
     assert got.loss_sum == expected.loss_sum and got.grad_norm == expected.grad_norm
     for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):

@@ -106,7 +106,7 @@ class SFTWorker:
         self.strategy = create_strategy(self.cfg, self.ctx)
         self.strategy.initialize(Path(a.model_dir), self.total_steps)
         if resume_dir:
-            self.strategy.load_state(Path(resume_dir))
+            self.strategy.load_state(Path(resume_dir), Path(resume_dir).parent / self.cfg.sft_train.name)
         from transformers import AutoConfig
 
         self.shape = mfu.ModelShape.from_hf_config(

@@ -95,11 +95,13 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def save_state(self, out_dir: Path) -> None:
-        """Write everything exact resume needs (every rank calls)."""
+        """Write everything exact resume needs (every rank calls), after save_hf wrote the same
+        checkpoint's Hugging Face folder (which a strategy may read its weights back from)."""
 
     @abc.abstractmethod
-    def load_state(self, state_dir: Path) -> None:
-        """Restore what save_state wrote, on the same layout."""
+    def load_state(self, state_dir: Path, hf_dir: Path) -> None:
+        """Restore what save_state wrote, on the same layout; `hf_dir` is the checkpoint's Hugging
+        Face folder beside it."""
 
     @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:

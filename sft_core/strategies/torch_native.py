@@ -200,33 +200,47 @@ class TorchStrategy(Strategy):
         tokenizer.save_pretrained(out_dir)
 
     def save_state(self, out_dir: Path) -> None:
-        """Model + optimizer (torch.distributed.checkpoint, sharding-aware), scheduler, RNG of this rank."""
+        """Optimizer (torch.distributed.checkpoint, sharding-aware), scheduler, RNG of this rank; the
+        weights too only with LoRA (the adapter). A full model's weights are not written twice: the
+        Hugging Face folder of the same checkpoint holds them in fp32, which is exact (a quarter of
+        the checkpoint's bytes: weights + Adam's two moments were written here before)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = self._trainable(
             get_state_dict(self.model, self.optimizer, options=self._state_options())
         )
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out_dir / "dcp"))
-        self.save_rank_state(out_dir / f"rank{self.ctx.rank}.pt", scheduler=self.scheduler.state_dict())
+        weights = "dcp" if self.lora else "hf"
+        state = {"model": model_sd, "optim": optim_sd} if weights == "dcp" else {"optim": optim_sd}
+        dcp.save(state, checkpoint_id=str(out_dir / "dcp"))
+        self.save_rank_state(
+            out_dir / f"rank{self.ctx.rank}.pt", scheduler=self.scheduler.state_dict(), weights=weights
+        )
 
-    def load_state(self, state_dir: Path) -> None:
+    def load_state(self, state_dir: Path, hf_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
+        own = self.read_rank_state(state_dir / f"rank{self.ctx.rank}.pt")
         model_sd, optim_sd = self._trainable(
             get_state_dict(self.model, self.optimizer, options=self._state_options())
         )
-        state = {"model": model_sd, "optim": optim_sd}
+        # Checkpoints written before the weights moved out of the resume state have "model" in it.
+        in_hf = own.get("weights") == "hf"
+        state = {"optim": optim_sd} if in_hf else {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(state_dir / "dcp"))
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=self._state_options(),
-        )
-        own = self.read_rank_state(state_dir / f"rank{self.ctx.rank}.pt")
+        if in_hf:
+            # Every rank reads the full weights; set_model_state_dict shards them where FSDP2 does.
+            full = _hf_weights(hf_dir)
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+        else:
+            set_model_state_dict(self.model, state["model"], options=self._state_options())
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=self._state_options())
         self.scheduler.load_state_dict(own["scheduler"])
         self.restore_rank_state(own)
 
@@ -248,6 +262,18 @@ class TorchStrategy(Strategy):
 
     def num_parameters(self) -> int:
         return self.num_params
+
+
+def _hf_weights(hf_dir: Path) -> dict[str, Any]:
+    """The fp32 weights of a checkpoint's Hugging Face folder, under the model's own parameter
+    names: loaded through from_pretrained, so that any key renaming transformers does on save is
+    undone the same way it is for users."""
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{hf_dir}: the resume state beside it keeps its weights in this Hugging Face folder, "
+            "which is missing or incomplete"
+        )
+    return load_causal_lm(hf_dir, torch.float32).state_dict()
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ Inside a run folder (run_folder.py):
 
     sft_train/checkpoint-<step>/<cluster_name>/   Hugging Face folder (from_pretrained loads it; an
                                                   MLmodel beside the weights makes it an MLflow model)
-    sft_train/checkpoint-<step>/train_state/      exact resume: DCP model + optimizer, scheduler and
-                                                  RNG per rank
+    sft_train/checkpoint-<step>/train_state/      exact resume: DCP optimizer (and a LoRA adapter),
+                                                  scheduler and RNG per rank; full weights are read
+                                                  back from the Hugging Face folder (fp32, exact)
     sft_train/checkpoint-<step>/trainer_state.json step, metric history, MLflow run id, data fingerprint
     sft_train/checkpoint-<step>/manifest.json     every file above with its size
 

@@ -325,7 +325,7 @@ class MegatronStrategy(Strategy):
             layout=self.layout.model_dump(),
         )
 
-    def load_state(self, state_dir: Path) -> None:
+    def load_state(self, state_dir: Path, hf_dir: Path) -> None:
         from megatron.core import tensor_parallel
 
         path = state_dir / f"megatron_rank{self.ctx.rank}.pt"
