@@ -296,6 +296,14 @@ def test_cpu_bf16_autocast_trains_megatron_close_to_fp32(llama_dir, smollm2_toke
         outs = [strategy.train_step([b], int((b.labels[:, 1:] != -100).sum())) for b in batches]
         losses[dtype] = [out.loss_sum / out.targets for out in outs]
         assert {p.dtype for m in strategy.modules for p in m.parameters()} == {torch.float32}
+    # Sequence parallel is the exception: megatron's backward reduce-scatters into a buffer of the
+    # weights' dtype, so that layout trains in fp32 on CPU (and its MFU uses the fp32 peak).
+    sp = load(
+        *megatron_overrides(tensor_model_parallel_size=2, sequence_parallel=True),
+        "sft_train.model_args.dtype=bf16",
+    )
+    assert MegatronStrategy(sp, DistContext(0, 2, torch.device("cpu"))).cpu_autocast is None
+    assert MegatronStrategy.compute_dtype(sp, torch.device("cpu")) == torch.float32
     precision.cpu_supports_bf16.cache_clear()
     assert losses["bf16"] != losses["fp32"], "bf16 autocast was not active"
     for step, (a, b) in enumerate(zip(losses["bf16"], losses["fp32"], strict=True)):

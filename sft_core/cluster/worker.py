@@ -23,10 +23,8 @@ from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
 from sft_core.data.packing import PackedPlan
 from sft_core.data.store import EncodedData
 from sft_core.home import sft_home
-from sft_core.model.load import DTYPES
 from sft_core.model.resolve import load_tokenizer
 from sft_core.strategies.base import DistContext
-from sft_core.strategies.precision import compute_dtype
 from sft_core.strategies.registry import create_strategy, strategy_for
 from sft_core.train import mfu
 from sft_core.train.artifacts import TrainArtifacts
@@ -85,7 +83,7 @@ class SFTWorker:
         hf_logging.disable_progress_bar()
         # The MFU denominator first, before anything loads: on CPU one worker per machine times the
         # matmul peak (once, cached) while the others wait at the lock, then at the barrier.
-        dtype = compute_dtype(DTYPES[self.cfg.sft_train.model_args.dtype], self.ctx.device)
+        dtype = strategy_for(self.cfg).compute_dtype(self.cfg, self.ctx.device)
         self.peak_flops, self.peak_source = mfu.peak_flops(
             self.ctx.device, dtype, sft_home(), self.cfg.sft_train.peak_tflops
         )

@@ -59,6 +59,14 @@ class Strategy(abc.ABC):
         return f"{cls.name}: {cfg.sft_train.world_size} data-parallel worker(s)"
 
     @classmethod
+    def compute_dtype(cls, cfg: SFTConfig, device: torch.device) -> torch.dtype:
+        """The dtype this strategy's matmuls run in on `device` (the MFU peak is that dtype's)."""
+        from sft_core.model.load import DTYPES
+        from sft_core.strategies.precision import compute_dtype
+
+        return compute_dtype(DTYPES[cfg.sft_train.model_args.dtype], device)
+
+    @classmethod
     def needs_process_group(cls, world_size: int) -> bool:
         """Whether torch.distributed must be initialized for `world_size` workers."""
         return world_size > 1

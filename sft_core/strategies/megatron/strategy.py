@@ -15,6 +15,7 @@ installed here.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -38,6 +39,8 @@ from sft_core.strategies.megatron.layout import MegatronConfig
 from sft_core.strategies.precision import autocast_dtype
 from sft_core.train.schedule import lr_factor
 from sft_core.train.stats import EvalSums, StepStats
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -73,9 +76,22 @@ class MegatronStrategy(Strategy):
         on_gpu = ctx.device.type == "cuda"
         self.dtype = requested if on_gpu else torch.float32
         self.cpu_autocast = None if on_gpu else autocast_dtype(requested, ctx.device)
+        if self.cpu_autocast is not None and self.compute_dtype(cfg, ctx.device) == torch.float32:
+            log.warning(
+                "megatron_train with sequence_parallel on CPU trains in fp32: megatron's sequence-"
+                "parallel backward reduce-scatters into a buffer of its weights' dtype, which bf16 "
+                "autocast over fp32 weights breaks"
+            )
+            self.cpu_autocast = None
         self.step = 0  # optimizer steps taken (the lr schedule's position)
 
     # -- decided before workers start ------------------------------------------------------------
+    @classmethod
+    def compute_dtype(cls, cfg: SFTConfig, device: torch.device) -> torch.dtype:
+        if device.type != "cuda" and cls.layout_of(cfg).sequence_parallel:
+            return torch.float32  # see __init__
+        return super().compute_dtype(cfg, device)
+
     @staticmethod
     def layout_of(cfg: SFTConfig) -> MegatronConfig:
         layout = cfg.sft_train.strategy_args.strategy_config
