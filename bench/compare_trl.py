@@ -10,7 +10,9 @@ Contenders, run in alternation (A B C D, A B C D, ...) so that drift on a shared
   ours-1w  `sft run` with 1 worker (the whole pipeline: Prefect, Ray, MLflow, checkpoint, registry)
   ours-2w  `sft run` with 2 workers (DDP), half the accumulation: the same global batch
   plain    a plain PyTorch loop, no framework, over the same global batches as ours (our packed rows
-           and seeded order), with the same loss, parameter groups and schedule: the floor for a step
+           and seeded order), with the same loss, parameter groups, schedule and allocator setting
+           (keep_host_memory): the floor for a step
+  trl-keep (on request, --only) TRL with our workers' allocator setting, through glibc's environment
 
 Per run: steady s/step (median after the first two steps) and its forward+backward part, tokens/s and
 supervised tokens/s, padding, peak RSS, the losses, and the whole command's wall time. Ours and the
@@ -101,11 +103,19 @@ print(json.dumps({"s_per_step": Times.steps, "losses": Times.losses, "peak_rss_m
 """
 
 
-def run_trl(rows: Path, model: Path, a: dict) -> dict:
+def host_memory_env(keep: bool) -> dict[str, str]:
+    """The allocator setting our workers start with (sft_core/train/host_memory.py), or none."""
+    from sft_core.train.host_memory import KEEP_FREED_MEMORY_ENV
+
+    return KEEP_FREED_MEMORY_ENV if keep else {}
+
+
+def run_trl(rows: Path, model: Path, a: dict, keep_host_memory: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sft-compare-trl-"))  # deleted after the run: checkpoints are GBs
     args = {**a, "rows": str(rows), "model": str(model), "out": str(work / "out")}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(work / "datasets"), "OMP_NUM_THREADS": str(os.cpu_count())}  # fmt: skip
+           "HF_DATASETS_CACHE": str(work / "datasets"), "OMP_NUM_THREADS": str(os.cpu_count()),
+           **host_memory_env(keep_host_memory)}  # fmt: skip
     t = time.perf_counter()
     try:
         out = subprocess.run([str(trl_python()), "-c", TRL_SCRIPT, json.dumps(args)], capture_output=True,
@@ -132,6 +142,7 @@ def run_ours(rows: Path, model: Path, a: dict, workers: int) -> dict:
         f"sft_train.training_args.learning_rate={a['lr']}", f"sft_train.training_args.warmup_steps={a['warmup']}",
         f"sft_train.device_mapping=[{','.join(str(i) for i in range(workers))}]",
         f"sft_train.model_args.dtype={'bf16' if a['bf16'] else 'fp32'}",
+        f"sft_train.keep_host_memory={a['keep_host_memory']}",
     ]  # fmt: skip
     try:
         return _run_ours(work, overrides, workers)
@@ -220,7 +231,8 @@ print(json.dumps({"s_per_step": times, "s_fwd_bwd": fwd_bwd, "losses": losses, "
 
 
 def run_plain(rows: Path, model: Path, a: dict) -> dict:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # Started with our workers' allocator setting: the same computation, without the framework.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **host_memory_env(a["keep_host_memory"])}
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", PLAIN_SCRIPT, json.dumps({**a, "rows": str(rows), "model": str(model)}),
                           str(REPO)], capture_output=True, text=True, env=env, check=False)  # fmt: skip
@@ -268,7 +280,18 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=2, help="packed rows per optimizer step (global batch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--only", nargs="+", default=["trl", "ours-1w", "ours-2w", "plain"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["trl", "ours-1w", "ours-2w", "plain"],
+        help="contenders, alternated in this order; also trl-keep: TRL with our allocator setting",
+    )
+    parser.add_argument(
+        "--no-keep-host-memory",
+        dest="keep_host_memory",
+        action="store_false",
+        help="ours and the plain loop with glibc's default allocator (keep_host_memory=false)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -294,8 +317,10 @@ def compare(args: argparse.Namespace, model: Path, rows: Path) -> None:
         "lr": 1e-4,
         "warmup": 2,
         "bf16": args.bf16,
+        "keep_host_memory": args.keep_host_memory,
     }
-    runners = {"trl": lambda: run_trl(rows, model, a), "ours-1w": lambda: run_ours(rows, model, a, 1),
+    runners = {"trl": lambda: run_trl(rows, model, a), "trl-keep": lambda: run_trl(rows, model, a, True),
+               "ours-1w": lambda: run_ours(rows, model, a, 1),
                "ours-2w": lambda: run_ours(rows, model, a, 2), "plain": lambda: run_plain(rows, model, a)}  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in args.only}
     for repeat in range(args.repeats):
@@ -320,7 +345,7 @@ def compare(args: argparse.Namespace, model: Path, rows: Path) -> None:
     }  # fmt: skip
     emit({"machine": machine(), "model": args.model,
           "rows": args.rows, "sequence_length": args.seq, "steps": args.steps, "global_batch_rows": args.accum,
-          "bf16": args.bf16, "repeats": args.repeats, "median": median, "ratios": ratios, "runs": runs},
+          "bf16": args.bf16, "keep_host_memory": args.keep_host_memory, "repeats": args.repeats, "median": median, "ratios": ratios, "runs": runs},
          args.out)  # fmt: skip
 
 

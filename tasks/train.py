@@ -39,7 +39,7 @@ def start_cluster(
     cluster.start(artifacts)
     info: WorkerInfo = cluster.execute_all("initialize", resume_state, label="initialize")[0]
     get_run_logger().info(
-        "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows); %s",
+        "cluster '%s': %d workers on %s, %s parameters, %d steps (%d per epoch, %d packed rows); %s%s",
         cluster.name,
         cluster.world_size,
         info.device,
@@ -48,6 +48,7 @@ def start_cluster(
         info.steps_per_epoch,
         info.train_rows,
         strategy_for(cfg).describe(cfg),
+        "; freed host memory kept for reuse" if info.keeps_host_memory else "",
     )
     return info
 

@@ -31,6 +31,7 @@ from sft_core.cluster.actor import SFTWorkerActor
 from sft_core.config import SFTConfig
 from sft_core.errors import ConfigError, user_error_in
 from sft_core.train.artifacts import TrainArtifacts
+from sft_core.train.host_memory import KEEP_FREED_MEMORY_ENV
 
 # Passed to each actor so it sees the same Prefect server, caches and thread settings as the driver.
 _FORWARDED_ENV = (
@@ -64,6 +65,8 @@ class Cluster:
         self.timeout_s = cfg.sft_train.worker_timeout_s
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        if cfg.sft_train.keep_host_memory:
+            env.update(KEEP_FREED_MEMORY_ENV)
         env.update(cfg.system_envs)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         # One bundle per device_mapping entry; rank r runs in bundle r. CPU workers claim only a

@@ -29,6 +29,7 @@ from sft_core.strategies.registry import create_strategy, strategy_for
 from sft_core.train import mfu
 from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.batching import BatchSchedule, split_for_rank
+from sft_core.train.host_memory import keeps_freed_memory
 from sft_core.train.stats import EvalSums, RankStep
 
 
@@ -52,6 +53,7 @@ class WorkerInfo:
     train_rows: int
     peak_flops: float
     peak_source: str
+    keeps_host_memory: bool  # started with KEEP_FREED_MEMORY_ENV (sft_train.keep_host_memory)
 
 
 class SFTWorker:
@@ -121,6 +123,7 @@ class SFTWorker:
             train_rows=len(self.train_plan.rows),
             peak_flops=self.peak_flops,
             peak_source=self.peak_source,
+            keeps_host_memory=keeps_freed_memory(),
         )
 
     def train_step(self, step: int) -> RankStep:
