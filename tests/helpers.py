@@ -53,6 +53,7 @@ def train_on_cluster(cfg, artifacts: TrainArtifacts, steps: int) -> tuple[dict, 
         infos = cluster.execute_all("initialize")
         # The actors started with the allocator environment that keep_host_memory asks for.
         assert {i.keeps_host_memory for i in infos} == {cfg.sft_train.keep_host_memory}
+        assert {i.niceness for i in infos} == {0}, "training actors run at the default priority"
         results = [cluster.execute_all("train_step", s) for s in range(steps)]
         for step in results:  # each supervised token counted exactly once over the ranks
             assert sum(r.stats.targets for r in step) == step[0].num_targets

@@ -44,6 +44,11 @@ _FORWARDED_ENV = (
 # sft_train.placement -> Ray's placement strategy: pack fills a node before the next (collectives stay
 # on one machine), spread puts each worker on another node where it can.
 _PLACEMENT = {"pack": "PACK", "spread": "SPREAD"}
+# Ray starts its workers at nice 15, below its own and Prefect's processes: on a CPU each wake-up of
+# those then preempts a training thread, and the step's other threads wait for it at the next
+# barrier. The training actors are the job: at the default priority, as Ray's own job supervisor
+# runs (system_envs can set it back).
+_ACTOR_ENV = {"RAY_worker_niceness": "0"}
 # How long a worker that is busy in a call has to answer a ping before it counts as not responding.
 _PING_S = 5.0
 
@@ -64,7 +69,7 @@ class Cluster:
         self.world_size = cfg.sft_train.world_size
         self.timeout_s = cfg.sft_train.worker_timeout_s
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ} | _ACTOR_ENV
         if cfg.sft_train.keep_host_memory:
             env.update(KEEP_FREED_MEMORY_ENV)
         env.update(cfg.system_envs)

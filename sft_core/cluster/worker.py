@@ -8,6 +8,7 @@ shared BatchSchedule, so the driver only says "step k": no batch data crosses Ra
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class WorkerInfo:
     peak_flops: float
     peak_source: str
     keeps_host_memory: bool  # started with KEEP_FREED_MEMORY_ENV (sft_train.keep_host_memory)
+    niceness: int  # the process's scheduling niceness (Ray's workers: 15 unless told otherwise)
 
 
 class SFTWorker:
@@ -124,6 +126,7 @@ class SFTWorker:
             peak_flops=self.peak_flops,
             peak_source=self.peak_source,
             keeps_host_memory=keeps_freed_memory(),
+            niceness=os.getpriority(os.PRIO_PROCESS, 0),
         )
 
     def train_step(self, step: int) -> RankStep:
