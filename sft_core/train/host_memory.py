@@ -5,8 +5,8 @@ or any block once its arena is full) with a fresh mmap, and unmaps it on free. A
 allocates and frees gigabytes in such blocks (logits, activations, gradients), so every step faults
 each page in again: measured on SmolLM2-135M (1,024 tokens, bf16 autocast), ~270,000 minor page
 faults per step. These settings serve all blocks from the one main heap and never shrink it, so a
-freed block is reused already paged in (`bench/host_memory.py`: 1.2x on that step, 1.6x on a tiny
-model's; the same losses to the bit).
+freed block is reused already paged in (`bench/host_memory.py`: 1.04-1.23x on that step, by how
+busy the VM was, 1.6x on a tiny model's; the same losses to the bit).
 
 Kept memory stays resident: after a few steps RSS settles a little above the default's peak
 (measured +6-15%), as with a GPU caching allocator. glibc reads these at process start, so they
