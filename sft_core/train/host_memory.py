@@ -9,7 +9,7 @@ freed block is reused already paged in (`bench/host_memory.py`: 1.04-1.23x on th
 busy the VM was, 1.6x on a tiny model's; the same losses to the bit).
 
 Kept memory stays resident: after a few steps RSS settles a little above the default's peak
-(measured +6-15%), as with a GPU caching allocator. glibc reads these at process start, so they
+(measured +5-15%), as with a GPU caching allocator. glibc reads these at process start, so they
 are given as the environment of the training actors (Cluster); Ray runs actor methods in a thread
 of their own, hence one arena. `sft_train.keep_host_memory: false` leaves glibc's defaults.
 """
