@@ -17,12 +17,11 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
-from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
+from one_process import cpu_strategy, demo_rows  # bench/ is on sys.path when run as a script
+from report import emit
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -39,37 +38,20 @@ def main() -> None:
 
     import torch
 
-    from sft_core.config_loader import load_config
     from sft_core.data.collate import collate_rows
-    from sft_core.data.encode import encode_files
-    from sft_core.data.messages import FieldMapping
-    from sft_core.data.packing import plan_rows
-    from sft_core.data.spec import EncodeSpec
-    from sft_core.model.resolve import load_tokenizer, resolve_pretrained
-    from sft_core.strategies.base import DistContext
-    from sft_core.strategies.registry import create_strategy
 
-    model_dir = resolve_pretrained(args.model)
-    tok = load_tokenizer(model_dir)
-    spec = EncodeSpec(args.seq, fields=FieldMapping(query_key="input"))
-    data, _ = encode_files([str(REPO / "data/demo/train.jsonl")], tok, spec, limit=400)
-    plan = plan_rows(data, args.seq, True)
+    model_dir, data, plan, pad_id = demo_rows(args.model, args.seq)
     steps = args.repeats + 1
     batches = [
-        collate_rows(data, plan, list(range(i * args.rows, (i + 1) * args.rows)), tok.pad_token_id)
+        collate_rows(data, plan, list(range(i * args.rows, (i + 1) * args.rows)), pad_id)
         for i in range(steps)
     ]
     targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
 
-    dtype = "bf16" if args.bf16 else "fp32"
-    cfg = load_config("sft_config", ["sft_train.device_mapping=[0]", f"sft_train.model_args.dtype={dtype}"])
     variants = {}
     for name, selected in (("head at targets", True), ("head everywhere", False)):
-        torch.manual_seed(0)
-        strategy = create_strategy(cfg, DistContext(0, 1, torch.device("cpu")))
-        strategy.initialize(model_dir, total_steps=steps)
+        strategy = cpu_strategy(model_dir, args.bf16, steps)
         assert strategy.logits_at_targets_only, "this transformers has no boolean logits_to_keep"
-        assert (strategy.autocast_dtype is not None) == args.bf16, "no native bf16 on this CPU"
         strategy.logits_at_targets_only = selected
         variants[name] = {"strategy": strategy, "step": [], "fwd_bwd": [], "eval": [], "loss": []}
 
@@ -92,7 +74,7 @@ def main() -> None:
         "model": args.model,
         "seq": args.seq,
         "rows_per_step": args.rows,
-        "dtype": dtype,
+        "dtype": "bf16" if args.bf16 else "fp32",
         "supervised_fraction": sum(targets) / sum(int(x.labels.numel()) for x in batches),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "threads": torch.get_num_threads(),

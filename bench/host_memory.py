@@ -24,45 +24,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
+from one_process import REPO, cpu_strategy, demo_rows  # bench/ is on sys.path when run as a script
+from report import emit
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("keep freed memory", "glibc default")
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import resource
 
-    import torch
-
-    from sft_core.config_loader import load_config
     from sft_core.data.collate import collate_rows
-    from sft_core.data.encode import encode_files
-    from sft_core.data.messages import FieldMapping
-    from sft_core.data.packing import plan_rows
-    from sft_core.data.spec import EncodeSpec
-    from sft_core.model.resolve import load_tokenizer, resolve_pretrained
-    from sft_core.strategies.base import DistContext
-    from sft_core.strategies.registry import create_strategy
     from sft_core.train.host_memory import keeps_freed_memory
 
     applied = keeps_freed_memory()
     assert applied == (args.child == VARIANTS[0]), "the child's environment is not the variant's"
-    model_dir = resolve_pretrained(args.model)
-    tok = load_tokenizer(model_dir)
-    spec = EncodeSpec(args.seq, fields=FieldMapping(query_key="input"))
-    data, _ = encode_files([str(REPO / "data/demo/train.jsonl")], tok, spec, limit=400)
-    plan = plan_rows(data, args.seq, True)
-    batches = [
-        collate_rows(data, plan, [i % len(plan.rows)], tok.pad_token_id) for i in range(args.steps + 1)
-    ]
-    dtype = "bf16" if args.bf16 else "fp32"
-    cfg = load_config("sft_config", ["sft_train.device_mapping=[0]", f"sft_train.model_args.dtype={dtype}"])
-    torch.manual_seed(0)
-    strategy = create_strategy(cfg, DistContext(0, 1, torch.device("cpu")))
-    strategy.initialize(model_dir, total_steps=args.steps + 1)
-    assert (strategy.autocast_dtype is not None) == args.bf16, "no native bf16 on this CPU"
+    model_dir, data, plan, pad_id = demo_rows(args.model, args.seq)
+    batches = [collate_rows(data, plan, [i % len(plan.rows)], pad_id) for i in range(args.steps + 1)]
+    strategy = cpu_strategy(model_dir, args.bf16, args.steps + 1)
 
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

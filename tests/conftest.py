@@ -77,17 +77,13 @@ _EXIT_STATUS = pytest.StashKey[int]()
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config) -> None:
-    """End as `sft` does (flows/cli.py entry): atexit handlers, then exit without the interpreter's
-    freeing of every module. With Ray's, Prefect's and torch's threads loaded into this process, that
-    freeing once segfaulted after every test had passed (a thread called into freed code: dmesg
-    showed the instruction pointer on a heap address), and CI read the crash as a failure."""
-    import atexit
-    import sys
+    """End as `sft` does: atexit handlers, then exit without the interpreter's freeing of every
+    module. With Ray's, Prefect's and torch's threads loaded into this process, that freeing once
+    segfaulted after every test had passed (a thread called into freed code: dmesg showed the
+    instruction pointer on a heap address), and CI read the crash as a failure."""
+    from flows.cli import exit_without_teardown
 
     status = config.stash.get(_EXIT_STATUS, None)
     if status is None:  # the session never ran (e.g. --help): the usual exit
         return
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_without_teardown(status)
