@@ -226,6 +226,8 @@ class TorchStrategy(Strategy):
             set_optimizer_state_dict,
         )
 
+        from sft_core.train.dcp_metadata import SafeFileSystemReader
+
         own = self.read_rank_state(state_dir / f"rank{self.ctx.rank}.pt")
         model_sd, optim_sd = self._trainable(
             get_state_dict(self.model, self.optimizer, options=self._state_options())
@@ -233,7 +235,8 @@ class TorchStrategy(Strategy):
         # Checkpoints written before the weights moved out of the resume state have "model" in it.
         in_hf = own.get("weights") == "hf"
         state = {"optim": optim_sd} if in_hf else {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(state_dir / "dcp"))
+        # The index is unpickled through an allowlist: a checkpoint folder is data, never code.
+        dcp.load(state, storage_reader=SafeFileSystemReader(state_dir / "dcp"))
         if in_hf:
             # Every rank reads the full weights; set_model_state_dict shards them where FSDP2 does.
             full = _hf_weights(hf_dir)
