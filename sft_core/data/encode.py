@@ -18,7 +18,7 @@ from sft_core.data.messages import row_to_messages
 from sft_core.data.sources import Row, read_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
-from sft_core.data.templates import ChatTemplate, get_template
+from sft_core.data.templates import ChatTemplate, end_of_turn_token, get_template, reserved_tokens
 from sft_core.errors import DataError
 
 if TYPE_CHECKING:
@@ -56,11 +56,12 @@ def _encode_chunk(
     """(row, ids, labels, error) for each row of a chunk; errors are returned, not raised, so the
     caller applies on_bad_row in row order."""
     prepared: list[tuple[Row, str | None, list | None, str | None]] = []
+    reserved = reserved_tokens(tokenizer)
     for row in rows:
         try:
             if row.error:
                 raise DataError(f"{row.file}, {row.error}.")
-            messages = row_to_messages(row, spec.fields)
+            messages = row_to_messages(row, spec.fields, reserved)
             text, spans = conversation_spans(tokenizer, template, messages, row.where, spec.supervise)
             prepared.append((row, text, spans, None))
         except DataError as err:
@@ -118,7 +119,7 @@ def iter_encoded(
     policies; `progress(stats)` after each chunk. With workers > 1 chunks are encoded in a process
     pool (spawned: safe inside Ray)."""
     template = _template(tokenizer, spec)  # an unknown template fails here, before any row is read
-    end_token = tokenizer.eos_token_id if spec.truncate_keep_end_token else None
+    end_token = _end_token_id(tokenizer, template) if spec.truncate_keep_end_token else None
     if workers > 1:
         import multiprocessing
 
@@ -135,16 +136,45 @@ def iter_encoded(
             progress(stats)
 
 
+def _end_token_id(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> int:
+    """The id truncate_keep_end_token writes: the template's end-of-turn token, which the model must
+    learn to stop with (eos only for a template that ends turns without a special token)."""
+    token = end_of_turn_token(template, tokenizer)
+    found = tokenizer.convert_tokens_to_ids(token) if token else tokenizer.eos_token_id
+    assert isinstance(found, int)  # one token in, one id out (typed for lists too)
+    return found
+
+
+def _reject(row: Row, error: str, spec: EncodeSpec, stats: EncodeStats) -> None:
+    """The on_bad_row policy: stop naming the row, or count and list it."""
+    if spec.on_bad_row == "error":
+        raise DataError(f"{error} (to skip such rows: {spec.args_key}.on_bad_row=skip)")
+    stats.rejected += 1
+    stats.rejects.append({"file": row.file, "row": row.index, "reason": error, "data": row.data})
+
+
+def _keep_end_token(row: Row, ids: np.ndarray, labels: np.ndarray, end_token: int, limit: int) -> str | None:
+    """Write the end token over the last token of a cut answer, in place; the reason the row is bad
+    if that token was the answer's only one (the sample would teach an empty answer)."""
+    if labels[-1] == IGNORE_INDEX:  # the cut fell outside an answer: nothing to end
+        return None
+    if len(labels) < 2 or labels[-2] == IGNORE_INDEX:
+        return (
+            f"{row.where}: cut to sequence_length={limit} (truncate_keep_end_token), the last answer keeps "
+            "no token of its own, only the end token, so it would teach an empty answer. Raise "
+            "sequence_length, shorten the prompt, or use length_policy=drop."
+        )
+    ids[-1] = labels[-1] = end_token
+    return None
+
+
 def _apply_policies(
     chunk: list[Encoded], spec: EncodeSpec, end_token: int | None, stats: EncodeStats
 ) -> Iterator[tuple[Row, np.ndarray, np.ndarray]]:
     for row, ids, labels, error in chunk:
         stats.rows += 1
         if error is not None:
-            if spec.on_bad_row == "error":
-                raise DataError(f"{error} (to skip such rows: {spec.args_key}.on_bad_row=skip)")
-            stats.rejected += 1
-            stats.rejects.append({"file": row.file, "row": row.index, "reason": error, "data": row.data})
+            _reject(row, error, spec, stats)
             continue
         assert ids is not None and labels is not None
         limit = spec.sequence_length
@@ -157,8 +187,9 @@ def _apply_policies(
                 )
             if spec.length_policy == "truncate":
                 ids, labels = ids[:limit].copy(), labels[:limit].copy()
-                if end_token is not None and labels[-1] != IGNORE_INDEX:
-                    ids[-1] = labels[-1] = end_token
+                if end_token is not None and (error := _keep_end_token(row, ids, labels, end_token, limit)):
+                    _reject(row, error, spec, stats)
+                    continue
             if spec.length_policy == "drop" or not (labels[1:] != IGNORE_INDEX).any():
                 # Nothing left to learn from after the cut: counted and listed, never trained on.
                 stats.dropped += 1

@@ -2,12 +2,14 @@
 
 Every rule that makes a row unusable raises a DataError naming file, row and field; the encoder
 turns it into a bad row for the `on_bad_row` policy. The rule for conversations: roles must be
-system/user/assistant (after the format's mapping), there must be an answer to train on, and the
-last turn must not be an unanswered question. An assistant turn may come first.
+system/user/assistant (after the format's mapping), there must be an answer to train on and no
+answer may be empty, and the last turn must not be an unanswered question. An assistant turn may
+come first. In every format, no content may hold a special token of the tokenizer.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,8 +36,8 @@ class FieldMapping:
 
     format: `alpaca` (user = prompt + "\\n" + query, assistant = response, optional system),
     `messages` (a list of {role, content}), `sharegpt` (`conversations` with {from, value}), or
-    `auto` (alpaca when the prompt key is present, else messages, else sharegpt). `system_key`
-    also names a top-level system prompt of a messages/ShareGPT row.
+    `auto` (alpaca when the prompt key is present and not null, else messages, else sharegpt).
+    `system_key` also names a top-level system prompt of a messages/ShareGPT row.
     """
 
     prompt_key: str = "instruction"
@@ -48,23 +50,27 @@ class FieldMapping:
 def row_format(data: dict[str, Any], fields: FieldMapping) -> str:
     if fields.format != "auto":
         return fields.format
-    if fields.prompt_key in data:
+    # A null column is no column: Parquet and save_to_disk give every row the columns of all rows.
+    if data.get(fields.prompt_key) is not None:
         return "alpaca"
-    if "messages" in data:
+    if data.get("messages") is not None:
         return "messages"
-    return "sharegpt" if "conversations" in data else "alpaca"
+    return "sharegpt" if data.get("conversations") is not None else "alpaca"
 
 
-def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
-    """Map one row to chat messages; a missing or empty required field names file, row and field."""
+def row_to_messages(
+    row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None = None
+) -> list[dict[str, str]]:
+    """Map one row to chat messages; a missing or empty required field names file, row and field,
+    and so does content holding a `reserved` string (the tokenizer's special tokens)."""
     kind = row_format(row.data, fields)
     if kind == "messages":
-        turns = _checked_turns(row, "messages", "role", "content", MESSAGE_ROLES)
+        turns = _checked_turns(row, "messages", "role", "content", MESSAGE_ROLES, reserved)
     elif kind == "sharegpt":
-        turns = _checked_turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+        turns = _checked_turns(row, "conversations", "from", "value", SHAREGPT_ROLES, reserved)
     else:
-        return _alpaca(row, fields)
-    system = _text(row, fields.system_key, "system_key", required=False) if fields.system_key else ""
+        return _alpaca(row, fields, reserved)
+    system = _text(row, fields.system_key, "system_key", False, reserved) if fields.system_key else ""
     if system:
         if turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": system})
@@ -76,7 +82,20 @@ def row_to_messages(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
     return turns
 
 
-def _text(row: Row, key: str, role: str, required: bool) -> str:
+def _no_reserved(row: Row, field: str, text: str, reserved: re.Pattern[str] | None) -> str:
+    """Content is text: a special token written in it would be tokenized as the control token
+    itself, ending a turn or opening a forged one (with labels) where the data says so."""
+    found = reserved.search(text) if reserved else None
+    if found:
+        raise DataError(
+            f"{row.where}: field '{field}' contains '{found.group()}', a special token of this tokenizer; "
+            "it would be read as a control token (a forged turn boundary or label), not as text. "
+            "Remove it from the data or write it differently."
+        )
+    return text
+
+
+def _text(row: Row, key: str, role: str, required: bool, reserved: re.Pattern[str] | None = None) -> str:
     value = row.data.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
@@ -88,14 +107,14 @@ def _text(row: Row, key: str, role: str, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{row.where}: field '{key}' ({role}) must be a string, got {type(value).__name__}.")
-    return value
+    return _no_reserved(row, key, value, reserved)
 
 
-def _alpaca(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
-    prompt = _text(row, fields.prompt_key, "prompt_key", required=True)
-    query = _text(row, fields.query_key, "query_key", required=False) if fields.query_key else ""
-    response = _text(row, fields.response_key, "response_key", required=True)
-    system = _text(row, fields.system_key, "system_key", required=False) if fields.system_key else ""
+def _alpaca(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None) -> list[dict[str, str]]:
+    prompt = _text(row, fields.prompt_key, "prompt_key", True, reserved)
+    query = _text(row, fields.query_key, "query_key", False, reserved) if fields.query_key else ""
+    response = _text(row, fields.response_key, "response_key", True, reserved)
+    system = _text(row, fields.system_key, "system_key", False, reserved) if fields.system_key else ""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": f"{prompt}\n{query}" if query else prompt})
     messages.append({"role": "assistant", "content": response})
@@ -103,7 +122,12 @@ def _alpaca(row: Row, fields: FieldMapping) -> list[dict[str, str]]:
 
 
 def _checked_turns(
-    row: Row, key: str, role_key: str, content_key: str, roles: dict[str, str]
+    row: Row,
+    key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    reserved: re.Pattern[str] | None = None,
 ) -> list[dict[str, str]]:
     turns = row.data.get(key)
     if not isinstance(turns, list) or not turns:
@@ -123,7 +147,13 @@ def _checked_turns(
             raise DataError(
                 f"{row.where}: field '{key}[{j}].{role_key}' is '{m[role_key]}'; expected one of {sorted(roles)}."
             )
-        out.append({"role": role, "content": m[content_key]})
+        field = f"{key}[{j}].{content_key}"
+        if role == "assistant" and not m[content_key].strip():  # as alpaca's response_key: required
+            raise DataError(
+                f"{row.where}: field '{field}' (an assistant answer) is empty. Every answer is trained on; "
+                "fill it in or drop the turn."
+            )
+        out.append({"role": role, "content": _no_reserved(row, field, m[content_key], reserved)})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{row.where}: field '{key}' has no assistant turn, so nothing would be trained on.")
     if out[-1]["role"] == "user":

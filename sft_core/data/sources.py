@@ -111,8 +111,13 @@ def count_rows(path: str) -> int | None:
 
 
 def _jsonl_rows(p: Path) -> Iterator[Row]:
-    with p.open(encoding=_ENCODING, errors=_ERRORS) as f:
-        for line_no, line in enumerate(f, start=1):
+    # Rows end at "\n" only (a CRLF's "\r" is dropped): a bare "\r" is JSON whitespace between
+    # fields or part of a broken row, never a row break, so row numbers stay the file's line numbers.
+    with p.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", _ERRORS).removesuffix("\n").removesuffix("\r")
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 BOM
             if not line.strip():
                 continue
             try:
@@ -121,13 +126,13 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
                 yield Row(
                     str(p),
                     line_no,
-                    {"raw": _printable(line.rstrip("\n"))},
+                    {"raw": _printable(line)},
                     f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})",
                 )
                 continue
             # Only a line holding a surrogate (or its escape) needs the field-by-field look.
             suspect = bool(_SURROGATE.search(line) or _SURROGATE_ESCAPE.search(line))
-            yield _checked(p, line_no, "line", data, line.rstrip("\n"), suspect)
+            yield _checked(p, line_no, "line", data, line, suspect)
 
 
 def _json_rows(p: Path) -> Iterator[Row]:

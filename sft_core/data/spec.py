@@ -7,7 +7,9 @@ cache key hashes it, so a setting cannot change the samples without changing the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sft_core.data.messages import FieldMapping
@@ -53,5 +55,17 @@ class EncodeSpec:
         return self.config_key.rsplit(".", 1)[0]
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain data: what the cache key hashes."""
-        return dataclasses.asdict(self)
+        """Plain data: what the cache key hashes. A template file is named by path, so its contents
+        are hashed too: an edited template must not reuse the encoding of the old one."""
+        return {**dataclasses.asdict(self), "template_sha256": _template_digest(self.template)}
+
+
+def _template_digest(template: str) -> str | None:
+    """sha256 of a .jinja template file's contents (None for native and the built-ins, whose text is
+    the tokenizer's or the code's, both in the key already)."""
+    path = Path(template)
+    if not template.endswith(".jinja"):
+        return None
+    if not path.is_file():
+        return "missing"  # encoding stops on it with a config error
+    return hashlib.sha256(path.read_bytes()).hexdigest()

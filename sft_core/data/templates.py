@@ -119,7 +119,7 @@ def _named_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempla
                 "config key 'sft_train.data_args.template': 'native' asks for the tokenizer's chat template, "
                 f"but this tokenizer has none. Use one of: {', '.join(BUILTIN_TEMPLATES)}, or a .jinja file."
             )
-        return ChatTemplate("native", None)
+        return ChatTemplate("native", _native_source(tokenizer))
     if name in BUILTIN_TEMPLATES:
         check_template_tokens(name, tokenizer)
         return ChatTemplate(name, BUILTIN_TEMPLATES[name])
@@ -134,6 +134,26 @@ def _named_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempla
         f"config key 'sft_train.data_args.template' (or global_template): unknown template '{name}'. "
         f"Use 'native', one of {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file."
     )
+
+
+def _native_source(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's own template. A tokenizer may carry several named ones (a list of
+    {name, template} in tokenizer_config.json, a dict once loaded): use the one named "default", as
+    apply_chat_template does without tools."""
+    source = tokenizer.chat_template
+    if isinstance(source, list | tuple):
+        source = {t["name"]: t["template"] for t in source}
+    if isinstance(source, dict):
+        if "default" not in source:
+            raise ConfigError(
+                "config key 'sft_train.data_args.template': 'native' asks for the tokenizer's chat template, "
+                "but it has several and no template named 'default' "
+                f"(it has {', '.join(map(repr, sorted(source)))}). "
+                "Give the one to train with as a .jinja file, or use a built-in template."
+            )
+        source = source["default"]
+    assert isinstance(source, str)
+    return source
 
 
 def check_template_tokens(name: str, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -156,6 +176,31 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         cache = (len(tokenizer), sorted(tokens, key=len, reverse=True))
         tokenizer._sft_special_tokens = cache
     return cache[1]
+
+
+def reserved_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's special tokens (the control tokens a template writes),
+    or None if it has none. The tokenizer reads these strings as control tokens wherever they are,
+    so in a row's content they would forge turn boundaries and labels. Cached per tokenizer."""
+    cache: tuple[int, re.Pattern[str] | None] | None = getattr(tokenizer, "_sft_reserved_tokens", None)
+    if cache is None or cache[0] != len(tokenizer):  # first call, or tokens were added since
+        added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        tokens = sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+        cache = (len(tokenizer), re.compile("|".join(map(re.escape, tokens))) if tokens else None)
+        tokenizer._sft_reserved_tokens = cache
+    return cache[1]
+
+
+def end_of_turn_token(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token this template ends an assistant turn with (e.g. <|im_end|>, <|eot_id|>),
+    found by rendering a probe conversation; None if it ends turns without one (or the probe fails)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, spans = supervised_char_spans(template, tokenizer, probe, "probe")
+    except DataError:
+        return None
+    start, end = spans[-1]
+    return next((s for s in special_tokens(tokenizer) if text.endswith(s, start, end)), None)
 
 
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
