@@ -129,6 +129,17 @@ def test_empty_think_block_is_supervised_only_when_asked(smollm2_tokenizer):
     assert supervised(tok, ids, labels) == "<think>\n\n</think>\n\nBlue.<|im_end|>"
 
 
+def test_qwen3_keeps_an_answers_own_think_block_single(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    reasoning = [CHAT[0], {"role": "assistant", "content": "<think>\nBlue is calm.\n</think>\n\nBlue."}]
+    ids, labels = encode_messages(tok, get_template("qwen3", tok), reasoning, "t")
+    rendered = tok.decode(ids)
+    assert rendered.count("<think>") == 1
+    assert rendered.endswith("<|im_start|>assistant\n<think>\nBlue is calm.\n</think>\n\nBlue.<|im_end|>\n")
+    # The reasoning is the answer's own text: trained on, all of it.
+    assert supervised(tok, ids, labels) == "<think>\nBlue is calm.\n</think>\n\nBlue.<|im_end|>"
+
+
 # Real answers: leading/trailing whitespace and newlines, unicode, literal special-token text.
 UGLY = st.lists(
     st.sampled_from(

@@ -37,10 +37,13 @@ QWEN2_5 = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Qwen3 in non-thinking form: each assistant turn carries an empty think block, as the model emits it.
+# Qwen3 in non-thinking form: each assistant turn carries an empty think block, as the model emits it;
+# an answer that brings its own think block (reasoning data) is written as it is, not given a second.
 QWEN3 = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
+    "{% if message['role'] == 'assistant' and message['content'].lstrip().startswith('<think>') %}"
+    "{{ '<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
