@@ -140,6 +140,15 @@ def test_qwen3_keeps_an_answers_own_think_block_single(smollm2_tokenizer):
     assert supervised(tok, ids, labels) == "<think>\nBlue is calm.\n</think>\n\nBlue.<|im_end|>"
 
 
+@pytest.mark.parametrize("name", ["native", "chatml", "qwen2_5"])
+def test_a_conversation_may_open_with_the_assistant(smollm2_tokenizer, name):
+    # native and qwen2_5 write a default system prompt before the first turn; it is not supervised.
+    tok = smollm2_tokenizer
+    greeting = [{"role": "assistant", "content": "Hi! Ask me anything."}, *CHAT]
+    ids, labels = encode_messages(tok, get_template(name, tok), greeting, "t")
+    assert supervised(tok, ids, labels) == "Hi! Ask me anything.<|im_end|>Blue.<|im_end|>"
+
+
 # Real answers: leading/trailing whitespace and newlines, unicode, literal special-token text.
 UGLY = st.lists(
     st.sampled_from(

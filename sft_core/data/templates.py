@@ -243,6 +243,12 @@ def supervised_char_spans(
             continue
         prompt = render(i, add_generation_prompt=True)
         turn = text if i == len(messages) - 1 else render(i + 1)
+        # An opening assistant turn (a greeting): a template may write a default system prompt
+        # before it that the rendering of no messages lacks. Only its content and end token are
+        # supervised then.
+        opening = i == 0 and not text.startswith(prompt)
+        if opening:
+            prompt = ""
         if not (text.startswith(prompt) and text.startswith(turn)):
             raise DataError(
                 f"{where}: template '{template.name}' renders turn {i + 1} differently inside the whole "
@@ -270,7 +276,11 @@ def supervised_char_spans(
                 "given (it rewrites it), so its span cannot be located."
             )
         between = text[start:pos]
-        if not between.strip() or (_EMPTY_THINK.match(between) and not template.supervise_empty_think):
+        if (
+            opening
+            or not between.strip()
+            or (_EMPTY_THINK.match(between) and not template.supervise_empty_think)
+        ):
             start = pos
         end = pos + len(content)
         # Whitespace a template puts between the content and its end-of-turn token is generated
