@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -26,12 +27,14 @@ def loss_chart(history: list[dict[str, Any]], width: int = 40) -> str:
     | 1 | 2.0000 | `████` |  |  |
     | 2 | 1.0000 | `██` |  |  |
     """
-    values = [h[k] for h in history for k in (m.LOSS, m.VAL_LOSS) if k in h]
+    values = [h[k] for h in history for k in (m.LOSS, m.VAL_LOSS) if k in h and math.isfinite(h[k])]
     top = max(values, default=1.0) or 1.0
 
     def cells(value: float | None) -> str:
         if value is None:
             return "  |  |"
+        if not math.isfinite(value):  # a diverged step: shown as it is, never the end of the run
+            return f" {value} | `?` |"
         return f" {value:.4f} | `{'█' * max(1, round(width * value / top))}` |"
 
     lines = ["| step | train loss | | validation loss | |", "|---:|---:|:---|---:|:---|"]

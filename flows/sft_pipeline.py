@@ -299,7 +299,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     plan = plan_run(cfg.output_dir, cfg.resume_from_checkpoint, flow_run_id, pretrain=cfg.pretrain)
     logger.info("run folder %s: %s", plan.run.root, plan.why)
     with RunLock(plan.run, {"flow_run_id": flow_run_id}):
-        plan.run.record_flow_run(flow_run_id)
+        plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
         state = read_state(plan.resume) if plan.resume else {}
         if plan.resume:
             logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))

@@ -211,11 +211,12 @@ class SFTConfig(StrictModel):
     @field_validator("exp_name")
     @classmethod
     def _registry_name(cls, name: str) -> str:
-        # It names the MLflow experiment and registered model: the registry refuses '/' and ':'.
-        if not name.strip() or re.search(r"[/:%]", name):
+        # It names the MLflow experiment and registered model: the registry refuses '/' and ':', and
+        # its search filters (pruning) can quote a name holding ' or " but not one holding both.
+        if not name.strip() or re.search(r"[/:%]", name) or ("'" in name and '"' in name):
             raise ValueError(
-                f"'{name}' cannot name an MLflow registered model (no '/', ':' or '%', not empty); "
-                "use letters, digits, '-', '_' or '.'"
+                f"'{name}' cannot name an MLflow registered model (no '/', ':' or '%', not both ' and \", "
+                "not empty); use letters, digits, '-', '_' or '.'"
             )
         return name
 

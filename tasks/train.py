@@ -123,14 +123,19 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     A removed checkpoint's registered versions are deleted with it, so none points at nothing."""
     if not cfg.max_ckpt_to_keep:
         return []
-    from sft_core.tracking.mlflow_tracker import best_version_source, delete_versions, versions_for_source
+    from sft_core.tracking.mlflow_tracker import best_version_source, delete_versions, versions_by_folder
 
     run = RunFolder(Path(run_root))
     best = best_version_source(tracking_uri, cfg.exp_name)
     protected = {Path(best).parent} if best else set()
+    # Every registry query before any folder goes: one failing after a removal would leave
+    # registered versions pointing at nothing.
+    versions_of = versions_by_folder(
+        tracking_uri, cfg.exp_name, ckpt.checkpoints_in_run(run, complete_only=False)
+    )
     removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected)
     for path in removed:
-        versions = versions_for_source(tracking_uri, cfg.exp_name, str(path))
+        versions = versions_of.get(path, [])
         delete_versions(tracking_uri, cfg.exp_name, versions)
         get_run_logger().info(
             "max_ckpt_to_keep=%d: removed %s and its registered version(s) %s",

@@ -54,6 +54,8 @@ def test_resume_auto_continues_the_newest_run_and_an_older_checkpoint_branches(t
     fake_save(first.run, 4)
     auto = plan_run(str(tmp_path), "auto", "bbbbbbbb-2222")
     assert auto.run.root == first.run.root and auto.resume == first.run.checkpoint(4).resolve()
+    with RunLock(auto.run, {"flow_run_id": "bbbbbbbb-2222"}):  # as the flow does, once it holds the lock
+        auto.run.record_flow_run("bbbbbbbb-2222")
     assert find_run(str(tmp_path), "bbbbbbbb-2222").root == first.run.root  # its retry finds it too
     branch = plan_run(str(tmp_path), str(first.run.checkpoint(2)), "cccccccc-3333")
     assert branch.run.root != first.run.root and branch.resume == first.run.checkpoint(2).resolve()

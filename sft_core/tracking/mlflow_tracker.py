@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from sft_core.tracking import flatten
 from sft_core.tracking.mlflow_store import seed_sqlite
@@ -53,12 +56,12 @@ class MLflowTracker:
 
     def skip_logged_after(self, step: int) -> None:
         """Continuing from the checkpoint at `step`: what the run logged after it is recomputed
-        identically by an exact resume, so it is not logged twice."""
+        identically by an exact resume, and a retried flow run logs again what came before it (the
+        data metrics at step 0): a (key, step) the run already has is never logged twice."""
         self._already_logged = {
             (key, m.step)
             for key in self.client.get_run(self.run_id).data.metrics
             for m in self.client.get_metric_history(self.run_id, key)
-            if m.step > step
         }
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -153,6 +156,28 @@ def register_checkpoint(
     return RegisteredVersion(int(version.version), is_best)
 
 
+def source_path(source: str | None) -> Path | None:
+    """The local folder a version's `file://` source names, percent-decoded as `as_uri` encoded it.
+
+    >>> source_path("file:///out/my%20runs/checkpoint-2/sft_train"), source_path("s3://b/k")
+    (PosixPath('/out/my runs/checkpoint-2/sft_train'), None)
+    """
+    parsed = urlparse(source or "")
+    return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else None
+
+
+def name_filter(model_name: str) -> str:
+    """An MLflow search filter for one registered model. Its grammar has no escape for quotes: the
+    name is quoted with the kind it does not contain (the config refuses names with both)."""
+    for quote in ("'", '"'):
+        if quote not in model_name:
+            return f"name={quote}{model_name}{quote}"
+    raise ValueError(
+        f"the registered model name {model_name!r} holds both ' and \", which an MLflow search cannot "
+        "quote; choose an exp_name without one of them"
+    )
+
+
 def best_version_source(tracking_uri: str, model_name: str) -> str | None:
     """The local folder the `best` alias points at, if any."""
     from mlflow.exceptions import MlflowException
@@ -161,18 +186,23 @@ def best_version_source(tracking_uri: str, model_name: str) -> str | None:
         mv = _client(tracking_uri).get_model_version_by_alias(model_name, "best")
     except MlflowException:
         return None
-    return mv.source.removeprefix("file://") if mv.source is not None else None
+    path = source_path(mv.source)
+    return str(path) if path is not None else None
+
+
+def versions_by_folder(
+    tracking_uri: str, model_name: str, folders: Iterable[str | Path]
+) -> dict[Path, list[int]]:
+    """For each folder, the registered versions whose source is it or a folder inside it (one query)."""
+    versions = _client(tracking_uri).search_model_versions(name_filter(model_name))
+    found = [(int(v.version), p.resolve()) for v in versions if (p := source_path(v.source)) is not None]
+    wanted = {Path(f): Path(f).resolve() for f in folders}
+    return {f: sorted(n for n, p in found if p.is_relative_to(r)) for f, r in wanted.items()}
 
 
 def versions_for_source(tracking_uri: str, model_name: str, folder: str) -> list[int]:
     """Registered versions whose source is `folder` (or a folder inside it)."""
-    prefix = Path(folder).as_uri()
-    versions = _client(tracking_uri).search_model_versions(f"name='{model_name}'")
-    return sorted(
-        int(v.version)
-        for v in versions
-        if v.source is not None and (v.source == prefix or v.source.startswith(prefix + "/"))
-    )
+    return versions_by_folder(tracking_uri, model_name, [folder])[Path(folder)]
 
 
 def delete_versions(tracking_uri: str, model_name: str, versions: list[int]) -> None:

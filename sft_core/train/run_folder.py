@@ -112,7 +112,10 @@ def new_run(output_dir: str | Path, flow_run_id: str, **info: Any) -> RunFolder:
 
 
 def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **info: Any) -> RunPlan:
-    """Decide the run folder and the checkpoint to start from (see the module docstring)."""
+    """Decide the run folder and the checkpoint to start from (see the module docstring).
+
+    An existing folder is not written to here: the caller records its flow run in run.json once it
+    holds the folder's RunLock, so a run refused for a busy folder leaves nothing in it."""
     from sft_core.train.checkpoint import latest_in_run, resolve_resume
 
     own = find_run(output_dir, flow_run_id)
@@ -126,7 +129,6 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
     if resume is not None:
         owner = run_of(resume)
         if owner.root.parent == runs_root(output_dir).resolve() and latest_in_run(owner) == resume.resolve():
-            owner.record_flow_run(flow_run_id)
             return RunPlan(owner, resume.resolve(), f"resume_from_checkpoint: continuing run {owner.name}")
         run = new_run(output_dir, flow_run_id, branched_from=str(resume), **info)
         return RunPlan(run, resume, f"resume_from_checkpoint: new run {run.name} starting from {resume}")

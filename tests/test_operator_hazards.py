@@ -1,0 +1,163 @@
+"""What an operator can do by accident must not lose a checkpoint, fail a finished run, leak a secret
+or write into a run it does not own: odd paths and names, non-finite losses, secret-looking config
+keys, secrets in dict form, a refused run, a retried flow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.logging import disable_run_logger
+
+from sft_core.config_loader import load_config
+from sft_core.errors import ConfigError
+from sft_core.secrets import is_secret_key, literal_secret_overrides, move_secrets_to_env, redact
+from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, register_checkpoint
+from sft_core.train import checkpoint as ckpt
+from sft_core.train.run_folder import RunFolder, RunFolderBusy, RunLock, plan_run
+from tests.test_run_folders import fake_save
+
+
+def registered_run(out: Path, exp_name: str) -> tuple[str, RunFolder]:
+    """A run with checkpoints at steps 1-4, each a registered version; step 2's is `best`."""
+    uri = default_tracking_uri(str(out))
+    run = plan_run(str(out), False, "aaaaaaaa-1111").run
+    tracker = MLflowTracker(uri, exp_name, str(out / "mlflow" / "artifacts"), "r", {})
+    for step in (1, 2, 3, 4):
+        folder = fake_save(run, step) / "sft_train"
+        loss = 1.0 if step == 2 else 2.0 + step
+        register_checkpoint(uri, exp_name, str(folder), tracker.run_id, step, {"val_loss": loss})
+    return uri, run
+
+
+def prune(exp_name: str, out: Path, run: RunFolder, uri: str) -> list[str]:
+    from tasks.train import prune_checkpoints
+
+    cfg = load_config("sft_config", ["+experiment=smoke", "max_ckpt_to_keep=1"])
+    cfg = cfg.model_copy(update={"exp_name": exp_name, "output_dir": str(out)})
+    with disable_run_logger():  # the task's body, outside a flow run
+        return prune_checkpoints.fn(cfg, str(run.root), uri)
+
+
+def registered_sources(uri: str, exp_name: str) -> dict[int, Path]:
+    """Each version's source folder (the names here hold no double quote)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(tracking_uri=uri).search_model_versions(f'name="{exp_name}"')
+    return {int(v.version): Path(url2pathname(urlparse(v.source).path)) for v in versions}
+
+
+@pytest.mark.parametrize("folder", ["my runs", "100% #1"])
+def test_pruning_keeps_the_best_checkpoint_when_output_dir_needs_percent_encoding(tmp_path, folder):
+    out = tmp_path / folder
+    uri, run = registered_run(out, "m")
+    prune("m", out, run, uri)
+    assert [p.name for p in ckpt.checkpoints_in_run(run)] == ["checkpoint-2", "checkpoint-4"]
+    sources = registered_sources(uri, "m")
+    assert sorted(sources) == [2, 4] and all(p.is_dir() for p in sources.values())
+
+
+def test_pruning_a_model_named_with_a_quote_removes_folders_and_their_versions_together(tmp_path):
+    cfg = load_config("sft_config", ["+experiment=smoke", 'exp_name="it\'s"'])
+    assert cfg.exp_name == "it's"  # the config takes it, so pruning must too
+    uri, run = registered_run(tmp_path, "it's")
+    prune("it's", tmp_path, run, uri)
+    assert [p.name for p in ckpt.checkpoints_in_run(run)] == ["checkpoint-2", "checkpoint-4"]
+    sources = registered_sources(uri, "it's")
+    assert sorted(sources) == [2, 4] and all(p.is_dir() for p in sources.values())
+
+
+def test_a_registry_error_while_pruning_removes_no_checkpoint_folder(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    name = "both ' and \""  # a name no MLflow search can quote: the query fails
+    uri, run = registered_run(tmp_path, name)
+    with pytest.raises((ValueError, MlflowException)):
+        prune(name, tmp_path, run, uri)
+    assert [p.name for p in ckpt.checkpoints_in_run(run)] == [f"checkpoint-{s}" for s in (1, 2, 3, 4)]
+
+
+def test_an_exp_name_no_registry_search_can_quote_is_refused_at_config_time():
+    with pytest.raises(ConfigError, match="config key 'exp_name'.*not both ' and \""):
+        load_config("sft_config", ["+experiment=smoke", "exp_name='it\\'s \"x\"'"])
+
+
+def test_the_loss_chart_shows_non_finite_losses_instead_of_failing_the_run():
+    from flows.artifacts import loss_chart
+
+    history = [
+        {"step": 1, "sft_train/loss": 2.0},
+        {"step": 2, "sft_train/loss": float("nan"), "sft_train/val_loss": float("inf")},
+        {"step": 3, "sft_train/loss": 1.0, "sft_train/val_loss": float("-inf")},
+    ]
+    lines = loss_chart(history, width=4).splitlines()
+    assert lines[2] == "| 1 | 2.0000 | `████` |  |  |"  # the scale ignores the non-finite values
+    assert lines[3] == "| 2 | nan | `?` | inf | `?` |"
+    assert lines[4] == "| 3 | 1.0000 | `██` | -inf | `?` |"
+
+
+@pytest.mark.parametrize(
+    "key", ["system_envs.ANYTHING", "HF_TOKEN", "hf_token", "token", "tracker_kwargs.api_key", "WANDB_API_KEY",
+            "accessToken", "db_password", "client_secret", "aws_secret_access_key", "credentials"],
+)  # fmt: skip
+def test_secret_names_are_redacted(key):
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize(
+    "key", ["sft_train.data_args.truncate_keep_end_token", "max_tokens", "num_tokens", "eos_token",
+            "pad_token", "tokenizer_dir", "seed"],
+)  # fmt: skip
+def test_config_names_that_mention_tokens_are_not_redacted(key):
+    assert not is_secret_key(key)
+    assert redact({key: True}) == {key: True}
+
+
+@pytest.mark.parametrize("prefix", ["+", "", "++"])
+def test_a_secret_given_in_dict_form_is_refused_and_never_echoed(prefix):
+    override = prefix + "system_envs={HF_TOKEN:hf_secret_value,OTHER:x}"
+    assert literal_secret_overrides([override]) == ["system_envs.HF_TOKEN", "system_envs.OTHER"]
+    env: dict[str, str] = {}
+    with pytest.raises(ConfigError, match=r"\+system_envs\.HF_TOKEN=") as err:
+        move_secrets_to_env([override], env)
+    assert "hf_secret_value" not in str(err.value) and env == {}
+    nested = "tracker_kwargs={log_dir:/tmp/tb,auth:{api_key:k}}"
+    assert literal_secret_overrides([nested]) == ["tracker_kwargs.auth.api_key"]
+    # References are fine in either form, and so is a dict holding no secret.
+    fine = ["+system_envs={HF_TOKEN:'${oc.env:HF_TOKEN}'}", "tracker_kwargs={log_dir:/tmp/tb}"]
+    assert move_secrets_to_env(fine, env) == fine and env == {}
+
+
+def test_a_refused_run_writes_nothing_into_the_busy_folder(tmp_path):
+    first = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
+    fake_save(first.run, 2)
+    before = first.run.info_path.read_bytes()
+    with RunLock(first.run, {"flow_run_id": "aaaaaaaa-1111"}):  # a live run trains into it
+        # What the flow does: plan (resume: auto picks the busy run's newest checkpoint), then lock.
+        plan = plan_run(str(tmp_path), "auto", "bbbbbbbb-2222")
+        assert plan.run.root == first.run.root
+        with pytest.raises(RunFolderBusy), RunLock(plan.run, {"flow_run_id": "bbbbbbbb-2222"}):
+            plan.run.record_flow_run("bbbbbbbb-2222")
+    assert first.run.info_path.read_bytes() == before
+
+
+def test_a_retried_flow_run_logs_each_metric_once_per_step(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri(str(tmp_path))
+    first = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {})
+    first.log_metrics({"data/train/rows": 10.0, "sft_train/val_loss": 3.0}, 0)
+    for step in (1, 2, 3):
+        first.log_metrics({"sft_train/loss": 1.0 / step}, step)
+    # The retry resumes from the checkpoint at step 2 and logs the data metrics and steps 3-4 again.
+    retry = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {}, first.run_id, resume_step=2)
+    retry.log_metrics({"data/train/rows": 10.0}, 0)
+    for step in (3, 4):
+        retry.log_metrics({"sft_train/loss": 1.0 / step}, step)
+    client = MlflowClient(tracking_uri=uri)
+    steps = {k: sorted(m.step for m in client.get_metric_history(first.run_id, k)) for k in
+             ("data/train/rows", "sft_train/val_loss", "sft_train/loss")}  # fmt: skip
+    assert steps == {"data/train/rows": [0], "sft_train/val_loss": [0], "sft_train/loss": [1, 2, 3, 4]}
