@@ -143,14 +143,24 @@ def model_description(cfg: SFTConfig) -> str:
 def start_tracking(
     cfg: SFTConfig, flow_run_id: str, run: RunFolder, state: dict[str, Any]
 ) -> tuple[MLflowTracker, Trackers]:
-    """MLflow (a new run, or the one this run folder already logs to) and TensorBoard."""
+    """MLflow (a new run, or the one this run folder already logs to) and TensorBoard. A run folder
+    branched from another run's checkpoint gets an MLflow run of its own: logging into the original
+    would mix two histories (and skip the steps both have)."""
+    info = run.info()
+    branched_from = info.get("branched_from")
+    resume_run_id = info.get("mlflow_run_id") or (
+        state.get("mlflow_run_id") if branched_from is None else None
+    )
+    tags = {"prefect.flow_run_id": flow_run_id, "sft.run_folder": str(run.root)}
+    if branched_from:
+        tags["sft.branched_from"] = branched_from
     mlflow_run = MLflowTracker(
         default_tracking_uri(cfg.output_dir),
         cfg.exp_name,
         str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
         run_name=f"{cfg.exp_name}-{run.name}",
-        tags={"prefect.flow_run_id": flow_run_id, "sft.run_folder": str(run.root)},
-        resume_run_id=state.get("mlflow_run_id") or run.info().get("mlflow_run_id"),
+        tags=tags,
+        resume_run_id=resume_run_id,
         resume_step=state.get("global_step", 0),
     )
     run.update_info(mlflow_run_id=mlflow_run.run_id)

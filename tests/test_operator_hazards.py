@@ -161,3 +161,29 @@ def test_a_retried_flow_run_logs_each_metric_once_per_step(tmp_path):
     steps = {k: sorted(m.step for m in client.get_metric_history(first.run_id, k)) for k in
              ("data/train/rows", "sft_train/val_loss", "sft_train/loss")}  # fmt: skip
     assert steps == {"data/train/rows": [0], "sft_train/val_loss": [0], "sft_train/loss": [1, 2, 3, 4]}
+
+
+def test_a_run_branched_from_another_runs_checkpoint_logs_to_an_mlflow_run_of_its_own(tmp_path):
+    from flows.sft_pipeline import start_tracking
+
+    cfg = load_config("sft_config", ["+experiment=smoke"])
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path), "logging_dir": str(tmp_path / "tb")})
+    first = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    original, trackers = start_tracking(cfg, "aaaaaaaa-1111", first, {})
+    trackers.close("FINISHED")
+    state = {"global_step": 2, "mlflow_run_id": original.run_id}  # what checkpoint-2 records
+
+    older = fake_save(first, 2)
+    fake_save(first, 4)
+    branch = plan_run(str(tmp_path), str(older), "bbbbbbbb-2222").run  # not the newest: a branch
+    branched, trackers = start_tracking(cfg, "bbbbbbbb-2222", branch, state)
+    trackers.close("FINISHED")
+    assert branched.run_id != original.run_id
+    assert branched.client.get_run(branched.run_id).data.tags["sft.branched_from"].endswith("checkpoint-2")
+
+    again, trackers = start_tracking(cfg, "bbbbbbbb-2222", branch, state)  # a retry of the branch
+    trackers.close("FINISHED")
+    assert again.run_id == branched.run_id
+    resumed, trackers = start_tracking(cfg, "cccccccc-3333", first, state)  # continuing the first run
+    trackers.close("FINISHED")
+    assert resumed.run_id == original.run_id

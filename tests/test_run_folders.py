@@ -79,6 +79,23 @@ def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     assert not run.checkpoint(6).exists()
 
 
+@pytest.mark.parametrize("how", ["auto", "retry"])
+def test_a_damaged_newest_checkpoint_is_left_alone_and_the_run_branches(tmp_path, how):
+    first = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
+    fake_save(first.run, 2)
+    damaged = fake_save(first.run, 4)
+    (damaged / "sft_train" / "model.safetensors").write_bytes(b"x")  # truncated after publication
+    flow_run = "aaaaaaaa-1111" if how == "retry" else "bbbbbbbb-2222"
+    plan = plan_run(str(tmp_path), "auto", flow_run)
+    assert plan.run.root != first.run.root and plan.resume == first.run.checkpoint(2).resolve()
+    assert "damaged" in plan.why or "new run" in plan.why
+    fake_save(plan.run, 4)  # training on from step 2 publishes its own checkpoint-4
+    assert (damaged / "sft_train" / "model.safetensors").read_bytes() == b"x"  # left for inspection
+    if how == "retry":  # a further retry continues the branch, not the damaged folder
+        again = plan_run(str(tmp_path), False, flow_run)
+        assert again.run.root == plan.run.root and again.resume == plan.run.checkpoint(4).resolve()
+
+
 def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run(tmp_path):
     other = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
     fake_save(other, 1)

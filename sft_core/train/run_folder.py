@@ -9,7 +9,9 @@ A new run never writes into another run's folder, so the weights behind a regist
 change. A retry of a flow run (Prefect's Retry, `prefect flow-run retry`, flow retries) finds its own
 folder by the flow run id and continues from its newest checkpoint; `resume_from_checkpoint: auto` (or
 a path) continues the run that owns that checkpoint when it is that run's newest, and branches into a
-new folder otherwise (so nothing after it is overwritten).
+new folder otherwise (so nothing after it is overwritten). A damaged checkpoint (see checkpoint.py's
+manifest) is never resumed from nor removed: a run whose newest checkpoint is damaged continues from
+its newest complete one in a new folder.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ def find_run(output_dir: str | Path, flow_run_id: str) -> RunFolder | None:
     root = runs_root(output_dir)
     if not root.is_dir():
         return None
-    # Not by name alone: a run continued by another flow run (resume) lists that one's id too.
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    # Not by name alone: a run continued by another flow run (resume) lists that one's id too. The
+    # newest first: a retry that found its folder damaged branched into a newer one.
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
         if flow_run_id in RunFolder(folder).info().get("flow_run_ids", []):
             return RunFolder(folder)
     return None
@@ -104,8 +107,17 @@ def find_run(output_dir: str | Path, flow_run_id: str) -> RunFolder | None:
 
 def new_run(output_dir: str | Path, flow_run_id: str, **info: Any) -> RunFolder:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    root = runs_root(output_dir) / f"{stamp}-{flow_run_id[:8]}"
-    root.mkdir(parents=True, exist_ok=False)
+    base = runs_root(output_dir) / f"{stamp}-{flow_run_id[:8]}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    # The same flow run may open a second folder within a second (a retry branching off a damaged one).
+    root, n = base, 1
+    while True:
+        try:
+            root.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            root = base.with_name(f"{base.name}-{n}")
     run = RunFolder(root)
     run.update_info(flow_run_ids=[flow_run_id], created=datetime.now(UTC).isoformat(), **info)
     return run
@@ -116,19 +128,33 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
 
     An existing folder is not written to here: the caller records its flow run in run.json once it
     holds the folder's RunLock, so a run refused for a busy folder leaves nothing in it."""
-    from sft_core.train.checkpoint import latest_in_run, resolve_resume
+    from sft_core.train.checkpoint import checkpoints_in_run, latest_in_run, resolve_resume
+
+    def newest_is(run: RunFolder, checkpoint: Path | None) -> bool:
+        # Damaged checkpoints count: continuing from an older one would meet theirs on publication.
+        found = checkpoints_in_run(run, complete_only=False)
+        return (found[-1] if found else None) == (checkpoint.resolve() if checkpoint else None)
 
     own = find_run(output_dir, flow_run_id)
     if own is not None:
         latest = latest_in_run(own)
-        why = f"retry of flow run {flow_run_id}: " + (
-            f"continuing from {latest.name}" if latest else "no checkpoint yet, starting over in the same run"
-        )
-        return RunPlan(own, latest, why)
+        if newest_is(own, latest):
+            why = f"retry of flow run {flow_run_id}: " + (
+                f"continuing from {latest.name}"
+                if latest
+                else "no checkpoint yet, starting over in the same run"
+            )
+            return RunPlan(own, latest, why)
+        damaged = checkpoints_in_run(own, complete_only=False)[-1]
+        run = new_run(output_dir, flow_run_id, branched_from=str(latest or ""), **info)
+        return RunPlan(run, latest, (
+            f"retry of flow run {flow_run_id}: {damaged} is damaged (files its manifest lists are missing "
+            f"or changed) and left as it is; continuing from {latest or 'the pretrained model'} in new run {run.name}"
+        ))  # fmt: skip
     resume = resolve_resume(resume_setting, output_dir)
     if resume is not None:
         owner = run_of(resume)
-        if owner.root.parent == runs_root(output_dir).resolve() and latest_in_run(owner) == resume.resolve():
+        if owner.root.parent == runs_root(output_dir).resolve() and newest_is(owner, resume):
             return RunPlan(owner, resume.resolve(), f"resume_from_checkpoint: continuing run {owner.name}")
         run = new_run(output_dir, flow_run_id, branched_from=str(resume), **info)
         return RunPlan(run, resume, f"resume_from_checkpoint: new run {run.name} starting from {resume}")
