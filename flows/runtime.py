@@ -150,3 +150,18 @@ def stop_server() -> bool:
     stop_process_group(json.loads(record.read_text())["pid"])
     record.unlink(missing_ok=True)
     return True
+
+
+def mark_crashed(flow_run_id: str, why: str) -> bool:
+    """Set a flow run that can no longer be running to Crashed, unless its state is final already. A
+    process killed with SIGKILL cannot report its own end: its run would stay RUNNING, which the UI
+    does not offer to retry. Returns whether the state was changed."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+        if state is None or state.is_final():
+            return False
+        client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)
+    return True

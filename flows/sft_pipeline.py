@@ -18,6 +18,7 @@ from prefect.utilities.annotations import quote
 from flows.artifacts import publish_run_artifacts
 from flows.cluster_launch import ClusterLaunch
 from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
+from flows.runtime import mark_crashed
 from flows.validate import validate
 from sft_core.cluster.cluster import Cluster, WorkerFailure
 from sft_core.config import SFTConfig
@@ -138,6 +139,21 @@ def model_description(cfg: SFTConfig) -> str:
         f"(template {cfg.template}). Aliases: best = the {which} {cfg.metric_for_best_model} so far, "
         "last_saved = the newest version."
     )
+
+
+def report_crashed_holder(lock: RunLock, flow_run_id: str) -> None:
+    """The folder's previous holder died holding it (SIGKILL, a lost machine): its flow run is set
+    to Crashed, so that the UI shows it ended and offers Retry."""
+    dead = (lock.crashed or {}).get("flow_run_id")
+    if not dead or dead == flow_run_id:  # a retry of that very flow run: its own state is current
+        return
+    logger = get_run_logger()
+    why = f"its process (pid {lock.crashed.get('pid')}) died while training into {lock.path.parent}"
+    try:
+        if mark_crashed(dead, why):
+            logger.warning("flow run %s was still RUNNING although %s; set it to Crashed", dead, why)
+    except Exception as err:  # the new run goes on regardless
+        logger.warning("could not set flow run %s, which %s, to Crashed: %s", dead, why, err)
 
 
 def start_tracking(
@@ -308,8 +324,9 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     flow_run_id = str(get_run_context().flow_run.id)
     plan = plan_run(cfg.output_dir, cfg.resume_from_checkpoint, flow_run_id, pretrain=cfg.pretrain)
     logger.info("run folder %s: %s", plan.run.root, plan.why)
-    with RunLock(plan.run, {"flow_run_id": flow_run_id}):
+    with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:
         plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
+        report_crashed_holder(lock, flow_run_id)
         state = read_state(plan.resume) if plan.resume else {}
         if plan.resume:
             logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))

@@ -187,3 +187,22 @@ def test_a_run_branched_from_another_runs_checkpoint_logs_to_an_mlflow_run_of_it
     resumed, trackers = start_tracking(cfg, "cccccccc-3333", first, state)  # continuing the first run
     trackers.close("FINISHED")
     assert resumed.run_id == original.run_id
+
+
+def test_a_flow_run_whose_process_died_holding_its_folder_is_set_crashed(prefect_server):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from flows.runtime import mark_crashed
+
+    @flow(name="killed-holder")
+    def killed_holder() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        dead = client.create_flow_run(killed_holder, state=Running())
+        done = client.create_flow_run(killed_holder, state=Completed())
+        assert mark_crashed(str(dead.id), "its process died")
+        assert client.read_flow_run(dead.id).state.type.value == "CRASHED"
+        assert not mark_crashed(str(done.id), "its process died")  # a final state is kept
+        assert client.read_flow_run(done.id).state.type.value == "COMPLETED"

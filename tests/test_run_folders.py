@@ -135,5 +135,10 @@ def test_a_second_process_on_the_same_run_folder_is_stopped_naming_the_holder(tm
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    with RunLock(run, {"flow_run_id": "after"}):  # released by the kernel when the holder died
+    with RunLock(run, {"flow_run_id": "after"}) as lock:  # released by the kernel when the holder died
         assert json.loads((run.root / ".lock").read_text())["flow_run_id"] == "after"
+        # The holder was killed holding it: the next one knows (its flow run is then set Crashed).
+        assert lock.crashed is not None and lock.crashed["flow_run_id"] == "holder-flow-run"
+        assert lock.crashed["pid"] == holder.pid
+    with RunLock(run, {"flow_run_id": "next"}) as lock:  # "after" let go of it cleanly
+        assert lock.crashed is None

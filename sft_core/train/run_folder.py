@@ -16,6 +16,7 @@ its newest complete one in a new folder.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -166,12 +167,14 @@ class RunLock:
     """An exclusive lock on a run folder for as long as a process trains into it.
 
     flock is released by the kernel when the holder exits, killed or not, so a retry after a crash
-    never finds a stale lock; a live holder is named in the error.
+    never finds a stale lock; a live holder is named in the error. A holder that exits cleanly
+    empties the file: one still named there when the lock is taken died holding it (`crashed`).
     """
 
     def __init__(self, run: RunFolder, holder: dict[str, Any]):
         self.path = run.root / ".lock"
         self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **holder}
+        self.crashed: dict[str, Any] | None = None
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -185,6 +188,9 @@ class RunLock:
                 f"run folder {self.path.parent} is in use by another run: {held}. Wait for it to finish "
                 "or stop it; a new run (resume_from_checkpoint: false) trains into a folder of its own."
             ) from None
+        with contextlib.suppress(ValueError):
+            left = json.loads(os.pread(fd, 4096, 0) or b"null")
+            self.crashed = left if isinstance(left, dict) else None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self.holder).encode(), 0)
         self._fd = fd
