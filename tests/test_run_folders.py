@@ -96,6 +96,15 @@ def test_a_damaged_newest_checkpoint_is_left_alone_and_the_run_branches(tmp_path
         assert again.run.root == plan.run.root and again.resume == plan.run.checkpoint(4).resolve()
 
 
+def test_an_output_dir_inside_a_published_checkpoint_is_refused(tmp_path):
+    published = fake_save(plan_run(str(tmp_path), False, "aaaaaaaa-1111").run, 2)
+    before = sorted(p.relative_to(published) for p in published.rglob("*"))
+    for inside in (published, published / "sft_train" / "more"):
+        with pytest.raises(ConfigError, match="inside the published checkpoint"):
+            plan_run(str(inside), False, "bbbbbbbb-2222")
+    assert sorted(p.relative_to(published) for p in published.rglob("*")) == before
+
+
 def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run(tmp_path):
     other = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
     fake_save(other, 1)

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sft_core.errors import UserError
+from sft_core.errors import ConfigError, UserError
 
 RUNS = "runs"
 
@@ -124,12 +124,27 @@ def new_run(output_dir: str | Path, flow_run_id: str, **info: Any) -> RunFolder:
     return run
 
 
+def _refuse_inside_a_checkpoint(output_dir: str) -> None:
+    """A published checkpoint never changes (registered versions point at it): no run writes into one."""
+    from sft_core.train.checkpoint import MANIFEST
+
+    where = Path(output_dir).expanduser().resolve()
+    for folder in (where, *where.parents):
+        if (folder / MANIFEST).is_file() and (folder / "trainer_state.json").is_file():
+            raise ConfigError(
+                f"config key 'output_dir': {output_dir} is inside the published checkpoint {folder}, which "
+                "must not change (registered model versions point at it); choose a folder outside it."
+            )
+
+
 def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **info: Any) -> RunPlan:
     """Decide the run folder and the checkpoint to start from (see the module docstring).
 
     An existing folder is not written to here: the caller records its flow run in run.json once it
     holds the folder's RunLock, so a run refused for a busy folder leaves nothing in it."""
     from sft_core.train.checkpoint import checkpoints_in_run, latest_in_run, resolve_resume
+
+    _refuse_inside_a_checkpoint(output_dir)
 
     def newest_is(run: RunFolder, checkpoint: Path | None) -> bool:
         # Damaged checkpoints count: continuing from an older one would meet theirs on publication.
