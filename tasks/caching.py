@@ -17,10 +17,13 @@ def file_digest(path: str) -> str:
     p = Path(path)
     if path.startswith("hf://"):
         return path  # keyed by name only: a change upstream is not seen (use local files to be exact)
-    if p.is_dir():  # a save_to_disk folder: hash its files
+    folder, colon, split = path.rpartition(":")
+    if not p.exists() and colon and Path(folder).is_dir():  # one split of a saved DatasetDict
+        return f"{file_digest(folder)}:{split}"
+    if p.is_dir():  # a save_to_disk folder: hash its files (by path: splits hold files of one name)
         for f in sorted(p.rglob("*")):
             if f.is_file():
-                h.update(f.name.encode())
+                h.update(str(f.relative_to(p)).encode())
                 h.update(f.read_bytes())
         return h.hexdigest()
     if not p.is_file():

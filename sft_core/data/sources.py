@@ -1,14 +1,18 @@
 """Read data files into rows, with errors that name the file, the row and the field.
 
-Sources: JSON (a list of objects, or JSON lines), JSONL, Parquet, and a folder written by
-`datasets.Dataset.save_to_disk`. A row that cannot be read at all (broken JSON, not an object)
-comes back as a `Row` with `error` set, so the caller applies the `on_bad_row` policy to it.
+Sources: JSON (a list of objects, or JSON lines), JSONL, Parquet, each also gzip-compressed
+(`train.jsonl.gz`), and a folder written by `save_to_disk`: a `Dataset`, or a `DatasetDict` as
+`folder:split` (a bare folder takes the split named for its role: `train`, or `validation`). A row
+that cannot be read at all (broken JSON, not an object, nested absurdly deep) comes back as a `Row`
+with `error` set, so the caller applies the `on_bad_row` policy to it.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +40,22 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
         yield from _hub_rows(path, config_key)
         return
     p = Path(path)
+    if not p.exists() and (split_of := _dict_split(path)) is not None:
+        yield from _dataset_dict_rows(Path(split_of[0]), split_of[1], config_key)
+        return
+    if p.is_dir() and (p / "dataset_dict.json").is_file():
+        yield from _dataset_dict_rows(p, None, config_key)
+        return
     if p.is_dir() and (p / "dataset_info.json").is_file():
         yield from _saved_dataset_rows(p)
         return
     if not p.is_file():
+        what = "is a folder, but not one written by save_to_disk" if p.is_dir() else "does not exist"
         raise DataError(
-            f"data file '{path}' does not exist (set by config key '{config_key}'). "
+            f"data file '{path}' {what} (set by config key '{config_key}'). "
             "Check the path; relative paths are resolved from the directory you ran the command in."
         )
-    suffix = p.suffix.lower()
+    suffix = _format_suffix(p)
     if suffix == ".parquet":
         yield from _parquet_rows(p)
     elif suffix == ".jsonl":
@@ -53,9 +64,41 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
         yield from _json_rows(p)
 
 
+def _format_suffix(p: Path) -> str:
+    """The suffix that names the format, under a `.gz`: `train.jsonl.gz` -> `.jsonl`."""
+    suffix = p.suffix.lower()
+    return Path(p.stem).suffix.lower() if suffix == ".gz" else suffix
+
+
+def _is_gzip(p: Path) -> bool:
+    # By the magic bytes, not the name: a gzip file named `.jsonl` is read too.
+    with p.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _lines(p: Path) -> Iterator[bytes]:
+    """The file's lines as bytes, gunzipped when it is gzip; a broken gzip stream names the file."""
+    if not _is_gzip(p):
+        with p.open("rb") as f:
+            yield from f
+        return
+    with gzip.open(p, "rb") as f:
+        try:
+            yield from f
+        except (OSError, EOFError, zlib.error) as err:  # not gzip after all, truncated, corrupt
+            raise DataError(
+                f"{p}: cannot be read as gzip ({err}). Check the file, or give it uncompressed."
+            ) from None
+
+
 # Files are read as UTF-8 (a leading BOM is skipped); bytes that are not UTF-8 are kept as surrogate
 # escapes, so the row holding them is a bad row naming its field, and every other row still reads.
 _ENCODING, _ERRORS = "utf-8-sig", "surrogateescape"
+_BOM = b"\xef\xbb\xbf"
+
+# Chat rows nest a handful of levels. Far deeper data is refused as a bad row where it is read: code
+# that walks it recursively (json.loads itself, pickling to worker processes) would overflow the stack.
+_MAX_DEPTH = 100
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -75,11 +118,32 @@ def _not_utf8(value: object, path: str = "") -> str | None:
     return None
 
 
+def _nests_deeper(value: object, limit: int = _MAX_DEPTH) -> bool:
+    """Whether lists/objects in `value` nest more than `limit` deep; a loop, so any depth is safe."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _too_deep(unit: str, index: int) -> str:
+    return f"{unit} {index}: lists/objects nested more than {_MAX_DEPTH} levels deep; no chat row needs that"
+
+
 def _checked(p: Path, index: int, unit: str, data: object, raw: object, suspect: bool = True) -> Row:
     if not isinstance(data, dict):
         return Row(
             str(p), index, {"raw": raw}, f"{unit} {index}: expected a JSON object, got {type(data).__name__}"
         )
+    if _nests_deeper(data):  # an item of a JSON list is not kept: the rejects file could not hold it
+        kept = _printable(raw) if isinstance(raw, str) else "(too deep to keep)"
+        return Row(str(p), index, {"raw": kept}, _too_deep(unit, index))
     if suspect and (bad := _not_utf8(data)) is not None:
         return Row(
             str(p), index, {"raw": _printable(raw)}, f"{unit} {index}: field '{bad}' is not valid UTF-8 text"
@@ -97,56 +161,60 @@ def count_rows(path: str) -> int | None:
     """How many rows `read_rows` will yield, where that is cheap to know (JSON lines: a pass
     counting non-blank lines; Parquet: its metadata), else None. For progress, never for logic."""
     p = Path(path)
-    if p.suffix.lower() == ".parquet" and p.is_file():
+    if not p.is_file() or _is_gzip(p):  # a folder or a split: no cheap count; gzip: not a cheap pass
+        return None
+    if p.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             return pq.ParquetFile(p).metadata.num_rows
         except Exception:  # unreadable: read_rows says why
             return None
-    if p.suffix.lower() == ".jsonl" and p.is_file():
+    if p.suffix.lower() == ".jsonl":
         with p.open("rb") as f:
-            return sum(1 for line in f if line.strip())
+            return sum(1 for line in f if line.removeprefix(_BOM).strip())
     return None
 
 
 def _jsonl_rows(p: Path) -> Iterator[Row]:
     # Rows end at "\n" only (a CRLF's "\r" is dropped): a bare "\r" is JSON whitespace between
     # fields or part of a broken row, never a row break, so row numbers stay the file's line numbers.
-    with p.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", _ERRORS).removesuffix("\n").removesuffix("\r")
-            if line_no == 1:
-                line = line.removeprefix("\ufeff")  # a UTF-8 BOM
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Row(
-                    str(p),
-                    line_no,
-                    {"raw": _printable(line)},
-                    f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})",
-                )
-                continue
-            # Only a line holding a surrogate (or its escape) needs the field-by-field look.
-            suspect = bool(_SURROGATE.search(line) or _SURROGATE_ESCAPE.search(line))
-            yield _checked(p, line_no, "line", data, line, suspect)
+    for line_no, raw in enumerate(_lines(p), start=1):
+        line = raw.decode("utf-8", _ERRORS).removesuffix("\n").removesuffix("\r")
+        # A UTF-8 BOM on any line, not only the first: files joined with `cat` keep each one's BOM.
+        line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            error = f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})"
+            yield Row(str(p), line_no, {"raw": _printable(line)}, error)
+            continue
+        except RecursionError:  # the parser's own recursion, long before the row is used
+            yield Row(str(p), line_no, {"raw": _printable(line)}, _too_deep("line", line_no))
+            continue
+        # Only a line holding a surrogate (or its escape) needs the field-by-field look.
+        suspect = bool(_SURROGATE.search(line) or _SURROGATE_ESCAPE.search(line))
+        yield _checked(p, line_no, "line", data, line, suspect)
 
 
 def _json_rows(p: Path) -> Iterator[Row]:
-    text = p.read_text(encoding=_ENCODING, errors=_ERRORS)
+    text = b"".join(_lines(p)).decode(_ENCODING, _ERRORS)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         if not text.lstrip().startswith("["):  # objects one per line in a .json file: read as JSON lines
             yield from _jsonl_rows(p)
             return
+        where, why = (
+            (f", line {e.lineno}", f"not valid JSON ({e.msg} at column {e.colno})")
+            if isinstance(e, json.JSONDecodeError)
+            else ("", f"lists/objects nested too deep to read (more than {_MAX_DEPTH} levels)")
+        )
         raise DataError(
-            f"{p}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}). A JSON list is read "
-            "whole, so one broken row stops it; fix it, or write one object per line to have bad rows "
-            "handled by on_bad_row."
+            f"{p}{where}: {why}. A JSON list is read whole, so one broken row stops it; fix it, or write "
+            "one object per line to have bad rows handled by on_bad_row."
         ) from None
     if isinstance(data, dict):
         data = [data]
@@ -161,8 +229,12 @@ def _parquet_rows(p: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as err:
+        if _is_gzip(p):
+            with gzip.open(p) as f:
+                table = pq.read_table(f)
+        else:
+            table = pq.read_table(p)
+    except (pa.ArrowException, OSError, EOFError, zlib.error) as err:
         raise DataError(f"{p}: cannot be read as Parquet ({err}).") from None
     for i, item in enumerate(table.to_pylist(), start=1):
         yield Row(str(p), i, item)
@@ -191,3 +263,36 @@ def _saved_dataset_rows(p: Path) -> Iterator[Row]:
 
     for i, item in enumerate(load_from_disk(str(p)), start=1):
         yield Row(str(p), i, dict(item))
+
+
+def _dict_split(path: str) -> tuple[str, str] | None:
+    """`folder:split` -> (folder, split) when folder is a saved DatasetDict (as hub ids name splits)."""
+    folder, colon, split = path.rpartition(":")
+    return (folder, split) if colon and split and (Path(folder) / "dataset_dict.json").is_file() else None
+
+
+# The split a bare DatasetDict folder gives each data role, when the folder has exactly one of them.
+_ROLE_SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev")}
+
+
+def _dataset_dict_rows(p: Path, split: str | None, config_key: str) -> Iterator[Row]:
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(p))
+    names = list(splits)
+    if split is None:
+        role = "validation" if config_key.startswith("validation.") else "train"
+        matches = [name for name in names if name in _ROLE_SPLITS[role]]
+        if len(matches) != 1:
+            raise DataError(
+                f"config key '{config_key}': '{p}' is a DatasetDict with splits {names}, and none is "
+                f"plainly the {role} split. Name one as '{p}:<split>', e.g. '{p}:{names[0]}'."
+            )
+        split = matches[0]
+    if split not in splits:
+        raise DataError(
+            f"config key '{config_key}': '{p}' has no split '{split}'; its splits are {names}. "
+            f"Name one as '{p}:<split>'."
+        )
+    for i, item in enumerate(splits[split], start=1):
+        yield Row(f"{p}:{split}", i, dict(item))
