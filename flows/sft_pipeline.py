@@ -34,7 +34,7 @@ from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
 from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
-from sft_core.train.checkpoint import check_data_fingerprint, latest_in_run, read_state
+from sft_core.train.checkpoint import check_data_fingerprint, check_training_args, latest_in_run, read_state
 from sft_core.train.run_folder import RunFolder, RunLock, plan_run
 from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
@@ -236,6 +236,7 @@ def train(
                         "cluster_name": cluster.name,
                         "mlflow_run_id": mlflow_run.run_id,
                         "data_fingerprint": fingerprint,
+                        "training_args": cfg.sft_train.training_args.model_dump(),
                         "history": history,
                     }
                     # quote(): plain values, no lineage. Prefect links inputs to the runs that made
@@ -333,6 +334,8 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
         if warning:
             logger.warning("%s; continuing (resume_data_check: warn)", warning)
+        for change in check_training_args(state, cfg.sft_train.training_args.model_dump()):
+            logger.warning("%s", change)
         mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
         trackers.log_metrics(data_metrics, 0)
         status = "FAILED"

@@ -125,6 +125,22 @@ def test_resume_over_changed_data_is_refused_or_warned(tmp_path):
     assert "data differs" in ckpt.check_data_fingerprint(state, "b" * 32, "warn")
 
 
+def test_resume_refuses_training_args_its_optimizer_state_would_override(tmp_path):
+    from sft_core.config import TrainingArgs
+
+    trained = TrainingArgs(learning_rate=1e-4, max_steps=10).model_dump()
+    state = {"global_step": 4, "training_args": trained}
+    assert ckpt.check_training_args(state, trained) == []
+    assert ckpt.check_training_args({"global_step": 4}, trained) == []  # a checkpoint from before the record
+    with pytest.raises(ConfigError, match=r"learning_rate 0\.0001 -> 1e-05.*start a new run"):
+        ckpt.check_training_args(state, TrainingArgs(learning_rate=1e-5, max_steps=10).model_dump())
+    longer = ckpt.check_training_args(state, TrainingArgs(learning_rate=1e-4, max_steps=20).model_dump())
+    assert longer == [
+        "sft_train.training_args.max_steps changed from 10 to 20 since the checkpoint at step 4; "
+        "it applies from there on"
+    ]
+
+
 def test_a_second_process_on_the_same_run_folder_is_stopped_naming_the_holder(tmp_path):
     run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
     holder = subprocess.Popen(

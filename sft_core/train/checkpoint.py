@@ -170,3 +170,32 @@ def check_data_fingerprint(state: dict[str, Any], fingerprint: str, policy: str)
             "or set resume_data_check: warn to continue on the new data."
         )
     return message
+
+
+# What the resume state fixes: Adam's hyperparameters and the base learning rate live in the saved
+# optimizer and scheduler, so a new value in the config would be silently ignored on resume.
+RESUME_PINNED = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def check_training_args(state: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Resume with other training arguments than the checkpoint was trained with: refused for those
+    the resume state fixes (RESUME_PINNED), one warning line per other change (they take effect from
+    the resumed step: a schedule, a batch size). Nothing for a checkpoint that predates the record."""
+    saved = state.get("training_args")
+    if not saved:
+        return []
+    changed = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
+    pinned = {k: v for k, v in changed.items() if k in RESUME_PINNED}
+    if pinned:
+        listed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in pinned.items())
+        raise ConfigError(
+            f"config key 'sft_train.training_args': resuming the checkpoint at step {state.get('global_step')} "
+            f"with {listed}, which its saved optimizer state would override. Resume with the values it was "
+            "trained with, or start a new run (resume_from_checkpoint: false) from its Hugging Face folder "
+            "(pretrain: <checkpoint>/sft_train) to train with new ones."
+        )
+    return [
+        f"sft_train.training_args.{k} changed from {old} to {new} since the checkpoint at step "
+        f"{state.get('global_step')}; it applies from there on"
+        for k, (old, new) in changed.items()
+    ]
