@@ -71,10 +71,19 @@ def test_pruning_a_model_named_with_a_quote_removes_folders_and_their_versions_t
 
 
 def test_a_registry_error_while_pruning_removes_no_checkpoint_folder(tmp_path):
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    name = "both ' and \""  # a name no MLflow search can quote: the query fails
-    uri, run = registered_run(tmp_path, name)
+    name = "both ' and \""  # a name no MLflow search can quote: the query for versions fails
+    uri = default_tracking_uri(str(tmp_path))
+    run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    tracker = MLflowTracker(uri, name, str(tmp_path / "artifacts"), "r", {})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(name)
+    for step in (1, 2, 3, 4):  # registered by hand: register_checkpoint searches by name too
+        source = (fake_save(run, step) / "sft_train").as_uri()
+        version = client.create_model_version(name, source=source, run_id=tracker.run_id)
+    client.set_registered_model_alias(name, "best", version.version)  # the alias lookup works
     with pytest.raises((ValueError, MlflowException)):
         prune(name, tmp_path, run, uri)
     assert [p.name for p in ckpt.checkpoints_in_run(run)] == [f"checkpoint-{s}" for s in (1, 2, 3, 4)]
@@ -206,3 +215,34 @@ def test_a_flow_run_whose_process_died_holding_its_folder_is_set_crashed(prefect
         assert client.read_flow_run(dead.id).state.type.value == "CRASHED"
         assert not mark_crashed(str(done.id), "its process died")  # a final state is kept
         assert client.read_flow_run(done.id).state.type.value == "COMPLETED"
+
+
+def test_registering_a_checkpoint_again_takes_the_version_it_made(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri(str(tmp_path))
+    tracker = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {})
+    run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    folder = str(fake_save(run, 2) / "sft_train")
+    first = register_checkpoint(uri, "m", folder, tracker.run_id, 2, {"val_loss": 1.0})
+    again = register_checkpoint(uri, "m", folder, tracker.run_id, 2, {"val_loss": 1.0})  # a task retry
+    assert again.version == first.version
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert [int(v.version) for v in client.search_model_versions("name='m'")] == [first.version]
+    assert int(client.get_model_version_by_alias("m", "best").version) == first.version
+
+
+def test_ctrl_c_during_registration_waits_until_the_version_has_its_aliases():
+    import os
+    import signal
+    import time
+
+    from sft_core.tracking.mlflow_tracker import interrupts_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the signal arrives here, and is held
+        finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -6,9 +6,12 @@ output_dir, so the MLflow UI can be opened on it with `mlflow ui --backend-store
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +125,42 @@ def register_checkpoint(
     `models:/<name>@latest` to the newest version by itself; we set `last_saved` on every version and
     move `best` only when `best_metric` improves on the version `best` points at now, across runs.
     """
+    with interrupts_deferred():  # Ctrl-C between the version and its aliases would leave it half-made
+        return _register(
+            tracking_uri, model_name, checkpoint_dir, run_id, step, metrics, tags or {}, description,
+            best_metric, greater_is_better,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it. Only in the main thread, where
+    Python delivers signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _register(
+    tracking_uri: str,
+    model_name: str,
+    checkpoint_dir: str,
+    run_id: str,
+    step: int,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    description: str,
+    best_metric: str,
+    greater_is_better: bool,
+) -> RegisteredVersion:
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
@@ -129,14 +168,21 @@ def register_checkpoint(
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(model_name, description=description)
-    all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
-    version = client.create_model_version(
+    all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **tags}
+    source = Path(checkpoint_dir).as_uri()
+    # A retried registration (the task's retries, a flow retry) takes the version it made before.
+    existing = [
+        v
+        for v in client.search_model_versions(name_filter(model_name))
+        if v.source == source and v.run_id == run_id
+    ]
+    version = existing[0] if existing else client.create_model_version(
         model_name,
-        source=Path(checkpoint_dir).as_uri(),
+        source=source,
         run_id=run_id,
         tags=all_tags,
         description=f"checkpoint at global step {step}",
-    )
+    )  # fmt: skip
     if description:
         client.update_registered_model(model_name, description=description)
     client.set_registered_model_alias(model_name, "last_saved", version.version)
