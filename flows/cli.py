@@ -4,6 +4,13 @@
     sft server stop                                                     stop the local Prefect server
 
 Overrides are Hydra's: `sft run +experiment=smoke sft_train.training_args.learning_rate=1e-4`.
+
+Stopping a run: Ctrl-C (or SIGTERM to the `sft` process) ends it at once, with the actors killed, its
+MLflow run KILLED and its run folder free for `resume_from_checkpoint=auto`. `prefect flow-run cancel`
+(the UI's Cancel) does not reach an `sft run`: Prefect 3 delivers a cancel only through the worker or
+runner that started the flow run's process (a SIGTERM to it), and `sft run` runs the flow in its own
+process, so the run would stay Cancelling. To cancel from the UI, run it as a deployment
+(prefect.yaml, a process worker).
 """
 
 from __future__ import annotations

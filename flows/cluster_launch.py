@@ -44,9 +44,10 @@ class ClusterLaunch:
             raise RuntimeError("the launched cluster was taken already")
         return cluster
 
-    def discard(self) -> None:
-        """Shut the actors down if nobody took them (the flow failed before training)."""
+    def discard(self, wait: bool = True) -> None:
+        """Shut the actors down if nobody took them (the flow failed or was stopped before training;
+        `wait` as for Cluster.shutdown)."""
         self._thread.join()
         if self._cluster is not None:
-            self._cluster.shutdown()
+            self._cluster.shutdown(wait=wait)
             self._cluster = None

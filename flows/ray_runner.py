@@ -195,7 +195,13 @@ class SFTRayTaskRunner(RayTaskRunner):
             self._ray_up = True
             return self
         self.address, self.init_kwargs = self._start.address, self._start.init_kwargs
-        if threading.current_thread() is threading.main_thread():
+        # Ray's own SIGTERM handler, which a background ray.init cannot set, only where nobody set
+        # one: the Prefect engine's turns the SIGTERM of a worker's cancel into a TerminationSignal
+        # that ends the flow run Cancelled (ours, a SystemExit, would have it crash instead).
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL,
+            None,
+        ):
             signal.signal(signal.SIGTERM, _ray_sigterm)
         where = "a local Ray on 127.0.0.1" if self.address == "local" else f"Ray at {self.address}"
         self.logger.info("Ray: starting %s in the background", where)

@@ -141,6 +141,20 @@ def model_description(cfg: SFTConfig) -> str:
     )
 
 
+def stopped_from_outside(err: BaseException) -> bool:
+    """A stop, not a failure: a cancel (Prefect's TerminationSignal for the worker's SIGTERM), Ctrl-C,
+    SystemExit; also when it surfaced inside Ray's C code as the cause of another error (a
+    SystemError from ray.wait)."""
+    seen: BaseException | None = err
+    for _ in range(10):  # a chain, never a cycle in practice
+        if seen is None:
+            return False
+        if not isinstance(seen, Exception):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def report_crashed_holder(lock: RunLock, flow_run_id: str) -> None:
     """The folder's previous holder died holding it (SIGKILL, a lost machine): its flow run is set
     to Crashed, so that the UI shows it ended and offers Retry."""
@@ -270,6 +284,13 @@ def train(
                 "%s; restarting the cluster (restart %d of sft_train.max_restarts=%d) from %s",
                 err, restarts, cfg.sft_train.max_restarts, resume or "the pretrained model",
             )  # fmt: skip
+        except BaseException as err:
+            # Stopped from outside (a cancel's SIGTERM, Ctrl-C): the actors go at once, without waiting
+            # on Ray, which a worker's cancel is stopping too; the MLflow run is closed next.
+            if cluster is not None and stopped_from_outside(err):
+                cluster.shutdown(wait=False)
+                cluster = None
+            raise
         finally:
             if cluster is not None:
                 cluster.shutdown()
@@ -304,6 +325,10 @@ def sft_pipeline(
     launch = ClusterLaunch(cfg)  # the actors start while the data and MLflow are prepared
     try:
         return _prepare_and_train(cfg, model_dir, launch)
+    except BaseException as err:
+        if stopped_from_outside(err):  # before training began: the launched actors go at once
+            launch.discard(wait=False)
+        raise
     finally:
         launch.discard()
 
@@ -344,6 +369,10 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
                 cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, fingerprint, launch
             )
             status = "FINISHED"
+        except BaseException as err:
+            if stopped_from_outside(err):
+                status = "KILLED"
+            raise
         finally:
             trackers.close(status)
         final = checkpoints[-1]

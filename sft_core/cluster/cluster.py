@@ -9,13 +9,24 @@ Every call on the workers is bounded by `sft_train.worker_timeout_s`: a worker t
 call at once, one that stops responding (frozen, deadlocked, stuck in a collective) fails it when the
 time is up, with the rank and the step in the message. Either is a `WorkerFailure`, which the flow may
 answer by restarting the cluster from the run's newest checkpoint (`sft_train.max_restarts`).
+
+`shutdown` returns within `_SHUTDOWN_S` whatever state Ray is in, with this machine's actor
+processes gone. A cancelled deployment run needs both: the worker sends SIGTERM to the flow run's
+whole process group, which holds Ray's GCS and raylet, so these are going away while the flow's
+`finally` blocks run (Ray's own calls would then wait forever), while each actor sits in a process
+group of its own, which that signal never reaches: an actor ends itself only once its raylet is
+gone for good, and a raylet that exited stays a zombie for as long as the flow process lives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +62,14 @@ _PLACEMENT = {"pack": "PACK", "spread": "SPREAD"}
 _ACTOR_ENV = {"RAY_worker_niceness": "0"}
 # How long a worker that is busy in a call has to answer a ping before it counts as not responding.
 _PING_S = 5.0
+# How long `shutdown` waits for Ray to kill the actors and free their placement group, and for the
+# actor processes on this machine to exit before it kills them itself.
+_SHUTDOWN_S = 10.0
+# In each actor's environment, this cluster's id: `shutdown` finds the actor processes on this
+# machine by it, also once Ray cannot tell where they are.
+_CLUSTER_ENV = "SFT_CLUSTER_ID"
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerFailure(RuntimeError):
@@ -68,12 +87,15 @@ class Cluster:
         self.name = cfg.sft_train.name
         self.world_size = cfg.sft_train.world_size
         self.timeout_s = cfg.sft_train.worker_timeout_s
+        self.id = uuid.uuid4().hex
+        self.workers: list[Any] = []
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ} | _ACTOR_ENV
         if cfg.sft_train.keep_host_memory:
             env.update(KEEP_FREED_MEMORY_ENV)
         env.update(cfg.system_envs)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[_CLUSTER_ENV] = self.id
         # One bundle per device_mapping entry; rank r runs in bundle r. CPU workers claim only a
         # sliver of a CPU slot, so that a cluster of any world size fits a machine of few cores.
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
@@ -81,7 +103,7 @@ class Cluster:
             [bundle] * self.world_size, strategy=_PLACEMENT[cfg.sft_train.placement]
         )
         if not self.placement.wait(timeout_seconds=self.timeout_s):
-            remove_placement_group(self.placement)
+            self.shutdown()
             raise WorkerFailure(
                 f"cannot place {self.world_size} workers ({bundle} each, sft_train.placement="
                 f"{cfg.sft_train.placement}) on this Ray cluster ({ray.available_resources()} available) "
@@ -91,7 +113,6 @@ class Cluster:
         # answers it; every other method runs in the default group's one thread, in order.
         actor_cls = ray.remote(concurrency_groups={"health": 1})(SFTWorkerActor)  # type: ignore[call-overload]  # stubs lack it
         cfg_dict = cfg.model_dump()
-        self.workers: list[Any] = []
         try:
             self.workers = [
                 actor_cls.options(
@@ -210,8 +231,72 @@ class Cluster:
                 silent.append(r)
         return silent
 
-    def shutdown(self) -> None:
-        """Kill the actors: their process exit releases the process group, even mid-collective."""
-        for w in self.workers:
-            ray.kill(w)
-        remove_placement_group(self.placement)
+    def shutdown(self, wait: bool = True) -> None:
+        """Kill the actors: their process exit releases the process group, even mid-collective.
+
+        Returns within _SHUTDOWN_S, with the actor processes on this machine gone: those that Ray
+        did not end by then (its GCS or raylet stopped) are killed here. Actors on other machines
+        are left to Ray. `wait=False`, for a process being stopped (a cancel, Ctrl-C): this
+        machine's actors are killed at once and Ray's release is not waited for. A cancel's SIGTERM
+        reaches the flow's Ray daemons too, and Ray aborts the driver about 3 s later: what the run
+        must still do (its MLflow run, its run folder's lock) comes after this."""
+        released = threading.Event()
+
+        def release() -> None:
+            try:
+                for w in self.workers:
+                    ray.kill(w)
+                remove_placement_group(self.placement)
+            except Exception as err:  # Ray going away: the processes are seen to below
+                logger.warning("cluster %r: Ray could not release the workers (%s)", self.name, err)
+            finally:
+                released.set()
+
+        # A thread: Ray's calls wait on its GCS without a time limit.
+        threading.Thread(target=release, name="cluster-shutdown", daemon=True).start()
+        if not wait:
+            for pid in _processes_of(self.id):
+                _kill(pid)
+            return
+        deadline = time.monotonic() + _SHUTDOWN_S
+        released.wait(_SHUTDOWN_S / 2)
+        left = _processes_of(self.id)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = _processes_of(self.id)
+        for pid in left:
+            _kill(pid)
+        if not released.is_set() or left:
+            logger.warning(
+                "cluster %r: Ray did not release the workers within %gs; killed %d worker process(es) "
+                "on this machine (pids %s)", self.name, _SHUTDOWN_S, len(left), left,
+            )  # fmt: skip
+
+
+def _processes_of(cluster_id: str) -> list[int]:
+    """The live processes on this machine started for cluster `cluster_id` (its id is in their
+    environment; Linux's /proc: elsewhere none are found)."""
+    mark = f"{_CLUSTER_ENV}={cluster_id}".encode()
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:  # empty for a process that has exited
+                if mark in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL to an actor process, with its process group where it leads one (Ray starts each
+    worker in a group of its own; what the worker started goes with it)."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)

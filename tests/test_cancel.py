@@ -1,0 +1,159 @@
+"""Cancelling a deployment run (`prefect flow-run cancel`, the UI's Cancel) while it trains: the
+run ends Cancelled by itself, within the worker's grace period, leaves no Ray process behind,
+marks its MLflow run KILLED, and the next run into the same output_dir resumes from it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.runtime import stop_process_group
+from tests.helpers import REPO, checkpoint_path, run_folders
+
+pytestmark = pytest.mark.slow
+
+# The process worker sends SIGTERM to the flow run's process group and SIGKILL 30 s later
+# (prefect.runner's cancellation grace): a run that needs the SIGKILL has not shut down by itself.
+WORKER_GRACE_S = 30
+
+
+def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PWD": str(REPO)}  # prefect.yaml's pull step records the deploy directory
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def ray_processes() -> dict[int, str]:
+    """Live Ray processes on this machine (actors, raylet, GCS, agents) by pid."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if "SFTWorkerActor" in cmd or cmd.startswith("ray::") or "/site-packages/ray/" in cmd:
+            found[p.pid] = cmd[:120]
+    return found
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(every)
+
+
+def flow_run_state(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def flow_run_logs(flow_run_id) -> str:
+    """The run's log lines as the server has them (the flow process's own, its subflows' and tasks')."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return "\n".join(f"{log.timestamp:%H:%M:%S.%f} {log.name}: {log.message}" for log in logs)
+
+
+def start_deployment_run(overrides: list[str]):
+    from prefect.deployments import run_deployment
+
+    return run_deployment("sft-pipeline/smoke", parameters={"overrides": overrides}, timeout=0)
+
+
+def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(prefect_server, tmp_path: Path):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from sft_core.tracking.mlflow_tracker import default_tracking_uri
+
+    created = prefect("work-pool", "create", "sft-local", "--type", "process")
+    assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
+    deployed = prefect("--no-prompt", "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    before = ray_processes()
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-local"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    left: dict[int, str] = {}
+    try:
+        out = tmp_path / "out"
+        common = [
+            "+experiment=smoke",
+            f"output_dir={out}",
+            f"logging_dir={out}/tb",
+            "save_steps=2",
+            "eval_steps=2",
+        ]
+        run = start_deployment_run([*common, "sft_train.training_args.max_steps=2000"])
+        # Training, with a checkpoint written: the cancel lands in the middle of the loop.
+        wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
+                 and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
+        actors = {pid for pid, cmd in ray_processes().items() if "SFTWorkerActor" in cmd}
+        assert len(actors) == 2, ray_processes()
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(), force=True)  # what `prefect flow-run cancel` does
+        cancelled_at = time.monotonic()
+        state = wait_for("a final state after the cancel",
+                         lambda: (s := flow_run_state(run.id)) is not None and s.is_final() and s, 120)  # fmt: skip
+        took = time.monotonic() - cancelled_at
+        assert state.is_cancelled(), state
+        # Not the worker's SIGKILL after its grace period (that leaves the actors running).
+        assert took < WORKER_GRACE_S, (
+            f"the run took {took:.0f}s to end Cancelled: {worker_log.read_text()[-3000:]}"
+        )
+        assert "SIGKILL" not in worker_log.read_text(), worker_log.read_text()[-3000:]
+
+        def ray_gone() -> bool:
+            left.clear()
+            left.update({p: c for p, c in ray_processes().items() if p not in before})
+            return not left
+
+        with contextlib.suppress(AssertionError):
+            wait_for("the run's Ray processes to exit", ray_gone, 60)
+        assert not left, f"Ray processes left after the cancel: {left}"
+
+        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
+        experiment = client.get_experiment_by_name("smoke-sft")
+        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+        assert [r.info.status for r in runs] == ["KILLED"], flow_run_logs(run.id)[-4000:]
+
+        # The same output_dir again: it continues the cancelled run's folder (so its lock was freed).
+        step = max(int(p.name.removeprefix("checkpoint-")) for p in (run_folders(out)[-1] / "sft_train").glob(
+            "checkpoint-*"))  # fmt: skip
+        again = start_deployment_run(
+            [*common, "resume_from_checkpoint=auto", f"sft_train.training_args.max_steps={step + 2}"]
+        )
+        final = wait_for("the second run to finish",
+                         lambda: (s := flow_run_state(again.id)) is not None and s.is_final() and s, 400)  # fmt: skip
+        assert final.is_completed(), f"{final}: {worker_log.read_text()[-3000:]}"
+        assert len(run_folders(out)) == 1, "the second run continued the cancelled run's folder"
+        assert (checkpoint_path(out, step + 2) / "sft_train" / "model.safetensors").is_file()
+    finally:
+        stop_process_group(worker.pid)
+        for pid in {p for p in ray_processes() if p not in before} | set(left):  # never leave them running
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
