@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -189,6 +190,9 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     assert all(secret not in v for v in run.data.params.values())
     assert all(secret.encode() not in f.read_bytes() for f in (out / "tb").glob("events.out.tfevents.*"))
     assert secret not in json.dumps(flow_run_parameters(run_id))
+    # ... nor Ray's logs of the run (its runtime_env agent writes the actors' environment there).
+    ray_logs = [f for f in Path(tempfile.gettempdir(), "ray").glob("session_*/logs/**/*") if f.is_file()]
+    assert ray_logs and not [f for f in ray_logs if secret.encode() in f.read_bytes()]
 
     # The data again: encoding and packing come from the cache. Only the data stages matter from
     # here on, so the reruns train one step on one worker; their cache keys hold the data and how

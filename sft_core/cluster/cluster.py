@@ -41,6 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from sft_core.cluster.actor import SFTWorkerActor
 from sft_core.config import SFTConfig
 from sft_core.errors import ConfigError, user_error_in
+from sft_core.secrets import is_secret_key
 from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.host_memory import KEEP_FREED_MEMORY_ENV
 
@@ -93,7 +94,9 @@ class Cluster:
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ} | _ACTOR_ENV
         if cfg.sft_train.keep_host_memory:
             env.update(KEEP_FREED_MEMORY_ENV)
-        env.update(cfg.system_envs)
+        # Secret-named variables (HF_TOKEN, WANDB_API_KEY) stay out of the runtime_env, which Ray
+        # writes in plain text to its logs and actor table: the worker sets them from its config.
+        env.update({k: v for k, v in cfg.system_envs.items() if not is_secret_key(k)})
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env[_CLUSTER_ENV] = self.id
         # One bundle per device_mapping entry; rank r runs in bundle r. CPU workers claim only a
