@@ -93,6 +93,39 @@ def init_arguments(address: str | None) -> tuple[str, dict[str, Any]]:
     return "local", {"namespace": "prefect", **local_init_kwargs()}
 
 
+# Ray's per-node agents, by their process titles.
+_AGENT_TITLES = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def reap_orphaned_ray_agents() -> list[int]:
+    """SIGKILL this user's Ray agents whose raylet is gone, and return their pids. When a run's
+    process is killed (kill -9), its raylet dies with it; Ray 2.60's agents notice, then wait
+    forever on the dead GCS to report it, so each would hold ~100 MB until the machine restarts.
+    An agent whose parent is no raylet (re-parented to init) is such an orphan. Linux only."""
+    reaped = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid() or not _cmdline(pid).startswith(_AGENT_TITLES):
+                continue
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if b"raylet" in _cmdline(ppid):
+                continue
+            os.kill(pid, signal.SIGKILL)
+            reaped.append(pid)
+        except (OSError, ValueError, IndexError):  # exited meanwhile, or not ours to read
+            continue
+    return reaped
+
+
 class _NotMainThread(logging.Filter):
     """Ray warns that a background ray.init cannot set its SIGTERM handler; we set the same one."""
 
@@ -120,6 +153,8 @@ class RayStart:
     def _run(self) -> None:
         began = time.perf_counter()
         try:
+            if self.address == "local" and (reaped := reap_orphaned_ray_agents()):
+                logger.warning("stopped %d Ray agent(s) left by a killed run: pids %s", len(reaped), reaped)
             ray.init(self.address, **self.init_kwargs)
         except BaseException as err:  # raised again in whoever waits
             self.error = err

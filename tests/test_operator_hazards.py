@@ -4,6 +4,7 @@ keys, secrets in dict form, a refused run, a retried flow run."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,41 @@ def test_ctrl_c_during_registration_waits_until_the_version_has_its_aliases():
         finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from flows.ray_runner import reap_orphaned_ray_agents
+
+    # An agent whose raylet was SIGKILLed: its parent is gone, it is re-parented.
+    subprocess.run(
+        ["bash", "-c", f"(exec -a ray::DashboardAgent sleep 120) & echo $! > {tmp_path}/orphan"], check=True
+    )
+    # An agent under a live raylet (a process titled so), which must be left alone.
+    raylet = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"exec -a raylet bash -c '(exec -a ray::RuntimeEnvAgent sleep 120) & echo $! > {tmp_path}/live; wait'",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not ((tmp_path / "orphan").is_file() and (tmp_path / "live").is_file()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        orphan, live = int((tmp_path / "orphan").read_text()), int((tmp_path / "live").read_text())
+        time.sleep(0.2)  # both exec'd into their titles
+        reaped = reap_orphaned_ray_agents()  # (and any real orphan on this machine)
+        assert orphan in reaped and live not in reaped
+        time.sleep(0.2)
+        assert not Path(f"/proc/{orphan}").exists() or b"Z" in Path(f"/proc/{orphan}/stat").read_bytes()[:60]
+        os.kill(live, 0)  # still alive
+    finally:
+        raylet.kill()
+        for name in ("orphan", "live"):
+            with contextlib.suppress(Exception):
+                os.kill(int((tmp_path / name).read_text()), 9)
