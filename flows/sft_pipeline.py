@@ -241,6 +241,7 @@ def train(
                 metrics = train_steps(cluster, step, end, total, cfg.logging_steps, trackers)
                 step = end
                 history.append({"step": step, **metrics})
+                val = {}  # a checkpoint is tagged (and ranked for `best`) only by its own validation
                 if artifacts.validation and (step % cfg.eval_steps == 0 or step == total):
                     val = validate(cluster, step, trackers)
                     history[-1].update(val)

@@ -285,3 +285,19 @@ def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_
         for name in ("orphan", "live"):
             with contextlib.suppress(Exception):
                 os.kill(int((tmp_path / name).read_text()), 9)
+
+
+def test_best_moves_only_on_a_real_improvement_not_a_tie(tmp_path):
+    uri = default_tracking_uri(str(tmp_path))
+    tracker = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {})
+    run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    folders = [str(fake_save(run, step) / "sft_train") for step in (1, 2, 3)]
+    first = register_checkpoint(uri, "m", folders[0], tracker.run_id, 1, {"val_loss": 10.324565958452306})
+    tie = register_checkpoint(uri, "m", folders[1], tracker.run_id, 2, {"val_loss": 10.324565958452306})
+    # Below the full value, equal as the tag holds it ("10.3246"): still a tie.
+    rounded_tie = register_checkpoint(uri, "m", folders[2], tracker.run_id, 3, {"val_loss": 10.32455})
+    assert first.is_best and not tie.is_best and not rounded_tie.is_best
+    best = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {}).client.get_model_version_by_alias(
+        "m", "best"
+    )
+    assert int(best.version) == first.version

@@ -15,7 +15,7 @@ from sft_core.strategies.base import DistContext
 from sft_core.strategies.registry import create_strategy
 from sft_core.train.batching import BatchSchedule, split_for_rank
 from sft_core.train.loss import next_token_targets, summed_token_loss
-from sft_core.train.schedule import lr_factor
+from sft_core.train.schedule import build_scheduler, follow_schedule, lr_factor
 
 
 def test_warmup_then_cosine_decays_to_the_minimum_lr():
@@ -25,6 +25,27 @@ def test_warmup_then_cosine_decays_to_the_minimum_lr():
     assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
     assert lr_factor(5, 10, 2, "constant_with_warmup", 0.0) == 1.0
     assert lr_factor(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_a_resumed_schedule_gives_the_lr_of_the_runs_own_length():
+    def scheduler(total: int) -> torch.optim.lr_scheduler.LambdaLR:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return build_scheduler(opt, total, 2, 0.0, "cosine", 0.0)
+
+    saved = scheduler(8)
+    for _ in range(8):
+        saved.optimizer.step()
+        saved.step()
+    assert saved.optimizer.param_groups[0]["lr"] == 0.0  # the end of an 8-step cosine
+    same, longer = scheduler(8), scheduler(10)
+    for resumed in (same, longer):
+        resumed.optimizer.load_state_dict(saved.optimizer.state_dict())
+        resumed.load_state_dict(saved.state_dict())
+        follow_schedule(resumed)
+    assert same.optimizer.param_groups[0]["lr"] == 0.0  # unchanged: bit for bit the saved value
+    expected = 1e-3 * lr_factor(8, 10, 2, "cosine", 0.0)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12) and expected > 1e-5
+    assert longer.get_last_lr() == [longer.optimizer.param_groups[0]["lr"]]
 
 
 def test_token_loss_scores_each_position_against_the_next_supervised_label():

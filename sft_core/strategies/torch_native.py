@@ -24,7 +24,7 @@ from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
 from sft_core.strategies.base import DistContext, Strategy
 from sft_core.strategies.precision import autocast_dtype
 from sft_core.train.loss import next_token_targets, summed_token_loss
-from sft_core.train.schedule import build_scheduler
+from sft_core.train.schedule import build_scheduler, follow_schedule
 from sft_core.train.stats import EvalSums, StepStats
 
 if TYPE_CHECKING:
@@ -245,6 +245,7 @@ class TorchStrategy(Strategy):
             set_model_state_dict(self.model, state["model"], options=self._state_options())
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=self._state_options())
         self.scheduler.load_state_dict(own["scheduler"])
+        follow_schedule(self.scheduler)  # this run's schedule, also where max_steps changed
         self.restore_rank_state(own)
 
     def _state_options(self) -> Any:

@@ -193,8 +193,9 @@ def _register(
             current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
         except MlflowException:
             current = None
+        tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
         better = current is None or (
-            value > float(current) if greater_is_better else value < float(current)
+            tagged > float(current) if greater_is_better else tagged < float(current)
         )  # ties keep the earlier version
         if better:
             client.set_registered_model_alias(model_name, "best", version.version)

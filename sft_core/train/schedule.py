@@ -35,3 +35,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, kind, min_ratio)
     )
+
+
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """After loading a saved scheduler: set each parameter group's lr to what *this* schedule gives
+    at the saved step. The optimizer's saved lr is the old schedule's, wrong for the first resumed
+    step when the run's length changed (a cosine that had reached 0 stays 0); with the schedule
+    unchanged it is the same number, bit for bit (computed the same way)."""
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
