@@ -216,3 +216,22 @@ def test_every_built_in_supervises_its_rendered_answer_and_end_token(
         end_id = tok.convert_tokens_to_ids(end)
         ends = sum(1 for i, lab in zip(ids, labels, strict=True) if lab == end_id and i == end_id)
         assert ends == len(answers) + sum(a.count(end) for a in answers), name
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen2_5", "native"])
+def test_a_saved_tokenizer_formats_prompts_with_the_template_it_was_trained_with(
+    smollm2_tokenizer, tmp_path, name
+):
+    from transformers import AutoTokenizer
+
+    from sft_core.data.templates import carry_template
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    template = get_template(name, tok)
+    carry_template(name, tok)
+    tok.save_pretrained(tmp_path)  # as every checkpoint's Hugging Face folder gets it
+    served = AutoTokenizer.from_pretrained(tmp_path)
+    for gen in (False, True):
+        assert served.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen) == template.render(
+            smollm2_tokenizer, CHAT, gen
+        )

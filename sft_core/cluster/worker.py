@@ -23,6 +23,7 @@ from sft_core.data import IGNORE_INDEX
 from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
 from sft_core.data.packing import PackedPlan
 from sft_core.data.store import EncodedData
+from sft_core.data.templates import carry_template
 from sft_core.home import sft_home
 from sft_core.model.resolve import load_tokenizer
 from sft_core.secrets import is_secret_key
@@ -103,6 +104,7 @@ class SFTWorker:
         self.val_data = EncodedData.load(a.validation.encoded) if a.validation else None
         self.val_plan = _load_plan(a.validation.plan) if a.validation else None
         self.tokenizer = load_tokenizer(a.tokenizer_dir)
+        carry_template(self.cfg.template_for("train"), self.tokenizer)  # saved with every checkpoint
         self.pad_id = int(self.tokenizer.pad_token_id)
         t = self.cfg.sft_train.training_args
         self.schedule = BatchSchedule(len(self.train_plan.rows), self.cfg.global_batch_size, self.cfg.seed)

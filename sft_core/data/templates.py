@@ -115,6 +115,14 @@ def get_template(
     return dataclasses.replace(_named_template(name, tokenizer), supervise_empty_think=supervise_empty_think)
 
 
+def carry_template(name: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make `name` (the template a model is trained with) the tokenizer's own chat template, so a
+    checkpoint's tokenizer formats prompts as training did: apply_chat_template, MLflow's pyfunc,
+    `mlflow models serve`. The tokenizer's native template is left as it is."""
+    if name != "native":
+        tokenizer.chat_template = _named_template(name, tokenizer).source
+
+
 def _named_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     if name == "native":
         if not getattr(tokenizer, "chat_template", None):
