@@ -35,6 +35,7 @@ from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
 from sft_core.train.checkpoint import check_data_fingerprint, check_training_args, latest_in_run, read_state
+from sft_core.train.dcp_metadata import check_checkpoint_index
 from sft_core.train.run_folder import RunFolder, RunLock, plan_run
 from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
@@ -357,6 +358,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         state = read_state(plan.resume) if plan.resume else {}
         if plan.resume:
             logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
+            check_checkpoint_index(plan.resume / "train_state")
         warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
         if warning:
             logger.warning("%s; continuing (resume_data_check: warn)", warning)

@@ -79,3 +79,19 @@ def test_tampered_checkpoint_index_is_refused_without_running_it(tmp_path: Path)
         warnings.simplefilter("ignore")
         dcp.load({"optim": state}, checkpoint_id=str(tmp_path / "dcp"))
     assert marker.exists()
+
+
+def test_a_tampered_index_stops_the_resume_before_any_worker_with_a_clear_error(tmp_path):
+    from sft_core.errors import UserError
+    from sft_core.train.dcp_metadata import check_checkpoint_index
+
+    state = tmp_path / "train_state"
+    _saved_optimizer(state / "dcp")
+    check_checkpoint_index(state)  # an index as dcp wrote it passes
+    metadata = state / "dcp" / ".metadata"
+    index = pickle.loads(metadata.read_bytes())
+    index.planner_data = {"x": _Payload(tmp_path / "PWNED")}
+    metadata.write_bytes(pickle.dumps(index))
+    with pytest.raises(UserError, match=r"\.metadata: refers to pathlib\.Path\.touch.*refusing to load it"):
+        check_checkpoint_index(state)
+    assert not (tmp_path / "PWNED").exists()

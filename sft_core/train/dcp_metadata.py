@@ -18,6 +18,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from sft_core.errors import UserError
+
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,
@@ -28,7 +30,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """The metadata names something other than checkpoint bookkeeping."""
 
 
@@ -57,6 +59,14 @@ def load_metadata(path: Path) -> Metadata:
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{path}: not a torch.distributed.checkpoint index")
     return metadata
+
+
+def check_checkpoint_index(train_state: Path) -> None:
+    """Refuse a resume state whose DCP index is not plain bookkeeping, before any worker starts (the
+    workers refuse it too, but inside dcp's error reports)."""
+    index = train_state / "dcp" / ".metadata"
+    if index.is_file():
+        load_metadata(index)
 
 
 class SafeFileSystemReader(FileSystemReader):
