@@ -36,7 +36,7 @@ from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
 from sft_core.train.checkpoint import check_data_fingerprint, check_training_args, latest_in_run, read_state
 from sft_core.train.dcp_metadata import check_checkpoint_index
-from sft_core.train.run_folder import RunFolder, RunLock, plan_run
+from sft_core.train.run_folder import RunFolder, RunLock, plan_run, refuse_inside_a_checkpoint
 from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
@@ -177,6 +177,7 @@ def start_tracking(
     """MLflow (a new run, or the one this run folder already logs to) and TensorBoard. A run folder
     branched from another run's checkpoint gets an MLflow run of its own: logging into the original
     would mix two histories (and skip the steps both have)."""
+    log_dir = cfg.tracker_kwargs.get("log_dir", cfg.logging_dir)
     info = run.info()
     branched_from = info.get("branched_from")
     resume_run_id = info.get("mlflow_run_id") or (
@@ -195,7 +196,7 @@ def start_tracking(
         resume_step=state.get("global_step", 0),
     )
     run.update_info(mlflow_run_id=mlflow_run.run_id)
-    trackers = Trackers([mlflow_run, TensorBoardTracker(cfg.tracker_kwargs.get("log_dir", cfg.logging_dir))])
+    trackers = Trackers([mlflow_run, TensorBoardTracker(log_dir)])
     trackers.log_params(cfg.model_dump(exclude={"hydra"}))
     return mlflow_run, trackers
 
@@ -350,6 +351,10 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     fingerprint = data_fingerprint(encoded, packed)
 
     flow_run_id = str(get_run_context().flow_run.id)
+    log_dir = cfg.tracker_kwargs.get("log_dir", cfg.logging_dir)
+    refuse_inside_a_checkpoint(
+        log_dir, "tracker_kwargs.log_dir" if "log_dir" in cfg.tracker_kwargs else "logging_dir"
+    )
     plan = plan_run(cfg.output_dir, cfg.resume_from_checkpoint, flow_run_id, pretrain=cfg.pretrain)
     logger.info("run folder %s: %s", plan.run.root, plan.why)
     with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:

@@ -12,7 +12,14 @@ import pytest
 
 from sft_core.errors import ConfigError
 from sft_core.train import checkpoint as ckpt
-from sft_core.train.run_folder import RunFolder, RunFolderBusy, RunLock, find_run, plan_run
+from sft_core.train.run_folder import (
+    RunFolder,
+    RunFolderBusy,
+    RunLock,
+    find_run,
+    plan_run,
+    refuse_inside_a_checkpoint,
+)
 
 
 def fake_save(run: RunFolder, step: int, world_size: int = 2, fingerprint: str = "data-a") -> Path:
@@ -102,6 +109,9 @@ def test_an_output_dir_inside_a_published_checkpoint_is_refused(tmp_path):
     for inside in (published, published / "sft_train" / "more"):
         with pytest.raises(ConfigError, match="inside the published checkpoint"):
             plan_run(str(inside), False, "bbbbbbbb-2222")
+    with pytest.raises(ConfigError, match="config key 'logging_dir'.*inside the published checkpoint"):
+        refuse_inside_a_checkpoint(str(published / "sft_train" / "tb"), "logging_dir")  # TensorBoard's
+    refuse_inside_a_checkpoint(str(tmp_path / "tb"), "logging_dir")  # beside it: fine
     assert sorted(p.relative_to(published) for p in published.rglob("*")) == before
 
 

@@ -124,16 +124,17 @@ def new_run(output_dir: str | Path, flow_run_id: str, **info: Any) -> RunFolder:
     return run
 
 
-def _refuse_inside_a_checkpoint(output_dir: str) -> None:
-    """A published checkpoint never changes (registered versions point at it): no run writes into one."""
+def refuse_inside_a_checkpoint(path: str, key: str = "output_dir") -> None:
+    """A published checkpoint never changes (registered versions point at it): no run writes into
+    one, neither its checkpoints (`output_dir`) nor its logs (`logging_dir`)."""
     from sft_core.train.checkpoint import MANIFEST
 
-    where = Path(output_dir).expanduser().resolve()
+    where = Path(path).expanduser().resolve()
     for folder in (where, *where.parents):
         if (folder / MANIFEST).is_file() and (folder / "trainer_state.json").is_file():
             raise ConfigError(
-                f"config key 'output_dir': {output_dir} is inside the published checkpoint {folder}, which "
-                "must not change (registered model versions point at it); choose a folder outside it."
+                f"config key '{key}': {path} is inside the published checkpoint {folder}, which must not "
+                "change (registered model versions point at it); choose a folder outside it."
             )
 
 
@@ -144,7 +145,7 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
     holds the folder's RunLock, so a run refused for a busy folder leaves nothing in it."""
     from sft_core.train.checkpoint import checkpoints_in_run, latest_in_run, resolve_resume
 
-    _refuse_inside_a_checkpoint(output_dir)
+    refuse_inside_a_checkpoint(output_dir)
 
     def newest_is(run: RunFolder, checkpoint: Path | None) -> bool:
         # Damaged checkpoints count: continuing from an older one would meet theirs on publication.
