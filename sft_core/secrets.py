@@ -20,6 +20,7 @@ _TOKEN_NAME = re.compile(r"token$", re.I)
 _VOCABULARY_TOKEN = re.compile(
     r"(^|[_-])(eos|bos|pad|unk|sep|cls|mask|end|start|stop|special)[_-]?token$", re.I
 )
+_ENV_REFERENCE = re.compile(r"^\$\{oc\.env:[A-Za-z_]\w*\}$")
 _OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<key>[\w.\-]+)=(?P<value>.*)$", re.S)
 
 
@@ -37,7 +38,11 @@ def is_secret_key(dotted_key: str) -> bool:
 
 
 def _is_literal(value: Any) -> bool:
-    return value not in (None, "") and not (isinstance(value, str) and value.startswith("${"))
+    """A value other than a bare environment reference: `${oc.env:NAME,default}` (or any other
+    interpolation) holds its text, default included, in what is stored."""
+    return value not in (None, "") and not (
+        isinstance(value, str) and _ENV_REFERENCE.match(value.strip("'\""))
+    )
 
 
 def _dict_value(item: str) -> dict[str, Any] | None:
@@ -70,6 +75,10 @@ def _literal_secrets(item: str) -> tuple[list[str], bool]:
     return ([m["key"]] if is_secret_key(m["key"]) and _is_literal(m["value"]) else []), False
 
 
+def _may_hold_secrets(key: str) -> bool:
+    return key == "system_envs" or is_secret_key(key) or key.endswith("_kwargs")
+
+
 def literal_secret_overrides(overrides: list[str]) -> list[str]:
     """The keys of overrides that set a secret to a literal value (not a `${...}` reference), also
     inside a dict-form override.
@@ -100,9 +109,21 @@ def move_secrets_to_env(overrides: list[str], environ: dict[str, str]) -> list[s
     out = []
     for item in overrides:
         m = _OVERRIDE.match(item)
+        if m and m["value"].startswith("{") and _dict_value(item) is None and _may_hold_secrets(m["key"]):
+            raise ConfigError(
+                f"the override of '{m['key']}' is not a dict Hydra can read (check its braces, colons and "
+                "quotes); its value is not shown, as it may hold secrets."
+            )
         keys, dict_form = _literal_secrets(item)
         if m and keys and dict_form:
             raise ConfigError(_DICT_FORM.format(key=m["key"], secrets=", ".join(keys), first=keys[0]))
+        if m and keys and m["value"].strip("'\"").startswith("${"):
+            raise ConfigError(
+                f"the override of '{m['key']}' gives a secret as an interpolation other than a bare "
+                "'${oc.env:NAME}' (a default, another resolver), whose text would be stored in plain text "
+                "with the flow run's parameters. Use '${oc.env:NAME}' with NAME set in the environment, or "
+                "give the value itself (the CLI moves it into the environment)."
+            )
         if m and keys:
             key = m["key"]
             name = key.removeprefix("system_envs.") if key.startswith("system_envs.") else ""

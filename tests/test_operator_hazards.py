@@ -301,3 +301,19 @@ def test_best_moves_only_on_a_real_improvement_not_a_tie(tmp_path):
         "m", "best"
     )
     assert int(best.version) == first.version
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+system_envs.HF_TOKEN=${oc.env:NOT_SET_ANYWHERE,hf_secretDefault42}",  # the default is stored
+        "+system_envs={HF_TOKEN: hf_secretDefault42",  # unreadable: Hydra's error would print it
+    ],
+)
+def test_a_secret_that_would_be_stored_or_printed_is_refused_without_echoing_it(override):
+    with pytest.raises(ConfigError) as err:
+        move_secrets_to_env([override], {})
+    assert "hf_secretDefault42" not in str(err.value)
+    assert (
+        literal_secret_overrides(["+system_envs.HF_TOKEN=${oc.env:HF_TOKEN}"]) == []
+    )  # a bare reference is fine
