@@ -357,18 +357,19 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     )
     plan = plan_run(cfg.output_dir, cfg.resume_from_checkpoint, flow_run_id, pretrain=cfg.pretrain)
     logger.info("run folder %s: %s", plan.run.root, plan.why)
+    # What the checkpoint allows, checked before the run folder is touched: a refused resume writes nothing.
+    state = read_state(plan.resume) if plan.resume else {}
+    if plan.resume:
+        logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
+        check_checkpoint_index(plan.resume / "train_state")
+    warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
+    if warning:
+        logger.warning("%s; continuing (resume_data_check: warn)", warning)
+    for change in check_training_args(state, cfg.sft_train.training_args.model_dump()):
+        logger.warning("%s", change)
     with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:
         plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
         report_crashed_holder(lock, flow_run_id)
-        state = read_state(plan.resume) if plan.resume else {}
-        if plan.resume:
-            logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
-            check_checkpoint_index(plan.resume / "train_state")
-        warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
-        if warning:
-            logger.warning("%s; continuing (resume_data_check: warn)", warning)
-        for change in check_training_args(state, cfg.sft_train.training_args.model_dump()):
-            logger.warning("%s", change)
         mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
         trackers.log_metrics(data_metrics, 0)
         status = "FAILED"

@@ -185,3 +185,16 @@ def test_a_cut_that_leaves_no_answer_token_is_a_bad_row(tmp_path, smollm2_tokeni
     longer = EncodeSpec(first_answer + 2, "chatml", FIELDS, truncate_keep_end_token=True)
     data, stats = encode_files([f], tok, longer)
     assert stats.truncated == 1 and supervised(tok, *data.sample(0)) == "word<|im_end|>"
+
+
+def test_a_row_with_two_conversations_under_format_auto_is_a_bad_row(tmp_path, smollm2_tokenizer):
+    from sft_core.data.messages import FieldMapping, row_to_messages
+    from sft_core.data.sources import Row
+
+    both = Row(str(tmp_path / "d.jsonl"), 3, {
+        "instruction": "q", "output": "a",
+        "messages": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "other a"}],
+    })  # fmt: skip
+    with pytest.raises(DataError, match=r"d\.jsonl.*3.*\['instruction', 'messages'\] are all set"):
+        row_to_messages(both, FieldMapping(format="auto"))
+    assert row_to_messages(both, FieldMapping(format="messages"))[-1]["content"] == "other a"  # chosen: fine

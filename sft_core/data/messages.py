@@ -64,6 +64,12 @@ def row_to_messages(
     """Map one row to chat messages; a missing or empty required field names file, row and field,
     and so does content holding a `reserved` string (the tokenizer's special tokens)."""
     kind = row_format(row.data, fields)
+    present = [k for k in (fields.prompt_key, "messages", "conversations") if row.data.get(k) is not None]
+    if fields.format == "auto" and len(present) > 1:  # one would be read, the others dropped unseen
+        raise DataError(
+            f"{row.where}: fields {present} are all set, so `format: auto` cannot tell which one holds the "
+            "conversation. Keep one per row, or set sft_train.data_args.format."
+        )
     if kind == "messages":
         turns = _checked_turns(row, "messages", "role", "content", MESSAGE_ROLES, reserved)
     elif kind == "sharegpt":

@@ -188,7 +188,7 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
         try:
             data = json.loads(line)
         except json.JSONDecodeError as e:
-            error = f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})"
+            error = f"line {line_no}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
             yield Row(str(p), line_no, {"raw": _printable(line)}, error)
             continue
         except RecursionError:  # the parser's own recursion, long before the row is used
@@ -208,7 +208,7 @@ def _json_rows(p: Path) -> Iterator[Row]:
             yield from _jsonl_rows(p)
             return
         where, why = (
-            (f", line {e.lineno}", f"not valid JSON ({e.msg} at column {e.colno})")
+            (f", line {e.lineno}", f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
             if isinstance(e, json.JSONDecodeError)
             else ("", f"lists/objects nested too deep to read (more than {_MAX_DEPTH} levels)")
         )

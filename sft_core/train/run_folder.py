@@ -174,7 +174,13 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
         if owner.root.parent == runs_root(output_dir).resolve() and newest_is(owner, resume):
             return RunPlan(owner, resume.resolve(), f"resume_from_checkpoint: continuing run {owner.name}")
         run = new_run(output_dir, flow_run_id, branched_from=str(resume), **info)
-        return RunPlan(run, resume, f"resume_from_checkpoint: new run {run.name} starting from {resume}")
+        newest = checkpoints_in_run(owner, complete_only=False)
+        note = (
+            f" ({newest[-1].name} after it is damaged and left as it is)" if resume_setting == "auto" else ""
+        )
+        return RunPlan(
+            run, resume, f"resume_from_checkpoint: new run {run.name} starting from {resume}{note}"
+        )
     run = new_run(output_dir, flow_run_id, **info)
     return RunPlan(run, None, f"new run {run.name}")
 
