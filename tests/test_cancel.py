@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 # The process worker sends SIGTERM to the flow run's process group and SIGKILL 30 s later
 # (prefect.runner's cancellation grace): a run that needs the SIGKILL has not shut down by itself.
 WORKER_GRACE_S = 30
+POOL = "sft-cancel-tests"  # a pool of its own: test_deployment creates prefect.yaml's
 
 
 def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -86,15 +87,15 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(prefect_serve
 
     from sft_core.tracking.mlflow_tracker import default_tracking_uri
 
-    created = prefect("work-pool", "create", "sft-local", "--type", "process")
+    created = prefect("work-pool", "create", POOL, "--type", "process")
     assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
-    deployed = prefect("--no-prompt", "deploy", "--all")
+    deployed = prefect("--no-prompt", "deploy", "--name", "smoke", "--pool", POOL)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     before = ray_processes()
     worker_log = tmp_path / "worker.log"
     with worker_log.open("w") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-local"],
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     left: dict[int, str] = {}
@@ -114,11 +115,22 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(prefect_serve
         actors = {pid for pid, cmd in ray_processes().items() if "SFTWorkerActor" in cmd}
         assert len(actors) == 2, ray_processes()
 
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run.id, Cancelling(), force=True)  # what `prefect flow-run cancel` does
-        cancelled_at = time.monotonic()
-        state = wait_for("a final state after the cancel",
-                         lambda: (s := flow_run_state(run.id)) is not None and s.is_final() and s, 120)  # fmt: skip
+        def final_state():
+            return (s := flow_run_state(run.id)) is not None and s.is_final() and s
+
+        # What `prefect flow-run cancel` does. The worker learns of it from the server's event stream,
+        # which on a loaded machine has dropped the event (seen once in a full test run: no signal sent,
+        # the run stayed Cancelling): a person presses Cancel again, and so does this test, once.
+        for attempt in (1, 2):
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+            cancelled_at = time.monotonic()
+            with contextlib.suppress(AssertionError):
+                state = wait_for("a final state after the cancel", final_state, 60)
+                print(f"cancel attempts: {attempt}")
+                break
+        else:
+            raise AssertionError(f"no final state after two cancels: {worker_log.read_text()[-4000:]}")
         took = time.monotonic() - cancelled_at
         assert state.is_cancelled(), state
         # Not the worker's SIGKILL after its grace period (that leaves the actors running).
