@@ -93,7 +93,24 @@ def start_deployment_run(overrides: list[str]):
     return run_deployment("sft-pipeline/smoke", parameters={"overrides": overrides}, timeout=0)
 
 
-def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(prefect_server, tmp_path: Path):
+@pytest.fixture
+def fresh_prefect_server(tmp_path: Path, monkeypatch):
+    """A Prefect server of this test's own. On the session's server, after the tests before this one,
+    the worker twice never got the Cancelling event (CI, and a full local run; the test passed every
+    time on a server of its own): the events of earlier runs still queued in the server's event
+    pipeline on this 2-core machine, is the likeliest reason."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runtime import free_port, start_server
+
+    api_url, proc = start_server(tmp_path / "prefect-home", free_port())
+    monkeypatch.setenv("PREFECT_API_URL", api_url)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield api_url
+    stop_process_group(proc.pid)
+
+
+def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect_server, tmp_path: Path):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
