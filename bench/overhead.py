@@ -67,18 +67,18 @@ class CpuSampler:
         import psutil
 
         self.psutil, self.root, self.every = psutil, root, every
-        self.seen: dict[int, tuple[str, float]] = {}
+        self.seen: dict[int, tuple[str, float, float]] = {}  # pid: (name, user + system, system)
         self.extra = psutil.Process(extra) if extra else None
-        self.extra_start = self._cpu(self.extra) if self.extra else 0.0
-        self.extra_total = 0.0
+        self.extra_start = self._cpu(self.extra) if self.extra else (0.0, 0.0)
+        self.extra_total = (0.0, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     @staticmethod
-    def _cpu(p: Any) -> float:
+    def _cpu(p: Any) -> tuple[float, float]:
         t = p.cpu_times()
-        return t.user + t.system
+        return t.user + t.system, t.system
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -90,28 +90,34 @@ class CpuSampler:
             for p in procs:
                 try:
                     cmd = " ".join(p.cmdline()) or p.name()
-                    name = self.seen.get(p.pid, (cmd, 0.0))[0]
+                    name = self.seen.get(p.pid, (cmd,))[0]
                     if "SFTWorker" in cmd or cmd.startswith("ray::"):
                         name = cmd  # Ray renames a worker after what it runs
-                    self.seen[p.pid] = (name, self._cpu(p))
+                    self.seen[p.pid] = (name, *self._cpu(p))
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                     continue
             if self.extra:
                 try:
-                    self.extra_total = self._cpu(self.extra) - self.extra_start
+                    now = self._cpu(self.extra)
+                    self.extra_total = (now[0] - self.extra_start[0], now[1] - self.extra_start[1])
                 except self.psutil.NoSuchProcess:
                     self.extra = None
             self._stop.wait(self.every)
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> tuple[dict[str, float], dict[str, float]]:
+        """({kind: user + system seconds}, {kind: system seconds}). System time is where this VM's
+        slow first touch of memory shows (bench/write_sizes.py)."""
         self._stop.set()
         self._thread.join()
         kinds: dict[str, float] = defaultdict(float)
-        for pid, (cmd, cpu) in self.seen.items():
+        system: dict[str, float] = defaultdict(float)
+        for pid, (cmd, cpu, sys_cpu) in self.seen.items():
             kinds[process_kind(cmd, self.root, pid)] += cpu
-        if self.extra_total:
-            kinds["Prefect server"] = self.extra_total
-        return {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+            system[process_kind(cmd, self.root, pid)] += sys_cpu
+        if self.extra_total[0]:
+            kinds["Prefect server"], system["Prefect server"] = self.extra_total
+        order = sorted(kinds, key=lambda k: -kinds[k])
+        return {k: round(kinds[k], 2) for k in order}, {k: round(system[k], 2) for k in order}
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ def sft_run(work: Path, code: Path, extra: list[str]) -> dict[str, Any]:
     sampler = CpuSampler(proc.pid, prefect_server_pid())
     console, _ = proc.communicate()
     wall = time.perf_counter() - t
-    cpu = sampler.stop()
+    cpu, system = sampler.stop()
     if proc.returncode != 0:
         raise SystemExit(console[-3000:])
     return {
@@ -153,6 +159,7 @@ def sft_run(work: Path, code: Path, extra: list[str]) -> dict[str, Any]:
         "ended": began + timedelta(seconds=wall),
         "console": console,
         "cpu": cpu,
+        "system": system,
     }
 
 
@@ -306,6 +313,7 @@ def phases(run: dict[str, Any], work: Path) -> dict[str, Any]:
         name = re.sub(r"-(\d+|[0-9a-f]{3})(-\d+)?$", "", t.name)  # train-steps-0-3 -> train-steps
         out["task seconds"][name] = out["task seconds"].get(name, 0.0) + span(t)
     out["cpu seconds"] = run["cpu"]
+    out["system cpu seconds"] = run["system"]
     return out
 
 
@@ -313,7 +321,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = list(dict.fromkeys(k for r in runs for k, v in r.items() if isinstance(v, float)))
     # A phase a run's console did not show (a line cut by a worker's output) is left out of its median.
     med: dict[str, Any] = {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
-    for nested in ("task seconds", "cpu seconds"):
+    for nested in ("task seconds", "cpu seconds", "system cpu seconds"):
         names = {n for r in runs for n in r[nested]}
         med[nested] = {n: statistics.median(r[nested].get(n, 0.0) for r in runs) for n in sorted(names)}
     med["overhead fraction"] = med["overhead"] / med["wall"]
