@@ -157,10 +157,14 @@ def mark_crashed(flow_run_id: str, why: str) -> bool:
     process killed with SIGKILL cannot report its own end: its run would stay RUNNING, which the UI
     does not offer to retry. Returns whether the state was changed."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
     with get_client(sync_client=True) as client:
-        state = client.read_flow_run(flow_run_id).state
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:  # deleted since, or a run of another Prefect server
+            return False
         if state is None or state.is_final():
             return False
         client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)

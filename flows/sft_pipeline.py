@@ -30,13 +30,13 @@ from sft_core.preflight import load_run_config
 from sft_core.secrets import literal_secret_overrides, redact
 from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
-from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri
+from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, fail_if_running
 from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
 from sft_core.train.checkpoint import check_data_fingerprint, check_training_args, latest_in_run, read_state
 from sft_core.train.dcp_metadata import check_checkpoint_index
-from sft_core.train.run_folder import RunFolder, RunLock, plan_run, refuse_inside_a_checkpoint
+from sft_core.train.run_folder import RunFolder, RunLock, died_holding, plan_run, refuse_inside_a_checkpoint
 from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
@@ -169,6 +169,29 @@ def report_crashed_holder(lock: RunLock, flow_run_id: str) -> None:
             logger.warning("flow run %s was still RUNNING although %s; set it to Crashed", dead, why)
     except Exception as err:  # the new run goes on regardless
         logger.warning("could not set flow run %s, which %s, to Crashed: %s", dead, why, err)
+
+
+def report_runs_that_died(output_dir: str, current: RunFolder, mlflow_run: MLflowTracker) -> None:
+    """Other run folders of output_dir whose process died holding them (SIGKILL, OOM) and that no
+    run took over since: their flow run is set to Crashed and their MLflow run to FAILED, which
+    nothing else would do (a run resuming such a folder does the first and continues the second)."""
+    logger = get_run_logger()
+    for run, holder in died_holding(output_dir, current.root):
+        why = f"its process (pid {holder.get('pid')}) died while training into {run.root}"
+        flow_run, mlflow_run_id = holder.get("flow_run_id"), run.info().get("mlflow_run_id")
+        try:
+            if flow_run and mark_crashed(flow_run, why):
+                logger.warning("flow run %s was still RUNNING although %s; set it to Crashed", flow_run, why)
+        except Exception as err:  # the new run goes on regardless
+            logger.warning("could not set flow run %s, which %s, to Crashed: %s", flow_run, why, err)
+        try:
+            ours = mlflow_run_id == mlflow_run.run_id
+            if mlflow_run_id and not ours and fail_if_running(mlflow_run.tracking_uri, mlflow_run_id, why):
+                logger.warning(
+                    "MLflow run %s was still RUNNING although %s; set it to FAILED", mlflow_run_id, why
+                )
+        except Exception as err:
+            logger.warning("could not set MLflow run %s, which %s, to FAILED: %s", mlflow_run_id, why, err)
 
 
 def start_tracking(
@@ -371,6 +394,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
         report_crashed_holder(lock, flow_run_id)
         mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
+        report_runs_that_died(cfg.output_dir, plan.run, mlflow_run)
         trackers.log_metrics(data_metrics, 0)
         status = "FAILED"
         try:

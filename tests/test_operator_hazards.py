@@ -5,6 +5,7 @@ keys, secrets in dict form, a refused run, a retried flow run."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,79 @@ def test_a_flow_run_whose_process_died_holding_its_folder_is_set_crashed(prefect
         assert client.read_flow_run(dead.id).state.type.value == "CRASHED"
         assert not mark_crashed(str(done.id), "its process died")  # a final state is kept
         assert client.read_flow_run(done.id).state.type.value == "COMPLETED"
+        assert not mark_crashed(
+            "00000000-0000-0000-0000-000000000000", "its process died"
+        )  # not on this server
+
+
+def test_runs_killed_holding_other_folders_are_ended_by_the_next_run(prefect_server, tmp_path):
+    """A run killed with SIGKILL (or by the OOM killer) whose folder no run resumes kept its flow run
+    and its MLflow run RUNNING for good. The next run in the same output_dir ends both; a live
+    holder, a cleanly ended run and the new run's own folder are left alone."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.sft_pipeline import report_runs_that_died
+    from sft_core.train.run_folder import runs_root
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    uri = default_tracking_uri(str(tmp_path))
+    current = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "current", {})
+    client = MlflowClient(uri)
+
+    @flow(name="held-a-folder")
+    def held() -> None: ...
+
+    folders: dict[str, tuple[str, str]] = {}
+    with get_client(sync_client=True) as prefect:
+        for name, pid in (
+            ("killed", gone.pid),
+            ("alive", os.getpid()),
+            ("clean", None),
+            ("current", gone.pid),
+        ):
+            run = RunFolder(runs_root(tmp_path) / name)
+            run.root.mkdir(parents=True)
+            flow_run = str(prefect.create_flow_run(held, state=Running()).id)
+            mlflow_run = client.create_run(current.experiment_id).info.run_id
+            run.update_info(mlflow_run_id=mlflow_run)
+            holder = {"pid": pid, "host": socket.gethostname(), "flow_run_id": flow_run} if pid else None
+            (run.root / ".lock").write_text(json.dumps(holder) if holder else "")
+            folders[name] = (flow_run, mlflow_run)
+
+        @flow(name="next-run")
+        def next_run() -> None:
+            report_runs_that_died(str(tmp_path), RunFolder(runs_root(tmp_path) / "current"), current)
+
+        for _ in range(2):  # a second run finds nothing more to do
+            next_run()
+            states = {n: prefect.read_flow_run(f).state.type.value for n, (f, _) in folders.items()}
+            statuses = {n: client.get_run(m).info.status for n, (_, m) in folders.items()}
+            assert states == {
+                "killed": "CRASHED",
+                "alive": "RUNNING",
+                "clean": "RUNNING",
+                "current": "RUNNING",
+            }
+            assert statuses == {
+                "killed": "FAILED",
+                "alive": "RUNNING",
+                "clean": "RUNNING",
+                "current": "RUNNING",
+            }
+    why = client.get_run(folders["killed"][1]).data.tags["sft.failure"]
+    assert f"pid {gone.pid}" in why and "killed" in why
+    assert (
+        json.loads((runs_root(tmp_path) / "killed" / ".lock").read_text())["pid"] == gone.pid
+    )  # read, not taken
 
 
 def test_registering_a_checkpoint_again_takes_the_version_it_made(tmp_path):

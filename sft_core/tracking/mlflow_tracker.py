@@ -93,6 +93,17 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def fail_if_running(tracking_uri: str, run_id: str, why: str) -> bool:
+    """End a run its process can no longer end (killed) as FAILED, with `why` in the tag
+    sft.failure; a run in any other state is left alone. Returns whether it was changed."""
+    client = _client(tracking_uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "sft.failure", why)
+    client.set_terminated(run_id, status="FAILED")
+    return True
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     version: int

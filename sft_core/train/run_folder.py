@@ -224,3 +224,36 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, dict[str, Any]]]:
+    """The run folders of output_dir (but `skip`) whose lock still names a process of this host
+    that is gone: it was killed holding the folder, since a clean exit empties the lock. Read
+    without taking the lock, so a run starting in one of them is never refused for it; a holder on
+    another host, or a pid now taken by another process, counts as alive."""
+    root = runs_root(output_dir)
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        lock = folder / ".lock"
+        if folder.resolve() == skip.resolve() or not lock.is_file():
+            continue
+        try:
+            holder = json.loads(lock.read_text() or "null")
+        except (OSError, ValueError):
+            continue
+        if isinstance(holder, dict) and not _alive_here(holder):
+            found.append((RunFolder(folder), holder))
+    return found
+
+
+def _alive_here(holder: dict[str, Any]) -> bool:
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
