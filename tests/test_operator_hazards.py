@@ -237,7 +237,7 @@ def test_runs_killed_holding_other_folders_are_ended_by_the_next_run(prefect_ser
     from prefect.states import Running
 
     from flows.sft_pipeline import report_runs_that_died
-    from sft_core.train.run_folder import runs_root
+    from sft_core.train.run_folder import pid_namespace, runs_root
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -250,18 +250,24 @@ def test_runs_killed_holding_other_folders_are_ended_by_the_next_run(prefect_ser
 
     folders: dict[str, tuple[str, str]] = {}
     with get_client(sync_client=True) as prefect:
-        for name, pid in (
-            ("killed", gone.pid),
-            ("alive", os.getpid()),
-            ("clean", None),
-            ("current", gone.pid),
-        ):
+        here = pid_namespace()
+        cases = {
+            "killed": (gone.pid, here),
+            "alive": (os.getpid(), here),
+            "clean": (None, here),
+            "current": (gone.pid, here),
+            "elsewhere": (gone.pid, "another-boot/4026531836"),  # another machine or container, same name
+            "older": (gone.pid, None),  # a lock written before the record: cannot tell
+        }
+        for name, (pid, where) in cases.items():
             run = RunFolder(runs_root(tmp_path) / name)
             run.root.mkdir(parents=True)
             flow_run = str(prefect.create_flow_run(held, state=Running()).id)
             mlflow_run = client.create_run(current.experiment_id).info.run_id
             run.update_info(mlflow_run_id=mlflow_run)
             holder = {"pid": pid, "host": socket.gethostname(), "flow_run_id": flow_run} if pid else None
+            if holder and where:
+                holder["where"] = where
             (run.root / ".lock").write_text(json.dumps(holder) if holder else "")
             folders[name] = (flow_run, mlflow_run)
 
@@ -273,18 +279,8 @@ def test_runs_killed_holding_other_folders_are_ended_by_the_next_run(prefect_ser
             next_run()
             states = {n: prefect.read_flow_run(f).state.type.value for n, (f, _) in folders.items()}
             statuses = {n: client.get_run(m).info.status for n, (_, m) in folders.items()}
-            assert states == {
-                "killed": "CRASHED",
-                "alive": "RUNNING",
-                "clean": "RUNNING",
-                "current": "RUNNING",
-            }
-            assert statuses == {
-                "killed": "FAILED",
-                "alive": "RUNNING",
-                "clean": "RUNNING",
-                "current": "RUNNING",
-            }
+            assert states == {n: "CRASHED" if n == "killed" else "RUNNING" for n in cases}
+            assert statuses == {n: "FAILED" if n == "killed" else "RUNNING" for n in cases}
     why = client.get_run(folders["killed"][1]).data.tags["sft.failure"]
     assert f"pid {gone.pid}" in why and "killed" in why
     assert (

@@ -195,7 +195,8 @@ class RunLock:
 
     def __init__(self, run: RunFolder, holder: dict[str, Any]):
         self.path = run.root / ".lock"
-        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **holder}
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "where": pid_namespace(),
+                       "since": time.time(), **holder}  # fmt: skip
         self.crashed: dict[str, Any] | None = None
         self._fd: int | None = None
 
@@ -227,10 +228,10 @@ class RunLock:
 
 
 def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, dict[str, Any]]]:
-    """The run folders of output_dir (but `skip`) whose lock still names a process of this host
-    that is gone: it was killed holding the folder, since a clean exit empties the lock. Read
-    without taking the lock, so a run starting in one of them is never refused for it; a holder on
-    another host, or a pid now taken by another process, counts as alive."""
+    """The run folders of output_dir (but `skip`) whose lock still names a process of this machine
+    and pid namespace that is gone: it was killed holding the folder, since a clean exit empties
+    the lock. Read without taking the lock, so a run starting in one of them is never refused for
+    it. A holder elsewhere, or a pid now taken by another process, counts as alive."""
     root = runs_root(output_dir)
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
@@ -246,9 +247,21 @@ def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, di
     return found
 
 
+def pid_namespace() -> str | None:
+    """Where a pid names one process: this boot of this machine and this pid namespace (a container
+    has its own, and may share the host's name). None where /proc does not tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _alive_here(holder: dict[str, Any]) -> bool:
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+    """False only for a process known to be gone: recorded in this very pid namespace, and no such
+    pid now. Another machine or container, a reboot since, or a lock without the record: alive."""
+    pid, where = holder.get("pid"), holder.get("where")
+    if where is None or where != pid_namespace() or not isinstance(pid, int):
         return True
     try:
         os.kill(pid, 0)
