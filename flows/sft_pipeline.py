@@ -162,13 +162,18 @@ def report_crashed_holder(lock: RunLock, flow_run_id: str) -> None:
     dead = (lock.crashed or {}).get("flow_run_id")
     if not dead or dead == flow_run_id:  # a retry of that very flow run: its own state is current
         return
+    _set_crashed(
+        dead, f"its process (pid {lock.crashed.get('pid')}) died while training into {lock.path.parent}"
+    )
+
+
+def _set_crashed(flow_run: str, why: str) -> None:
     logger = get_run_logger()
-    why = f"its process (pid {lock.crashed.get('pid')}) died while training into {lock.path.parent}"
     try:
-        if mark_crashed(dead, why):
-            logger.warning("flow run %s was still RUNNING although %s; set it to Crashed", dead, why)
+        if mark_crashed(flow_run, why):
+            logger.warning("flow run %s was still RUNNING although %s; set it to Crashed", flow_run, why)
     except Exception as err:  # the new run goes on regardless
-        logger.warning("could not set flow run %s, which %s, to Crashed: %s", dead, why, err)
+        logger.warning("could not set flow run %s, which %s, to Crashed: %s", flow_run, why, err)
 
 
 def report_runs_that_died(output_dir: str, current: RunFolder, mlflow_run: MLflowTracker) -> None:
@@ -178,19 +183,17 @@ def report_runs_that_died(output_dir: str, current: RunFolder, mlflow_run: MLflo
     logger = get_run_logger()
     for run, holder in died_holding(output_dir, current.root):
         why = f"its process (pid {holder.get('pid')}) died while training into {run.root}"
-        flow_run, mlflow_run_id = holder.get("flow_run_id"), run.info().get("mlflow_run_id")
+        if flow_run := holder.get("flow_run_id"):
+            _set_crashed(flow_run, why)
+        mlflow_run_id = run.info().get("mlflow_run_id")
+        if not mlflow_run_id or mlflow_run_id == mlflow_run.run_id:
+            continue
         try:
-            if flow_run and mark_crashed(flow_run, why):
-                logger.warning("flow run %s was still RUNNING although %s; set it to Crashed", flow_run, why)
-        except Exception as err:  # the new run goes on regardless
-            logger.warning("could not set flow run %s, which %s, to Crashed: %s", flow_run, why, err)
-        try:
-            ours = mlflow_run_id == mlflow_run.run_id
-            if mlflow_run_id and not ours and fail_if_running(mlflow_run.tracking_uri, mlflow_run_id, why):
+            if fail_if_running(mlflow_run.tracking_uri, mlflow_run_id, why):
                 logger.warning(
                     "MLflow run %s was still RUNNING although %s; set it to FAILED", mlflow_run_id, why
                 )
-        except Exception as err:
+        except Exception as err:  # the new run goes on regardless
             logger.warning("could not set MLflow run %s, which %s, to FAILED: %s", mlflow_run_id, why, err)
 
 

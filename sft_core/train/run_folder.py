@@ -232,7 +232,7 @@ def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, di
     and pid namespace that is gone: it was killed holding the folder, since a clean exit empties
     the lock. Read without taking the lock, so a run starting in one of them is never refused for
     it. A holder elsewhere, or a pid now taken by another process, counts as alive."""
-    root = runs_root(output_dir)
+    root, here = runs_root(output_dir), pid_namespace()
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         lock = folder / ".lock"
@@ -242,7 +242,7 @@ def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, di
             holder = json.loads(lock.read_text() or "null")
         except (OSError, ValueError):
             continue
-        if isinstance(holder, dict) and not _alive_here(holder):
+        if isinstance(holder, dict) and not _alive_here(holder, here):
             found.append((RunFolder(folder), holder))
     return found
 
@@ -257,11 +257,11 @@ def pid_namespace() -> str | None:
         return None
 
 
-def _alive_here(holder: dict[str, Any]) -> bool:
+def _alive_here(holder: dict[str, Any], here: str | None) -> bool:
     """False only for a process known to be gone: recorded in this very pid namespace, and no such
     pid now. Another machine or container, a reboot since, or a lock without the record: alive."""
     pid, where = holder.get("pid"), holder.get("where")
-    if where is None or where != pid_namespace() or not isinstance(pid, int):
+    if where is None or where != here or not isinstance(pid, int):
         return True
     try:
         os.kill(pid, 0)
