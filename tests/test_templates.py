@@ -5,7 +5,6 @@ random conversations, and agreement with transformers' own assistant mask where 
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.labels import encode_messages
-from sft_core.data.templates import ChatTemplate, get_template
+from sft_core.data.templates import ChatTemplate, get_template, supervised_char_spans
 from sft_core.errors import ConfigError
 
 
@@ -63,9 +62,13 @@ def test_custom_jinja_file(tmp_path, smollm2_tokenizer):
     path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
                     "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
     tok = smollm2_tokenizer
-    ids, labels = encode_messages(tok, get_template(str(path), tok), CHAT, "t")
-    # The generation prompt ends in a space, which BPE glues to the answer's first word.
-    assert supervised(tok, ids, labels) == " Blue.<|im_end|>"
+    template = get_template(str(path), tok)
+    ids, labels = encode_messages(tok, template, CHAT, "t")
+    # The generation prompt ends in a space. Tokenized whole, BPE would glue it to the answer's first
+    # word; at inference it is the prompt's last token, so training keeps it there too.
+    prompt = tok(template.render(tok, CHAT[:1], True), add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt)] == prompt
+    assert supervised(tok, ids, labels) == "Blue.<|im_end|>"
     with pytest.raises(ConfigError, match="does not exist"):
         get_template(str(tmp_path / "missing.jinja"), tok)
 
@@ -149,6 +152,22 @@ def test_a_conversation_may_open_with_the_assistant(smollm2_tokenizer, name):
     assert supervised(tok, ids, labels) == "Hi! Ask me anything.<|im_end|>Blue.<|im_end|>"
 
 
+def assert_tokenized_as_at_inference(tok, template, messages, ids, labels):
+    """Nothing of the text is lost or changed; each supervised run of tokens is exactly one span's
+    text; the first answer follows exactly the tokens its prompt has alone, as at inference; no
+    token crosses a span's start."""
+    text, spans = supervised_char_spans(template, tok, messages, "t")
+    assert tok.decode(ids) == text
+    keep = [lab != IGNORE_INDEX for lab in labels]
+    runs = [k for k in range(len(ids)) if keep[k] and (k == 0 or not keep[k - 1])]
+    ends = [k for k in range(1, len(ids) + 1) if keep[k - 1] and (k == len(ids) or not keep[k])]
+    assert len(runs) == len(spans)
+    for (s0, s1), k0, k1 in zip(spans, runs, ends, strict=True):
+        assert tok.decode(ids[:k0]) == text[:s0]
+        assert tok.decode(ids[k0:k1]) == text[s0:s1]
+    assert ids[: runs[0]] == tok(text[: spans[0][0]], add_special_tokens=False)["input_ids"]
+
+
 # Real answers: leading/trailing whitespace and newlines, unicode, literal special-token text.
 UGLY = st.lists(
     st.sampled_from(
@@ -170,20 +189,42 @@ def test_end_of_turn_is_supervised_whatever_the_answer_ends_with(smollm2_tokeniz
     ]
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     for name in ("native", "chatml"):
-        ids, labels = encode_messages(tok, get_template(name, tok), messages, "property")
-        expected = "".join(a + "<|im_end|>" for a in answers)  # ChatML renders content as given
-        # A token may straddle the prompt's last newline and the answer's first whitespace (BPE
-        # merges "\n\n"): it is supervised, so compare without whitespace; HF's mask is exact below.
-        assert re.sub(r"\s", "", supervised(tok, ids, labels)) == re.sub(r"\s", "", expected)
+        template = get_template(name, tok)
+        ids, labels = encode_messages(tok, template, messages, "property")
+        # ChatML renders content as given: exactly the answers and their end tokens are supervised.
+        assert supervised(tok, ids, labels) == "".join(a + "<|im_end|>" for a in answers)
+        assert_tokenized_as_at_inference(tok, template, messages, ids, labels)
         supervised_ends = sum(1 for i, lab in zip(ids, labels, strict=True) if lab == end_id and i == end_id)
         assert supervised_ends >= len(answers)
+    # transformers' mask tokenizes the text whole, so a leading newline merges with the header's
+    # there; wherever the tokens agree, the masks must agree too.
     ids, labels = encode_messages(tok, ChatTemplate("generation", GENERATION_CHATML), messages, "property")
     reference = tok.apply_chat_template(
         messages, chat_template=GENERATION_CHATML, tokenize=True, return_dict=True,
         return_assistant_tokens_mask=True,
     )  # fmt: skip
-    assert reference["input_ids"] == ids
-    assert reference["assistant_masks"] == [int(lab != IGNORE_INDEX) for lab in labels]
+    if reference["input_ids"] == ids:
+        assert reference["assistant_masks"] == [int(lab != IGNORE_INDEX) for lab in labels]
+    else:
+        assert any(a[:1].isspace() for a in answers)
+
+
+@pytest.mark.parametrize(
+    ("answer", "tokens"),
+    [("\n\nA.", ["Ċ", "Ċ", "A", "."]), ("  \nA.", ["ĠĠ", "Ċ", "A", "."]), (" A.", ["ĠA", "."])],
+)
+def test_an_answer_opening_with_whitespace_keeps_the_prompts_last_newline_apart(
+    smollm2_tokenizer, answer, tokens
+):
+    """Tokenized whole, "assistant\\n" + "\\n\\nA." gave one supervised "\\n\\n": a token no prompt
+    ends before at inference, where the prompt's "\\n" is its own token."""
+    tok = smollm2_tokenizer
+    for name in ("native", "chatml", "qwen2_5", "qwen3"):
+        ids, labels = encode_messages(
+            tok, get_template(name, tok), [CHAT[0], {"role": "assistant", "content": answer}], "t"
+        )
+        answer_ids = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+        assert tok.convert_ids_to_tokens(answer_ids) == [*tokens, "<|im_end|>"], name
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +251,11 @@ def test_every_built_in_supervises_its_rendered_answer_and_end_token(
     cases = [("qwen2_5", smollm2_tokenizer, "<|im_end|>", False), ("qwen3", smollm2_tokenizer, "<|im_end|>", False),
              ("llama3", llama3_tokenizer, "<|eot_id|>", True)]  # fmt: skip
     for name, tok, end, trims in cases:
-        ids, labels = encode_messages(tok, get_template(name, tok), messages, "property")
+        template = get_template(name, tok)
+        ids, labels = encode_messages(tok, template, messages, "property")
         expected = "".join((a.strip() if trims else a) + end for a in answers)
-        assert re.sub(r"\s", "", supervised(tok, ids, labels)) == re.sub(r"\s", "", expected), name
+        assert supervised(tok, ids, labels) == expected, name
+        assert_tokenized_as_at_inference(tok, template, messages, ids, labels)
         end_id = tok.convert_tokens_to_ids(end)
         ends = sum(1 for i, lab in zip(ids, labels, strict=True) if lab == end_id and i == end_id)
         assert ends == len(answers) + sum(a.count(end) for a in answers), name
@@ -235,3 +278,28 @@ def test_a_saved_tokenizer_formats_prompts_with_the_template_it_was_trained_with
         assert served.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen) == template.render(
             smollm2_tokenizer, CHAT, gen
         )
+
+
+def test_a_tokenizer_that_prefixes_every_input_is_tokenized_whole(smollm2_tokenizer):
+    """A SentencePiece-style tokenizer puts a prefix space before each input, so pieces tokenized
+    apart would not spell the text: such a tokenizer keeps whole-text tokens (and the overlap rule)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sft_core.data.labels import cuts_cleanly
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    backend.train_from_iterator(["user assistant Name a colour. Blue sky, 42.\n"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"]
+    )
+    assert cuts_cleanly(smollm2_tokenizer)
+    assert not cuts_cleanly(tok)
+    template = get_template("chatml", tok)
+    chat = [CHAT[0], {"role": "assistant", "content": "Blue sky."}]
+    ids, labels = encode_messages(tok, template, chat, "t")
+    assert ids == tok(template.render(tok, chat), add_special_tokens=False)["input_ids"]
+    assert supervised(tok, ids, labels) == "Blue sky.<|im_end|>"

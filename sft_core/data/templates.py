@@ -283,12 +283,10 @@ def supervised_char_spans(
                 f"{where}: template '{template.name}' does not render assistant turn {i + 1}'s content as "
                 "given (it rewrites it), so its span cannot be located."
             )
+        # Between the generation prompt and the content: whitespace or a think block the model
+        # generates, so supervised (an empty think block only when asked).
         between = text[start:pos]
-        if (
-            opening
-            or not between.strip()
-            or (_EMPTY_THINK.match(between) and not template.supervise_empty_think)
-        ):
+        if opening or (_EMPTY_THINK.match(between) and not template.supervise_empty_think):
             start = pos
         end = pos + len(content)
         # Whitespace a template puts between the content and its end-of-turn token is generated
