@@ -5,12 +5,10 @@
 
 Overrides are Hydra's: `sft run +experiment=smoke sft_train.training_args.learning_rate=1e-4`.
 
-Stopping a run: Ctrl-C (or SIGTERM to the `sft` process) ends it at once, with the actors killed, its
-MLflow run KILLED and its run folder free for `resume_from_checkpoint=auto`. `prefect flow-run cancel`
-(the UI's Cancel) does not reach an `sft run`: Prefect 3 delivers a cancel only through the worker or
-runner that started the flow run's process (a SIGTERM to it), and `sft run` runs the flow in its own
-process, so the run would stay Cancelling. To cancel from the UI, run it as a deployment
-(prefect.yaml, a process worker).
+Stopping a run: Ctrl-C, SIGTERM to the `sft` process, or a cancel from the Prefect UI (`prefect
+flow-run cancel`, delivered by the run's own watch, flows/cancel_watch.py) ends it at once, with the
+actors killed, its MLflow run KILLED and its run folder free for `resume_from_checkpoint=auto`; the
+command exits with 128 + the signal (130, 143) and a cancelled flow run ends Cancelled.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
 import textwrap
 import threading
@@ -79,6 +78,16 @@ def preview(args: argparse.Namespace) -> None:
         print(line)
     for line in skipped_summary(stats):
         print(line, file=sys.stderr)  # stderr: --json output stays one sample per line
+
+
+def stop_signal(err: BaseException) -> signal.Signals | None:
+    """The signal behind a stop from outside: Ctrl-C, or a SIGTERM (also the one a cancel from the UI
+    sends, flows/cancel_watch.py) that Prefect raised as its TerminationSignal."""
+    if isinstance(err, KeyboardInterrupt):
+        return signal.SIGINT
+    from prefect.exceptions import TerminationSignal  # loaded already when a flow ran
+
+    return signal.Signals(err.signal) if isinstance(err, TerminationSignal) else None
 
 
 def print_summary(result: dict[str, Any], wall: float) -> None:
@@ -154,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not a user mistake: keep the traceback
         print(f"\nsft: error: {user}", file=sys.stderr)
         return user.exit_code
+    except BaseException as stop:
+        signum = stop_signal(stop)
+        if signum is None:
+            raise
+        # The flow has already killed the actors, closed the MLflow run KILLED, freed the run folder.
+        print(f"\nsft: stopped by {signum.name}; resume_from_checkpoint=auto continues from the run's "
+              "last checkpoint", file=sys.stderr)  # fmt: skip
+        return 128 + signum
     print_summary(result, time.perf_counter() - t0)
     return 0
 

@@ -16,6 +16,7 @@ from prefect.context import get_run_context
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_run_artifacts
+from flows.cancel_watch import cancel_from_the_server
 from flows.cluster_launch import ClusterLaunch
 from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
 from flows.runtime import mark_crashed
@@ -329,8 +330,14 @@ def train(
 def sft_pipeline(
     config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
 ) -> dict[str, Any]:
+    # A cancel from the UI reaches a run that `sft run` started in its own process too.
+    with cancel_from_the_server(str(get_run_context().flow_run.id)):
+        return _pipeline(config_name, overrides or [], config_path)
+
+
+def _pipeline(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
     logger = get_run_logger()
-    cfg = load_run_config(config_name, overrides or [], config_path)
+    cfg = load_run_config(config_name, overrides, config_path)
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         wait_for_ray()  # joining a cluster: quick, and a wrong address fails before any data work
     connected = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
@@ -340,7 +347,7 @@ def sft_pipeline(
             f"({connected}), which RAY_ADDRESS={os.environ.get('RAY_ADDRESS')} in the environment chose; "
             "unset one of them."
         )
-    if exposed := literal_secret_overrides(overrides or []):
+    if exposed := literal_secret_overrides(overrides):
         logger.warning(
             "the overrides %s hold secrets in plain text, now stored with this flow run's parameters; "
             "pass them as '${oc.env:NAME}' with NAME set in the worker's environment instead",

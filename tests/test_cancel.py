@@ -5,6 +5,7 @@ marks its MLflow run KILLED, and the next run into the same output_dir resumes f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,18 @@ def ray_processes() -> dict[int, str]:
         if "SFTWorkerActor" in cmd or cmd.startswith("ray::") or "/site-packages/ray/" in cmd:
             found[p.pid] = cmd[:120]
     return found
+
+
+def ray_left_after(before: dict[int, str], timeout: float) -> dict[int, str]:
+    """Ray processes started since `before` that are still alive after up to `timeout` s."""
+    left = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = {p: c for p, c in ray_processes().items() if p not in before}
+        if not left:
+            break
+        time.sleep(0.5)
+    return left
 
 
 def wait_for(what: str, check, timeout: float, every: float = 0.5):
@@ -180,13 +193,7 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
         )
         assert "SIGKILL" not in worker_log.read_text(), worker_log.read_text()[-3000:]
 
-        def ray_gone() -> bool:
-            left.clear()
-            left.update({p: c for p, c in ray_processes().items() if p not in before})
-            return not left
-
-        with contextlib.suppress(AssertionError):
-            wait_for("the run's Ray processes to exit", ray_gone, 60)
+        left.update(ray_left_after(before, 60))
         assert not left, f"Ray processes left after the cancel: {left}"
 
         client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
@@ -208,5 +215,55 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
     finally:
         stop_process_group(worker.pid)
         for pid in {p for p in ray_processes() if p not in before} | set(left):  # never leave them running
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_cancel_from_the_ui_stops_an_sft_run(prefect_server, tmp_path: Path):
+    """`sft run` starts its flow run in its own process, where no worker delivers a cancel: its own
+    watch does (flows/cancel_watch.py). `prefect flow-run cancel`, as a user types it, ends the run
+    Cancelled, the command with 128+SIGTERM, the MLflow run KILLED, the actors gone, the folder free."""
+    from mlflow import MlflowClient
+
+    from sft_core.tracking.mlflow_tracker import default_tracking_uri
+
+    before = ray_processes()
+    out = tmp_path / "out"
+    log_path = tmp_path / "sft.log"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with log_path.open("w") as log:
+        sft = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
+             f"logging_dir={out}/tb", "save_steps=2", "eval_steps=2", "sft_train.training_args.max_steps=2000"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    left: dict[int, str] = {}
+    try:
+        wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
+                 and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
+        lock = run_folders(out)[-1] / ".lock"
+        flow_run_id = json.loads(lock.read_text())["flow_run_id"]
+        cancel = prefect("flow-run", "cancel", flow_run_id)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        cancelled_at = time.monotonic()
+        code = sft.wait(timeout=60)
+        took = time.monotonic() - cancelled_at
+        text = log_path.read_text()
+        assert code == 128 + signal.SIGTERM, text[-3000:]
+        assert "sft: stopped by SIGTERM" in text, text[-3000:]
+        print(f"the run ended {took:.1f}s after the cancel")
+        assert flow_run_state(flow_run_id).is_cancelled(), flow_run_logs(flow_run_id)[-3000:]
+        assert lock.read_text() == "", "the run let go of its folder as a clean exit does"
+
+        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
+        experiment = client.get_experiment_by_name("smoke-sft")
+        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert [r.info.status for r in runs] == ["KILLED"]
+
+        left.update(ray_left_after(before, 30))
+        assert not left, f"Ray processes left after the cancel: {left}"
+    finally:
+        stop_process_group(sft.pid)
+        for pid in {p for p in ray_processes() if p not in before} | set(left):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
