@@ -1,4 +1,4 @@
-"""The UI's Cancel (and `prefect flow-run cancel`) for a flow run that no worker or runner started.
+"""`prefect flow-run cancel` (the API's cancel) for a flow run that no worker or runner started.
 
 Prefect delivers a cancel through the process that started the flow run: a worker or runner sets
 the run Cancelling, tells the engine it is a cancel, then sends SIGTERM. `sft run` calls the flow in

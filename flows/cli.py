@@ -5,10 +5,11 @@
 
 Overrides are Hydra's: `sft run +experiment=smoke sft_train.training_args.learning_rate=1e-4`.
 
-Stopping a run: Ctrl-C, SIGTERM to the `sft` process, or a cancel from the Prefect UI (`prefect
-flow-run cancel`, delivered by the run's own watch, flows/cancel_watch.py) ends it at once, with the
-actors killed, its MLflow run KILLED and its run folder free for `resume_from_checkpoint=auto`; the
-command exits with 128 + the signal (130, 143) and a cancelled flow run ends Cancelled.
+Stopping a run: Ctrl-C, SIGTERM to the `sft` process, or `prefect flow-run cancel <id>` (delivered
+by the run's own watch, flows/cancel_watch.py; the UI offers Cancel only for deployment runs) ends
+it at once, with the actors killed, its MLflow run KILLED and its run folder free for
+`resume_from_checkpoint=auto`; the command exits with 128 + the signal (130, 143) and a cancelled
+flow run ends Cancelled.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def preview(args: argparse.Namespace) -> None:
 
 
 def stop_signal(err: BaseException) -> signal.Signals | None:
-    """The signal behind a stop from outside: Ctrl-C, or a SIGTERM (also the one a cancel from the UI
+    """The signal behind a stop from outside: Ctrl-C, or a SIGTERM (also the one `prefect flow-run cancel`
     sends, flows/cancel_watch.py) that Prefect raised as its TerminationSignal."""
     if isinstance(err, KeyboardInterrupt):
         return signal.SIGINT

@@ -330,7 +330,7 @@ def train(
 def sft_pipeline(
     config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
 ) -> dict[str, Any]:
-    # A cancel from the UI reaches a run that `sft run` started in its own process too.
+    # `prefect flow-run cancel` reaches a run that `sft run` started in its own process too.
     with cancel_from_the_server(str(get_run_context().flow_run.id)):
         return _pipeline(config_name, overrides or [], config_path)
 

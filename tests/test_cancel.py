@@ -219,7 +219,7 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_cancel_from_the_ui_stops_an_sft_run(prefect_server, tmp_path: Path):
+def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path):
     """`sft run` starts its flow run in its own process, where no worker delivers a cancel: its own
     watch does (flows/cancel_watch.py). `prefect flow-run cancel`, as a user types it, ends the run
     Cancelled, the command with 128+SIGTERM, the MLflow run KILLED, the actors gone, the folder free."""
