@@ -106,6 +106,20 @@ def start_deployment_run(overrides: list[str]):
     return run_deployment("sft-pipeline/smoke", parameters={"overrides": overrides}, timeout=0)
 
 
+def deploy_and_start_worker(log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """prefect.yaml's `smoke` deployment on this test's pool, and a process worker for it."""
+    created = prefect("work-pool", "create", POOL, "--type", "process")
+    assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
+    deployed = prefect("--no-prompt", "deploy", "--name", "smoke", "--pool", POOL)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
+            cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 @pytest.fixture
 def fresh_prefect_server(tmp_path: Path, monkeypatch):
     """A Prefect server of this test's own. On the session's server, after the tests before this one,
@@ -130,17 +144,9 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
 
     from sft_core.tracking.mlflow_tracker import default_tracking_uri
 
-    created = prefect("work-pool", "create", POOL, "--type", "process")
-    assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
-    deployed = prefect("--no-prompt", "deploy", "--name", "smoke", "--pool", POOL)
-    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     before = ray_processes()
     worker_log = tmp_path / "worker.log"
-    with worker_log.open("w") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    worker = deploy_and_start_worker(worker_log)
     left: dict[int, str] = {}
     try:
         out = tmp_path / "out"
@@ -264,6 +270,64 @@ def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path
         assert not left, f"Ray processes left after the cancel: {left}"
     finally:
         stop_process_group(sft.pid)
+        for pid in {p for p in ray_processes() if p not in before} | set(left):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_server, tmp_path: Path):
+    """A worker that hangs (frozen with SIGSTOP here) or misses the Cancelling event never stops the
+    run: the run's own watch does after SFT_CANCEL_BACKSTOP_S. The run ends Cancelled, its MLflow
+    run KILLED, its Ray gone; the worker, woken, leaves it so."""
+    import psutil
+    from mlflow import MlflowClient
+
+    from sft_core.tracking.mlflow_tracker import default_tracking_uri
+
+    backstop_s = 8
+    before = ray_processes()
+    worker_log = tmp_path / "worker.log"
+    worker = deploy_and_start_worker(worker_log, {"SFT_CANCEL_BACKSTOP_S": str(backstop_s)})
+    left: dict[int, str] = {}
+    try:
+        out = tmp_path / "out"
+        run = start_deployment_run(["+experiment=smoke", f"output_dir={out}", f"logging_dir={out}/tb",
+                                    "save_steps=2", "eval_steps=2", "sft_train.training_args.max_steps=2000"])  # fmt: skip
+        wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
+                 and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
+        engine = psutil.Process(flow_run_process(worker.pid))
+        os.kill(worker.pid, signal.SIGSTOP)
+        cancel = prefect("flow-run", "cancel", str(run.id))
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        cancelled_at = time.monotonic()
+
+        def engine_ended() -> bool:
+            return (
+                not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+            )  # the frozen worker reaps nothing
+
+        wait_for("the flow run process to end", engine_ended, backstop_s + 60)
+        took = time.monotonic() - cancelled_at
+        print(f"the run ended {took:.1f}s after the cancel (backstop {backstop_s}s)")
+        assert took >= backstop_s, "the watch gave the worker its time first"
+        state = flow_run_state(run.id)
+        logs = flow_run_logs(run.id)
+        assert state.is_cancelled(), f"{state}: {logs[-3000:]}"
+        assert "its worker has not stopped it" in logs, logs[-3000:]
+        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
+        experiment = client.get_experiment_by_name("smoke-sft")
+        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+        assert [r.info.status for r in runs] == ["KILLED"], logs[-3000:]
+        left.update(ray_left_after(before, 30))
+        assert not left, f"Ray processes left after the cancel: {left}"
+
+        os.kill(worker.pid, signal.SIGCONT)  # the worker wakes, sees its process gone and the cancel
+        time.sleep(10)
+        assert flow_run_state(run.id).is_cancelled(), worker_log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGCONT)
+        stop_process_group(worker.pid)
         for pid in {p for p in ray_processes() if p not in before} | set(left):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
