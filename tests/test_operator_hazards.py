@@ -387,3 +387,18 @@ def test_a_secret_that_would_be_stored_or_printed_is_refused_without_echoing_it(
     assert (
         literal_secret_overrides(["+system_envs.HF_TOKEN=${oc.env:HF_TOKEN}"]) == []
     )  # a bare reference is fine
+
+
+def test_a_ray_call_before_ray_is_started_fails_instead_of_starting_an_open_ray():
+    """Ray's auto-init would start a bare ray.init(): every interface, a dashboard. Our cluster code
+    turns it off, so a call made too early fails, and starts nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ray, sft_core.cluster.cluster\n"
+        "try:\n    ray.put(1)\nexcept Exception as err:\n    print('refused:', type(err).__name__)\n"
+        "print('initialized:', ray.is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused:" in out.stdout and "initialized: False" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -45,6 +45,11 @@ from sft_core.secrets import is_secret_key
 from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.host_memory import KEEP_FREED_MEMORY_ENV
 
+# No Ray call here may start a Ray of its own: Ray's auto-init is a bare ray.init(), which listens on
+# every interface and starts a dashboard. Every Ray this project uses is started or joined explicitly,
+# on loopback unless configured (flows/ray_runner.py); a call before that now fails instead.
+ray._private.auto_init_hook.enable_auto_connect = False
+
 # Passed to each actor so it sees the same Prefect server, caches and thread settings as the driver.
 _FORWARDED_ENV = (
     "SFT_HOME",
