@@ -93,6 +93,25 @@ def init_arguments(address: str | None) -> tuple[str, dict[str, Any]]:
     return "local", {"namespace": "prefect", **local_init_kwargs()}
 
 
+class _OwnSessionPopen(ray._private.services.ConsolePopen):
+    """Ray's process start, in a session of its own (see `detach_from_stop_signals`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["start_new_session"] = True
+        super().__init__(*args, **kwargs)
+
+
+def detach_from_stop_signals() -> None:
+    """Start the local Ray's processes (GCS, raylet and, through the raylet, the actors) outside this
+    process's group. A worker cancels a flow run by SIGTERM to its process group: Ray's daemons died
+    of it too, and Ray then aborted this process (SIGABRT) before the run had closed its MLflow run
+    or freed its run folder, a race that CI lost. Outside the group only the flow gets the signal:
+    it stops its actors and ends the run in order, and ray.shutdown then stops the daemons. They
+    still die with this process when it is killed (Ray's parent-death signal). POSIX only."""
+    if os.name == "posix":
+        ray._private.services.ConsolePopen = _OwnSessionPopen
+
+
 # Ray's per-node agents, by their process titles.
 _AGENT_TITLES = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
 
@@ -126,6 +145,49 @@ def reap_orphaned_ray_agents() -> list[int]:
     return reaped
 
 
+def _without_stop_traces(lines: list[str]) -> list[str]:
+    """`lines` less the tracebacks of Ray's own SIGTERM handler. A worker being stopped (its actor
+    killed while its process still started, a cancel) raises SystemExit from that handler; where the
+    signal lands in code that cannot raise (an import's callback, a __del__) Python prints it as
+    'Exception ignored in ...' with a traceback: noise after a clear error, never the error."""
+    kept: list[str] = []
+    block: list[str] = []
+    for line in lines:
+        if block:
+            block.append(line)
+            if line[:1] not in (" ", "\t") and not line.startswith("Traceback"):  # the exception's line
+                if not any("in sigterm_handler" in b for b in block):
+                    kept.extend(block)
+                block = []
+        elif line.startswith(("Exception ignored", "Traceback (most recent call last)")):
+            block = [line]
+        else:
+            kept.append(line)
+    kept.extend(block)  # a traceback cut by the batch's end: left as it is
+    return kept
+
+
+def drop_stop_traces_from_worker_output() -> None:
+    """Filter what Ray forwards of its workers' output to this process (`log_to_driver`)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs":
+            continue
+
+        def filtered(data: dict[str, Any], handler: Any = handler) -> None:
+            if data.get("is_err") and (lines := _without_stop_traces(data.get("lines") or [])) != data.get(
+                "lines"
+            ):
+                if not lines:
+                    return
+                data = {**data, "lines": lines}
+            handler(data)
+
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
 class _NotMainThread(logging.Filter):
     """Ray warns that a background ray.init cannot set its SIGTERM handler; we set the same one."""
 
@@ -153,9 +215,14 @@ class RayStart:
     def _run(self) -> None:
         began = time.perf_counter()
         try:
-            if self.address == "local" and (reaped := reap_orphaned_ray_agents()):
-                logger.warning("stopped %d Ray agent(s) left by a killed run: pids %s", len(reaped), reaped)
+            if self.address == "local":
+                if reaped := reap_orphaned_ray_agents():
+                    logger.warning(
+                        "stopped %d Ray agent(s) left by a killed run: pids %s", len(reaped), reaped
+                    )
+                detach_from_stop_signals()
             ray.init(self.address, **self.init_kwargs)
+            drop_stop_traces_from_worker_output()
         except BaseException as err:  # raised again in whoever waits
             self.error = err
         self.seconds = time.perf_counter() - began

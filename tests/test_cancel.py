@@ -49,6 +49,13 @@ def ray_processes() -> dict[int, str]:
     return found
 
 
+def process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # exited meanwhile
+        return None
+
+
 def ray_left_after(before: dict[int, str], timeout: float) -> dict[int, str]:
     """Ray processes started since `before` that are still alive after up to `timeout` s."""
     left = {}
@@ -163,6 +170,12 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
                  and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
         actors = {pid for pid, cmd in ray_processes().items() if "SFTWorkerActor" in cmd}
         assert len(actors) == 2, ray_processes()
+        # The worker's cancel signals the flow's process group: Ray's daemons must not be in it, or
+        # they die first and Ray aborts the flow before it has closed its MLflow run (seen in CI).
+        engine = flow_run_process(worker.pid)
+        assert engine is not None
+        in_group = {p: c for p, c in ray_processes().items() if process_group(p) == os.getpgid(engine)}
+        assert not in_group, f"Ray processes in the flow run's process group: {in_group}"
 
         def final_state():
             return (s := flow_run_state(run.id)) is not None and s.is_final() and s

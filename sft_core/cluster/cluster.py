@@ -245,9 +245,8 @@ class Cluster:
         Returns within _SHUTDOWN_S, with the actor processes on this machine gone: those that Ray
         did not end by then (its GCS or raylet stopped) are killed here. Actors on other machines
         are left to Ray. `wait=False`, for a process being stopped (a cancel, Ctrl-C): this
-        machine's actors are killed at once and Ray's release is not waited for. A cancel's SIGTERM
-        reaches the flow's Ray daemons too, and Ray aborts the driver about 3 s later: what the run
-        must still do (its MLflow run, its run folder's lock) comes after this."""
+        machine's actors are killed at once and Ray's release is not waited for: what the run must
+        still do (its MLflow run, its run folder's lock) comes after this."""
         released = threading.Event()
 
         def release() -> None:
