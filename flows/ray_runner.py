@@ -340,6 +340,18 @@ class SFTRayTaskRunner(RayTaskRunner):
             self._settings.__exit__(None, None, None)
 
 
+def reclaim_sigterm() -> None:
+    """Give SIGTERM back to Python's handler, in the main thread once Ray is up. Ray's core worker
+    installs a C++ crash handler for SIGTERM (in the thread that ran ray.init) that prints a
+    'SIGTERM received ... PC: @' dump before passing the signal on: a cancel looked like a crash.
+    The handler Python had (Prefect's, Ray's) stays the one that runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
+
+
 def wait_for_ray() -> None:
     """Block until this flow run's Ray is up (the task runner starts it in the background)."""
     ctx = FlowRunContext.get()

@@ -270,6 +270,7 @@ def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path
         text = log_path.read_text()
         assert code == 128 + signal.SIGTERM, text[-3000:]
         assert "sft: stopped by SIGTERM" in text, text[-3000:]
+        assert "SIGTERM received" not in text, "Ray's crash dump for a plain stop: " + text[-3000:]
         print(f"the run ended {took:.1f}s after the cancel")
         assert flow_run_state(flow_run_id).is_cancelled(), flow_run_logs(flow_run_id)[-3000:]
         assert lock.read_text() == "", "the run let go of its folder as a clean exit does"
