@@ -135,6 +135,29 @@ def _cancel_this_process(log: logging.Logger | logging.LoggerAdapter) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+_stopping = False
+
+
+def ignore_further_sigterm() -> None:
+    """Called once a stop is under way. A second SIGTERM (a worker delivering a cancel after the
+    backstop fired, an operator's second `kill`) would interrupt the cleanup that ends the MLflow run
+    KILLED and frees the run folder; from here it is ignored. The worker's SIGKILL after its grace
+    period, and Ctrl-C, still end the process."""
+    global _stopping
+    _stopping = True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def sigterm_outside_the_flow(signum: int, frame: object) -> None:
+    """SIGTERM's handler in `sft run` around the flow engine, which installs its own while the flow
+    runs and puts this one back when the flow ends, before the run's end is reported and Ray is shut
+    down. A SIGTERM there during a stop is ignored (the default action would kill the process with
+    its flow run still Running); otherwise it exits as a SIGTERM does, through the normal exit."""
+    if not _stopping:
+        raise SystemExit(128 + signum)
+
+
 def _set_cancelled(flow_run_id: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled

@@ -9,13 +9,15 @@ Stopping a run: Ctrl-C, SIGTERM to the `sft` process, or `prefect flow-run cance
 by the run's own watch, flows/cancel_watch.py; the UI offers Cancel only for deployment runs) ends
 it at once, with the actors killed, its MLflow run KILLED and its run folder free for
 `resume_from_checkpoint=auto`; the command exits with 128 + the signal (130, 143) and a cancelled
-flow run ends Cancelled.
+flow run ends Cancelled. SIGTERMs after the first are ignored while the run cleans up (a second
+Ctrl-C is not).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import faulthandler
 import os
 import signal
 import sys
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             preview(args)
             return 0
         t0 = time.perf_counter()
+        from flows.cancel_watch import sigterm_outside_the_flow
+
+        signal.signal(signal.SIGTERM, sigterm_outside_the_flow)
+        faulthandler.enable()  # a native crash in this process prints its Python stack
         result = run(args.config_name, args.overrides, args.config_path)
     except Exception as exc:
         user = user_error_in(exc)

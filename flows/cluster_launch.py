@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import threading
 
-from flows.ray_runner import reclaim_sigterm, wait_for_ray
+from flows.ray_runner import wait_for_ray
 from sft_core.cluster.cluster import Cluster
 from sft_core.config import SFTConfig
 
@@ -36,7 +36,6 @@ class ClusterLaunch:
     def take(self) -> Cluster:
         """The launched cluster, once; raises what the launch raised."""
         self._thread.join()
-        reclaim_sigterm()  # Ray is up: this runs in the flow's (main) thread, the launch's did not
         if self._error is not None:
             error, self._error = self._error, None
             raise error

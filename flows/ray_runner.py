@@ -112,6 +112,15 @@ def detach_from_stop_signals() -> None:
         ray._private.services.ConsolePopen = _OwnSessionPopen
 
 
+def keep_signals_with_python() -> None:
+    """No C++ crash handler in this process's Ray core worker (the flow's; Ray's workers keep
+    theirs). It takes SIGTERM at the C level, behind Python's back: a cancel printed a 'SIGTERM
+    received ... PC: @' dump, as a crash does, and ray.shutdown reset SIGTERM to its default action,
+    so that a second SIGTERM during a stop's cleanup killed the process with its flow run still
+    Running. Python's faulthandler (enabled by `sft run`) still reports a native crash here."""
+    ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read by ray.init
+
+
 # Ray's per-node agents, by their process titles.
 _AGENT_TITLES = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
 
@@ -221,6 +230,7 @@ class RayStart:
                         "stopped %d Ray agent(s) left by a killed run: pids %s", len(reaped), reaped
                     )
                 detach_from_stop_signals()
+            keep_signals_with_python()
             ray.init(self.address, **self.init_kwargs)
             drop_stop_traces_from_worker_output()
         except BaseException as err:  # raised again in whoever waits
@@ -338,18 +348,6 @@ class SFTRayTaskRunner(RayTaskRunner):
             if self._start is not None:
                 self._start.release()
             self._settings.__exit__(None, None, None)
-
-
-def reclaim_sigterm() -> None:
-    """Give SIGTERM back to Python's handler, in the main thread once Ray is up. Ray's core worker
-    installs a C++ crash handler for SIGTERM (in the thread that ran ray.init) that prints a
-    'SIGTERM received ... PC: @' dump before passing the signal on: a cancel looked like a crash.
-    The handler Python had (Prefect's, Ray's) stays the one that runs."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    handler = signal.getsignal(signal.SIGTERM)
-    if callable(handler):
-        signal.signal(signal.SIGTERM, handler)
 
 
 def wait_for_ray() -> None:

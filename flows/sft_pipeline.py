@@ -16,7 +16,7 @@ from prefect.context import get_run_context
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_run_artifacts
-from flows.cancel_watch import cancel_from_the_server
+from flows.cancel_watch import cancel_from_the_server, ignore_further_sigterm
 from flows.cluster_launch import ClusterLaunch
 from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
 from flows.runtime import mark_crashed
@@ -317,9 +317,11 @@ def train(
         except BaseException as err:
             # Stopped from outside (a cancel's SIGTERM, Ctrl-C): the actors go at once, without waiting
             # on Ray, which a worker's cancel is stopping too; the MLflow run is closed next.
-            if cluster is not None and stopped_from_outside(err):
-                cluster.shutdown(wait=False)
-                cluster = None
+            if stopped_from_outside(err):
+                ignore_further_sigterm()
+                if cluster is not None:
+                    cluster.shutdown(wait=False)
+                    cluster = None
             raise
         finally:
             if cluster is not None:
@@ -363,6 +365,7 @@ def _pipeline(config_name: str, overrides: list[str], config_path: str | None) -
         return _prepare_and_train(cfg, model_dir, launch)
     except BaseException as err:
         if stopped_from_outside(err):  # before training began: the launched actors go at once
+            ignore_further_sigterm()
             launch.discard(wait=False)
         raise
     finally:
@@ -414,6 +417,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
             status = "FINISHED"
         except BaseException as err:
             if stopped_from_outside(err):
+                ignore_further_sigterm()
                 status = "KILLED"
             raise
         finally:

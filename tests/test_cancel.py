@@ -238,6 +238,64 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
                 os.kill(pid, signal.SIGKILL)
 
 
+def start_sft_run(out: Path, log_path: Path) -> subprocess.Popen:
+    """A long smoke run by `sft run`, returned once its first checkpoint is written."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with log_path.open("w") as log:
+        sft = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
+             f"logging_dir={out}/tb", "save_steps=2", "eval_steps=2", "sft_train.training_args.max_steps=2000"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
+                 and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
+    except BaseException:
+        stop_process_group(sft.pid)
+        raise
+    return sft
+
+
+def test_a_second_sigterm_does_not_cut_the_stop_short(prefect_server, tmp_path: Path):
+    """An operator's `kill` repeated, or a worker delivering its cancel after the run's backstop did:
+    the SIGTERMs after the first land in the stop's cleanup and must not interrupt it. The MLflow run
+    ends KILLED, the folder is freed, the command exits 128+SIGTERM, no Ray is left."""
+    from mlflow import MlflowClient
+
+    from sft_core.tracking.mlflow_tracker import default_tracking_uri
+
+    before = ray_processes()
+    out = tmp_path / "out"
+    log_path = tmp_path / "sft.log"
+    sft = start_sft_run(out, log_path)
+    left: dict[int, str] = {}
+    try:
+        lock = run_folders(out)[-1] / ".lock"
+        flow_run_id = json.loads(lock.read_text())["flow_run_id"]
+        for _ in range(40):  # 6 s of SIGTERMs, through the whole stop
+            if sft.poll() is not None:
+                break
+            os.kill(sft.pid, signal.SIGTERM)
+            time.sleep(0.15)
+        code = sft.wait(timeout=60)
+        text = log_path.read_text()
+        assert code == 128 + signal.SIGTERM, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        assert lock.read_text() == "", "the run let go of its folder"
+        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
+        experiment = client.get_experiment_by_name("smoke-sft")
+        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert [r.info.status for r in runs] == ["KILLED"], text[-3000:]
+        assert flow_run_state(flow_run_id).is_final(), flow_run_logs(flow_run_id)[-3000:]
+        left.update(ray_left_after(before, 30))
+        assert not left, f"Ray processes left after the stop: {left}"
+    finally:
+        stop_process_group(sft.pid)
+        for pid in {p for p in ray_processes() if p not in before} | set(left):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path):
     """`sft run` starts its flow run in its own process, where no worker delivers a cancel: its own
     watch does (flows/cancel_watch.py). `prefect flow-run cancel`, as a user types it, ends the run
@@ -249,17 +307,9 @@ def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path
     before = ray_processes()
     out = tmp_path / "out"
     log_path = tmp_path / "sft.log"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with log_path.open("w") as log:
-        sft = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
-             f"logging_dir={out}/tb", "save_steps=2", "eval_steps=2", "sft_train.training_args.max_steps=2000"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    sft = start_sft_run(out, log_path)
     left: dict[int, str] = {}
     try:
-        wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
-                 and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
         lock = run_folders(out)[-1] / ".lock"
         flow_run_id = json.loads(lock.read_text())["flow_run_id"]
         cancel = prefect("flow-run", "cancel", flow_run_id)
