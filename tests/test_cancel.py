@@ -68,6 +68,25 @@ def ray_left_after(before: dict[int, str], timeout: float) -> dict[int, str]:
     return left
 
 
+def kill_ray_started_since(before: dict[int, str], left: dict[int, str]) -> None:
+    """A test's cleanup: never leave Ray processes running."""
+    for pid in {p for p in ray_processes() if p not in before} | set(left):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def mlflow_statuses(out: Path, flow_run_id) -> list[str]:
+    """The statuses of the smoke experiment's MLflow runs made by flow run `flow_run_id`."""
+    from mlflow import MlflowClient
+
+    from sft_core.tracking.mlflow_tracker import default_tracking_uri
+
+    client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
+    experiment = client.get_experiment_by_name("smoke-sft")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    return [r.info.status for r in runs]
+
+
 def wait_for(what: str, check, timeout: float, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while True:
@@ -145,11 +164,8 @@ def fresh_prefect_server(tmp_path: Path, monkeypatch):
 
 
 def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect_server, tmp_path: Path):
-    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
-
-    from sft_core.tracking.mlflow_tracker import default_tracking_uri
 
     before = ray_processes()
     worker_log = tmp_path / "worker.log"
@@ -215,10 +231,7 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
         left.update(ray_left_after(before, 60))
         assert not left, f"Ray processes left after the cancel: {left}"
 
-        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
-        experiment = client.get_experiment_by_name("smoke-sft")
-        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
-        assert [r.info.status for r in runs] == ["KILLED"], flow_run_logs(run.id)[-4000:]
+        assert mlflow_statuses(out, run.id) == ["KILLED"], flow_run_logs(run.id)[-4000:]
 
         # The same output_dir again: it continues the cancelled run's folder (so its lock was freed).
         step = max(int(p.name.removeprefix("checkpoint-")) for p in (run_folders(out)[-1] / "sft_train").glob(
@@ -233,9 +246,7 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
         assert (checkpoint_path(out, step + 2) / "sft_train" / "model.safetensors").is_file()
     finally:
         stop_process_group(worker.pid)
-        for pid in {p for p in ray_processes() if p not in before} | set(left):  # never leave them running
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_ray_started_since(before, left)
 
 
 def start_sft_run(out: Path, log_path: Path) -> subprocess.Popen:
@@ -260,10 +271,6 @@ def test_a_second_sigterm_does_not_cut_the_stop_short(prefect_server, tmp_path: 
     """An operator's `kill` repeated, or a worker delivering its cancel after the run's backstop did:
     the SIGTERMs after the first land in the stop's cleanup and must not interrupt it. The MLflow run
     ends KILLED, the folder is freed, the command exits 128+SIGTERM, no Ray is left."""
-    from mlflow import MlflowClient
-
-    from sft_core.tracking.mlflow_tracker import default_tracking_uri
-
     before = ray_processes()
     out = tmp_path / "out"
     log_path = tmp_path / "sft.log"
@@ -282,28 +289,19 @@ def test_a_second_sigterm_does_not_cut_the_stop_short(prefect_server, tmp_path: 
         assert code == 128 + signal.SIGTERM, text[-3000:]
         assert "Traceback" not in text, text[-3000:]
         assert lock.read_text() == "", "the run let go of its folder"
-        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
-        experiment = client.get_experiment_by_name("smoke-sft")
-        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-        assert [r.info.status for r in runs] == ["KILLED"], text[-3000:]
+        assert mlflow_statuses(out, flow_run_id) == ["KILLED"], text[-3000:]
         assert flow_run_state(flow_run_id).is_final(), flow_run_logs(flow_run_id)[-3000:]
         left.update(ray_left_after(before, 30))
         assert not left, f"Ray processes left after the stop: {left}"
     finally:
         stop_process_group(sft.pid)
-        for pid in {p for p in ray_processes() if p not in before} | set(left):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_ray_started_since(before, left)
 
 
 def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path):
     """`sft run` starts its flow run in its own process, where no worker delivers a cancel: its own
     watch does (flows/cancel_watch.py). `prefect flow-run cancel`, as a user types it, ends the run
     Cancelled, the command with 128+SIGTERM, the MLflow run KILLED, the actors gone, the folder free."""
-    from mlflow import MlflowClient
-
-    from sft_core.tracking.mlflow_tracker import default_tracking_uri
-
     before = ray_processes()
     out = tmp_path / "out"
     log_path = tmp_path / "sft.log"
@@ -325,18 +323,13 @@ def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path
         assert flow_run_state(flow_run_id).is_cancelled(), flow_run_logs(flow_run_id)[-3000:]
         assert lock.read_text() == "", "the run let go of its folder as a clean exit does"
 
-        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
-        experiment = client.get_experiment_by_name("smoke-sft")
-        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-        assert [r.info.status for r in runs] == ["KILLED"]
+        assert mlflow_statuses(out, flow_run_id) == ["KILLED"]
 
         left.update(ray_left_after(before, 30))
         assert not left, f"Ray processes left after the cancel: {left}"
     finally:
         stop_process_group(sft.pid)
-        for pid in {p for p in ray_processes() if p not in before} | set(left):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_ray_started_since(before, left)
 
 
 def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_server, tmp_path: Path):
@@ -344,9 +337,6 @@ def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_se
     run: the run's own watch does after SFT_CANCEL_BACKSTOP_S. The run ends Cancelled, its MLflow
     run KILLED, its Ray gone; the worker, woken, leaves it so."""
     import psutil
-    from mlflow import MlflowClient
-
-    from sft_core.tracking.mlflow_tracker import default_tracking_uri
 
     backstop_s = 8
     before = ray_processes()
@@ -378,10 +368,7 @@ def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_se
         logs = flow_run_logs(run.id)
         assert state.is_cancelled(), f"{state}: {logs[-3000:]}"
         assert "its worker has not stopped it" in logs, logs[-3000:]
-        client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
-        experiment = client.get_experiment_by_name("smoke-sft")
-        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
-        assert [r.info.status for r in runs] == ["KILLED"], logs[-3000:]
+        assert mlflow_statuses(out, run.id) == ["KILLED"], logs[-3000:]
         left.update(ray_left_after(before, 30))
         assert not left, f"Ray processes left after the cancel: {left}"
 
@@ -392,6 +379,4 @@ def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_se
         with contextlib.suppress(OSError):
             os.kill(worker.pid, signal.SIGCONT)
         stop_process_group(worker.pid)
-        for pid in {p for p in ray_processes() if p not in before} | set(left):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_ray_started_since(before, left)
