@@ -185,12 +185,10 @@ def drop_stop_traces_from_worker_output() -> None:
             continue
 
         def filtered(data: dict[str, Any], handler: Any = handler) -> None:
-            if data.get("is_err") and (lines := _without_stop_traces(data.get("lines") or [])) != data.get(
-                "lines"
-            ):
-                if not lines:
+            if data.get("is_err"):
+                data = {**data, "lines": _without_stop_traces(data.get("lines") or [])}
+                if not data["lines"]:
                     return
-                data = {**data, "lines": lines}
             handler(data)
 
         dispatcher.remove_handler(name)

@@ -316,7 +316,7 @@ def train(
             )  # fmt: skip
         except BaseException as err:
             # Stopped from outside (a cancel's SIGTERM, Ctrl-C): the actors go at once, without waiting
-            # on Ray, which a worker's cancel is stopping too; the MLflow run is closed next.
+            # on Ray's release; the MLflow run is closed next, then Ray is shut down.
             if stopped_from_outside(err):
                 ignore_further_sigterm()
                 if cluster is not None:

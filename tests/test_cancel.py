@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -249,8 +251,32 @@ def test_cancelled_deployment_run_stops_cleanly_and_can_be_resumed(fresh_prefect
         kill_ray_started_since(before, left)
 
 
-def start_sft_run(out: Path, log_path: Path) -> subprocess.Popen:
-    """A long smoke run by `sft run`, returned once its first checkpoint is written."""
+@dataclass
+class SftRun:
+    process: subprocess.Popen
+    out: Path
+    log_path: Path
+    lock: Path
+    flow_run_id: str
+
+    def assert_stopped_cleanly(self, before: dict[int, str]) -> str:
+        """Exit 128+SIGTERM, folder freed, MLflow run KILLED, no Ray left; returns the output."""
+        code = self.process.wait(timeout=60)
+        text = self.log_path.read_text()
+        assert code == 128 + signal.SIGTERM, text[-3000:]
+        assert self.lock.read_text() == "", "the run let go of its folder as a clean exit does"
+        assert mlflow_statuses(self.out, self.flow_run_id) == ["KILLED"], text[-3000:]
+        left = ray_left_after(before, 30)
+        assert not left, f"Ray processes left after the stop: {left}"
+        return text
+
+
+@contextlib.contextmanager
+def an_sft_run(tmp_path: Path) -> Iterator[SftRun]:
+    """A long smoke run by `sft run`, yielded once its first checkpoint is written; afterwards it
+    and every Ray process started since are gone."""
+    before = ray_processes()
+    out, log_path = tmp_path / "out", tmp_path / "sft.log"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with log_path.open("w") as log:
         sft = subprocess.Popen(
@@ -261,10 +287,11 @@ def start_sft_run(out: Path, log_path: Path) -> subprocess.Popen:
     try:
         wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
                  and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
-    except BaseException:
+        lock = run_folders(out)[-1] / ".lock"
+        yield SftRun(sft, out, log_path, lock, json.loads(lock.read_text())["flow_run_id"])
+    finally:
         stop_process_group(sft.pid)
-        raise
-    return sft
+        kill_ray_started_since(before, {})
 
 
 def test_a_second_sigterm_does_not_cut_the_stop_short(prefect_server, tmp_path: Path):
@@ -272,30 +299,15 @@ def test_a_second_sigterm_does_not_cut_the_stop_short(prefect_server, tmp_path: 
     the SIGTERMs after the first land in the stop's cleanup and must not interrupt it. The MLflow run
     ends KILLED, the folder is freed, the command exits 128+SIGTERM, no Ray is left."""
     before = ray_processes()
-    out = tmp_path / "out"
-    log_path = tmp_path / "sft.log"
-    sft = start_sft_run(out, log_path)
-    left: dict[int, str] = {}
-    try:
-        lock = run_folders(out)[-1] / ".lock"
-        flow_run_id = json.loads(lock.read_text())["flow_run_id"]
+    with an_sft_run(tmp_path) as run:
         for _ in range(40):  # 6 s of SIGTERMs, through the whole stop
-            if sft.poll() is not None:
+            if run.process.poll() is not None:
                 break
-            os.kill(sft.pid, signal.SIGTERM)
+            os.kill(run.process.pid, signal.SIGTERM)
             time.sleep(0.15)
-        code = sft.wait(timeout=60)
-        text = log_path.read_text()
-        assert code == 128 + signal.SIGTERM, text[-3000:]
+        text = run.assert_stopped_cleanly(before)
         assert "Traceback" not in text, text[-3000:]
-        assert lock.read_text() == "", "the run let go of its folder"
-        assert mlflow_statuses(out, flow_run_id) == ["KILLED"], text[-3000:]
-        assert flow_run_state(flow_run_id).is_final(), flow_run_logs(flow_run_id)[-3000:]
-        left.update(ray_left_after(before, 30))
-        assert not left, f"Ray processes left after the stop: {left}"
-    finally:
-        stop_process_group(sft.pid)
-        kill_ray_started_since(before, left)
+        assert flow_run_state(run.flow_run_id).is_final(), flow_run_logs(run.flow_run_id)[-3000:]
 
 
 def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path):
@@ -303,33 +315,17 @@ def test_prefect_flow_run_cancel_stops_an_sft_run(prefect_server, tmp_path: Path
     watch does (flows/cancel_watch.py). `prefect flow-run cancel`, as a user types it, ends the run
     Cancelled, the command with 128+SIGTERM, the MLflow run KILLED, the actors gone, the folder free."""
     before = ray_processes()
-    out = tmp_path / "out"
-    log_path = tmp_path / "sft.log"
-    sft = start_sft_run(out, log_path)
-    left: dict[int, str] = {}
-    try:
-        lock = run_folders(out)[-1] / ".lock"
-        flow_run_id = json.loads(lock.read_text())["flow_run_id"]
-        cancel = prefect("flow-run", "cancel", flow_run_id)
+    with an_sft_run(tmp_path) as run:
+        cancel = prefect("flow-run", "cancel", run.flow_run_id)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
         cancelled_at = time.monotonic()
-        code = sft.wait(timeout=60)
-        took = time.monotonic() - cancelled_at
-        text = log_path.read_text()
-        assert code == 128 + signal.SIGTERM, text[-3000:]
+        text = run.assert_stopped_cleanly(before)
+        print(
+            f"the run ended {time.monotonic() - cancelled_at:.1f}s after the cancel (Ray's shutdown included)"
+        )
         assert "sft: stopped by SIGTERM" in text, text[-3000:]
         assert "SIGTERM received" not in text, "Ray's crash dump for a plain stop: " + text[-3000:]
-        print(f"the run ended {took:.1f}s after the cancel")
-        assert flow_run_state(flow_run_id).is_cancelled(), flow_run_logs(flow_run_id)[-3000:]
-        assert lock.read_text() == "", "the run let go of its folder as a clean exit does"
-
-        assert mlflow_statuses(out, flow_run_id) == ["KILLED"]
-
-        left.update(ray_left_after(before, 30))
-        assert not left, f"Ray processes left after the cancel: {left}"
-    finally:
-        stop_process_group(sft.pid)
-        kill_ray_started_since(before, left)
+        assert flow_run_state(run.flow_run_id).is_cancelled(), flow_run_logs(run.flow_run_id)[-3000:]
 
 
 def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_server, tmp_path: Path):
