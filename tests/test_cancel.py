@@ -284,9 +284,16 @@ def an_sft_run(tmp_path: Path) -> Iterator[SftRun]:
              f"logging_dir={out}/tb", "save_steps=2", "eval_steps=2", "sft_train.training_args.max_steps=2000"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+
+    def first_checkpoint() -> bool:
+        if sft.poll() is not None:  # say why at once, not after the timeout
+            raise AssertionError(f"the run ended (exit {sft.returncode}) before its first checkpoint:\n"
+                                 f"{log_path.read_text()[-3000:]}")  # fmt: skip
+        return bool((out / "runs").is_dir() and run_folders(out)
+                    and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file())  # fmt: skip
+
     try:
-        wait_for("the first checkpoint", lambda: (out / "runs").is_dir() and run_folders(out)
-                 and (checkpoint_path(out, 2) / "sft_train" / "model.safetensors").is_file(), 400)  # fmt: skip
+        wait_for("the first checkpoint", first_checkpoint, 400)
         lock = run_folders(out)[-1] / ".lock"
         yield SftRun(sft, out, log_path, lock, json.loads(lock.read_text())["flow_run_id"])
     finally:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -303,26 +305,90 @@ def test_registering_a_checkpoint_again_takes_the_version_it_made(tmp_path):
     assert int(client.get_model_version_by_alias("m", "best").version) == first.version
 
 
-def test_ctrl_c_during_registration_waits_until_the_version_has_its_aliases():
-    import os
-    import signal
-    import time
+def prefect_termination(signum, frame):
+    """What Prefect's engine does with a SIGTERM in a flow run: raise, wherever the main thread is."""
+    from prefect.exceptions import TerminationSignal
 
-    from sft_core.tracking.mlflow_tracker import interrupts_deferred
+    raise TerminationSignal(signal=signum)
 
-    # Python's own Ctrl-C handler, as in a terminal: a shell's background job starts with SIGINT
-    # ignored (a CI runner may start pytest so), and an ignored SIGINT would never arrive.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+@pytest.mark.parametrize(
+    ("signum", "handler", "raised"),
+    [
+        # Python's own Ctrl-C handler, as in a terminal: a shell's background job starts with SIGINT
+        # ignored (a CI runner may start pytest so), and an ignored SIGINT would never arrive.
+        (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+        (signal.SIGTERM, prefect_termination, BaseException),
+    ],
+)
+def test_a_stop_signal_waits_for_the_block_then_reaches_its_handler(signum, handler, raised):
+    from sft_core.tracking.mlflow_tracker import stop_signals_deferred
+
+    previous = signal.signal(signum, handler)
     try:
         finished = []
-        with pytest.raises(KeyboardInterrupt), interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(raised), stop_signals_deferred():
+            os.kill(os.getpid(), signum)
             time.sleep(0.1)  # the signal arrives here, and is held
             finished.append(True)
         assert finished == [True]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signum) is handler
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
+
+
+@pytest.mark.parametrize("write", ["register a version", "log metrics"])
+def test_a_cancel_arriving_as_an_mlflow_write_commits_leaves_it_whole_and_the_database_free(tmp_path, write):
+    """Seen in a test run: a cancel's SIGTERM landed in a registration's commit; the exception it
+    raises there left sqlite's write lock held, so the stop could not end the MLflow run KILLED
+    ("database is locked" after 20 s) and the run ended Failed instead of Cancelled."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+    from prefect.exceptions import TerminationSignal
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {})
+    writes, fired = [], []
+
+    def statement(conn, cursor, sql, *args):
+        writes.append(sql.lstrip().startswith(("INSERT", "UPDATE", "DELETE")))
+
+    def commit(conn):  # the SIGTERM arrives as the first write's transaction commits
+        if any(writes) and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    (tmp_path / "ckpt").mkdir()
+    previous = signal.signal(signal.SIGTERM, prefect_termination)
+    event.listen(Engine, "before_cursor_execute", statement)
+    event.listen(Engine, "commit", commit)
+    try:
+        with pytest.raises(TerminationSignal):
+            if write == "register a version":
+                register_checkpoint(uri, "m", str(tmp_path / "ckpt"), tracker.run_id, 2, {"val_loss": 1.0})
+            else:
+                tracker.log_metrics({"loss": 1.5, "lr": 1e-4}, step=3)
+    finally:
+        event.remove(Engine, "commit", commit)
+        event.remove(Engine, "before_cursor_execute", statement)
+        signal.signal(signal.SIGTERM, previous)
+    assert fired, "the signal was never sent"
+    # No lock left behind: another connection can write at once.
+    db = sqlite3.connect(tmp_path / "mlflow.db", timeout=0.5)
+    db.execute("BEGIN IMMEDIATE")
+    db.rollback()
+    db.close()
+    client = MlflowClient(uri, registry_uri=uri)
+    if write == "register a version":  # whole: the version and both its aliases
+        assert client.get_model_version_by_alias("m", "last_saved").version == 1
+        assert client.get_model_version_by_alias("m", "best").version == 1
+    else:
+        assert client.get_run(tracker.run_id).data.metrics == {"loss": 1.5, "lr": 1e-4}
+    tracker.close("KILLED")  # what the stop does next
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
 
 
 def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_path):

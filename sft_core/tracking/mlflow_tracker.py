@@ -7,14 +7,15 @@ output_dir, so the MLflow UI can be opened on it with `mlflow ui --backend-store
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -25,11 +26,51 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C or a SIGTERM (a cancel) until the block is done, then deliver it to the handler
+    that was there before. A stop's exception raised inside an MLflow write (Prefect raises one for
+    SIGTERM wherever the main thread is) can leave sqlite's write lock held by a transaction this
+    process never ends: the version half-made, and the stop itself then unable to end the run KILLED
+    ("database is locked"). Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # its handler runs here: a stop's exception is raised now
+
+
+def uninterrupted(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` (an MLflow write) runs whole under stop_signals_deferred."""
+
+    @functools.wraps(fn)
+    def whole(*args: P.args, **kwargs: P.kwargs) -> R:
+        with stop_signals_deferred():
+            return fn(*args, **kwargs)
+
+    return whole
+
+
 def default_tracking_uri(output_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir) / 'mlflow' / 'mlflow.db'}"
 
 
 class MLflowTracker:
+    """The run's MLflow run; every write is made whole (`uninterrupted`)."""
+
+    @uninterrupted
     def __init__(
         self,
         tracking_uri: str,
@@ -67,6 +108,7 @@ class MLflowTracker:
             for m in self.client.get_metric_history(self.run_id, key)
         }
 
+    @uninterrupted
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -77,6 +119,7 @@ class MLflowTracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @uninterrupted
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -89,10 +132,12 @@ class MLflowTracker:
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
 
+    @uninterrupted
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
 
+@uninterrupted
 def fail_if_running(tracking_uri: str, run_id: str, why: str) -> bool:
     """End a run its process can no longer end (killed) as FAILED, with `why` in the tag
     sft.failure; a run in any other state is left alone. Returns whether it was changed."""
@@ -117,6 +162,7 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+@uninterrupted
 def register_checkpoint(
     tracking_uri: str,
     model_name: str,
@@ -136,65 +182,47 @@ def register_checkpoint(
     `models:/<name>@latest` to the newest version by itself; we set `last_saved` on every version and
     move `best` only when `best_metric` improves on the version `best` points at now, across runs.
     """
-    # Ctrl-C between the version and its aliases would leave it half-made: it waits for the block.
-    with interrupts_deferred():
-        from mlflow.exceptions import MlflowException
+    # A stop between the version and its aliases would leave it half-made: it waits (uninterrupted).
+    from mlflow.exceptions import MlflowException
 
-        client = _client(tracking_uri)
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException:
-            client.create_registered_model(model_name, description=description)
-        all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
-        source = Path(checkpoint_dir).as_uri()
-        # A retried registration (the task's retries, a flow retry) takes the version it made before.
-        existing = [
-            v
-            for v in client.search_model_versions(name_filter(model_name))
-            if v.source == source and v.run_id == run_id
-        ]
-        version = existing[0] if existing else client.create_model_version(
-            model_name,
-            source=source,
-            run_id=run_id,
-            tags=all_tags,
-            description=f"checkpoint at global step {step}",
-        )  # fmt: skip
-        if description:
-            client.update_registered_model(model_name, description=description)
-        client.set_registered_model_alias(model_name, "last_saved", version.version)
-        value = metrics.get(best_metric)
-        is_best = False
-        if value is not None:
-            try:
-                current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
-            except MlflowException:
-                current = None
-            tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
-            better = current is None or (
-                tagged > float(current) if greater_is_better else tagged < float(current)
-            )  # ties keep the earlier version
-            if better:
-                client.set_registered_model_alias(model_name, "best", version.version)
-                is_best = True
-        return RegisteredVersion(int(version.version), is_best)
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it. Only in the main thread, where
-    Python delivers signals; elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    client = _client(tracking_uri)
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description=description)
+    all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
+    source = Path(checkpoint_dir).as_uri()
+    # A retried registration (the task's retries, a flow retry) takes the version it made before.
+    existing = [
+        v
+        for v in client.search_model_versions(name_filter(model_name))
+        if v.source == source and v.run_id == run_id
+    ]
+    version = existing[0] if existing else client.create_model_version(
+        model_name,
+        source=source,
+        run_id=run_id,
+        tags=all_tags,
+        description=f"checkpoint at global step {step}",
+    )  # fmt: skip
+    if description:
+        client.update_registered_model(model_name, description=description)
+    client.set_registered_model_alias(model_name, "last_saved", version.version)
+    value = metrics.get(best_metric)
+    is_best = False
+    if value is not None:
+        try:
+            current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
+        except MlflowException:
+            current = None
+        tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
+        better = current is None or (
+            tagged > float(current) if greater_is_better else tagged < float(current)
+        )  # ties keep the earlier version
+        if better:
+            client.set_registered_model_alias(model_name, "best", version.version)
+            is_best = True
+    return RegisteredVersion(int(version.version), is_best)
 
 
 def source_path(source: str | None) -> Path | None:
@@ -246,6 +274,7 @@ def versions_for_source(tracking_uri: str, model_name: str, folder: str) -> list
     return versions_by_folder(tracking_uri, model_name, [folder])[Path(folder)]
 
 
+@uninterrupted
 def delete_versions(tracking_uri: str, model_name: str, versions: list[int]) -> None:
     client = _client(tracking_uri)
     for v in versions:
