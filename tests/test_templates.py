@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.labels import encode_messages
 from sft_core.data.templates import ChatTemplate, get_template, supervised_char_spans
-from sft_core.errors import ConfigError
+from sft_core.errors import ConfigError, DataError
 
 
 def supervised(tok, ids, labels) -> str:
@@ -141,6 +141,56 @@ def test_qwen3_keeps_an_answers_own_think_block_single(smollm2_tokenizer):
     assert rendered.endswith("<|im_start|>assistant\n<think>\nBlue is calm.\n</think>\n\nBlue.<|im_end|>\n")
     # The reasoning is the answer's own text: trained on, all of it.
     assert supervised(tok, ids, labels) == "<think>\nBlue is calm.\n</think>\n\nBlue.<|im_end|>"
+
+
+# Written here after the behaviour of Qwen3's own template: an answer after the last question shows
+# its reasoning in a think block (an empty one without); earlier answers show only their final text.
+HISTORY_WITHOUT_REASONING = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}"
+    "{% set parts = m.content.split('</think>') %}"
+    "{% set answer = parts[-1].lstrip('\n') %}"
+    "{% set thought = parts[0].split('<think>')[-1].strip('\n') if parts | length > 1 else '' %}"
+    "{% if loop.index0 > ns.last_user %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + thought + '\n</think>\n\n' + answer + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>assistant\n' + answer + '<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "trained"),
+    [
+        ("Red.", "Blue.", "Blue.<|im_end|>"),  # no reasoning: the empty think block is not trained
+        ("<think>\nWarm.\n</think>\n\nRed.", "<think>\nCalm.\n</think>\n\nBlue.",
+         "<think>\nCalm.\n</think>\n\nBlue.<|im_end|>"),
+    ],
+)  # fmt: skip
+def test_a_template_that_drops_reasoning_from_history_trains_the_last_turn_as_at_inference(
+    tmp_path, smollm2_tokenizer, first, second, trained
+):
+    tok = smollm2_tokenizer
+    path = tmp_path / "history_without_reasoning.jinja"
+    path.write_text(HISTORY_WITHOUT_REASONING)
+    template = get_template(str(path), tok)
+    chat = [
+        {"role": "user", "content": "A warm colour?"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "A calm one?"}, {"role": "assistant", "content": second},
+    ]  # fmt: skip
+    # Every turn in one sample would train the first answer in a context inference never shows.
+    with pytest.raises(DataError, match=r"renders turn 2 differently.*supervise=last_assistant_turn"):
+        encode_messages(tok, template, chat, "t", "all_assistant_turns")
+    ids, labels = encode_messages(tok, template, chat, "t", "last_assistant_turn")
+    assert supervised(tok, ids, labels) == trained
+    # The context is what the model is given at inference: the history without its reasoning, then
+    # the generation prompt, tokenized alone.
+    prompt = tok(template.render(tok, chat[:3], add_generation_prompt=True), add_special_tokens=False)
+    assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]
+    assert "Warm." not in tok.decode(ids) and "<|im_start|>assistant\nRed.<|im_end|>" in tok.decode(ids)
 
 
 @pytest.mark.parametrize("name", ["native", "chatml", "qwen2_5"])

@@ -36,8 +36,7 @@ def conversation_spans(
     supervise: str,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the spans `supervise` keeps (every answer, or the last one)."""
-    text, spans = supervised_char_spans(template, tokenizer, messages, where)
-    return text, (spans[-1:] if supervise == "last_assistant_turn" else spans)
+    return supervised_char_spans(template, tokenizer, messages, where, supervise == "last_assistant_turn")
 
 
 def tokenize_with_labels(

@@ -39,6 +39,8 @@ QWEN2_5 = (
 )
 # Qwen3 in non-thinking form: each assistant turn carries an empty think block, as the model emits it;
 # an answer that brings its own think block (reasoning data) is written as it is, not given a second.
+# Unlike Qwen3's own template, earlier turns keep their think blocks, so one sample trains every turn
+# (README: multi-turn Qwen3).
 QWEN3 = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' and message['content'].lstrip().startswith('<think>') %}"
@@ -218,9 +220,14 @@ _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
 
 
 def supervised_char_spans(
-    template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
+    template: ChatTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    where: str,
+    only_last: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages` and return (text, [(start, end)]) of each assistant turn's supervised chars.
+    """Render `messages` and return (text, [(start, end)]) of each assistant turn's supervised chars
+    (`only_last`: of the last assistant turn alone).
 
     A span covers what the model must generate after the generation prompt: the assistant content
     plus the end-of-turn token right after it, e.g. with ChatML::
@@ -230,7 +237,9 @@ def supervised_char_spans(
 
     Where the generation prompt ends is found by rendering the conversation up to that turn with
     add_generation_prompt=True (a template whose rendering of a prefix of the conversation is not a
-    prefix of the whole rendering is refused). Text a template inserts between the generation
+    prefix of the whole rendering is refused). Only the supervised turns are checked: a template
+    that renders history otherwise than the newest turn (Qwen3's own drops earlier turns'
+    reasoning) still renders a conversation's last turn exactly as at inference. Text a template inserts between the generation
     prompt and the content is supervised too (the model generates it), except an empty
     `<think></think>` block (Qwen3), which would teach the model nothing but the format.
     """
@@ -246,9 +255,9 @@ def supervised_char_spans(
     text = render(len(messages))
     specials = special_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    for i in answers[-1:] if only_last else answers:
+        message = messages[i]
         prompt = render(i, add_generation_prompt=True)
         turn = text if i == len(messages) - 1 else render(i + 1)
         # An opening assistant turn (a greeting): a template may write a default system prompt
@@ -260,8 +269,10 @@ def supervised_char_spans(
         if not (text.startswith(prompt) and text.startswith(turn)):
             raise DataError(
                 f"{where}: template '{template.name}' renders turn {i + 1} differently inside the whole "
-                "conversation than on its own, so answer spans cannot be located. Use a template whose "
-                "earlier turns do not change with later ones (e.g. chatml)."
+                "conversation than on its own (as inference renders it), so its answer cannot be "
+                "trained in place. Supervise the last turn only (supervise=last_assistant_turn: the "
+                "conversation is then rendered as at inference), or use a template whose earlier turns "
+                "do not change with later ones (e.g. chatml)."
             )
         start = len(prompt)
         # The content as rendered: raw first (ChatML keeps a trailing "\n"), then as a trimming
