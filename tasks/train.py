@@ -123,7 +123,12 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     A removed checkpoint's registered versions are deleted with it, so none points at nothing."""
     if not cfg.max_ckpt_to_keep:
         return []
-    from sft_core.tracking.mlflow_tracker import best_version_source, delete_versions, versions_by_folder
+    from sft_core.tracking.mlflow_tracker import (
+        best_version_source,
+        delete_versions,
+        stop_signals_deferred,
+        versions_by_folder,
+    )
 
     run = RunFolder(Path(run_root))
     best = best_version_source(tracking_uri, cfg.exp_name)
@@ -133,14 +138,18 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     versions_of = versions_by_folder(
         tracking_uri, cfg.exp_name, ckpt.checkpoints_in_run(run, complete_only=False)
     )
-    removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected)
-    for path in removed:
+
+    def forget(path: Path) -> None:
         versions = versions_of.get(path, [])
         delete_versions(tracking_uri, cfg.exp_name, versions)
         get_run_logger().info(
-            "max_ckpt_to_keep=%d: removed %s and its registered version(s) %s",
+            "max_ckpt_to_keep=%d: removing %s and its registered version(s) %s",
             cfg.max_ckpt_to_keep, path.name, versions,
         )  # fmt: skip
+
+    # A cancel or Ctrl-C waits until the folders and their versions are gone together.
+    with stop_signals_deferred():
+        removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected, forget)
     return [str(p) for p in removed]
 
 

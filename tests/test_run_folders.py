@@ -121,8 +121,10 @@ def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run
     run = plan_run(str(tmp_path), False, "bbbbbbbb-2222").run
     for step in (2, 4, 6, 8):
         fake_save(run, step)
-    removed = ckpt.prune(run, keep=1, protected={run.checkpoint(4)})
+    forgotten = []  # what the registry is told, and whether the folder was still there then
+    removed = ckpt.prune(run, 1, {run.checkpoint(4)}, lambda p: forgotten.append((p.name, p.is_dir())))
     assert sorted(p.name for p in removed) == ["checkpoint-2", "checkpoint-6"]
+    assert forgotten == [("checkpoint-2", True), ("checkpoint-6", True)]  # versions first, then the folder
     assert [p.name for p in ckpt.checkpoints_in_run(run)] == ["checkpoint-4", "checkpoint-8"]
     assert ckpt.is_complete(other.checkpoint(1))
 

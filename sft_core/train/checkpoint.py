@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,17 +111,23 @@ def latest_checkpoint(output_dir: str) -> Path | None:
 
 
 def prune(
-    run: RunFolder, keep: int | None, protected: frozenset[Path] | set[Path] = frozenset()
+    run: RunFolder,
+    keep: int | None,
+    protected: frozenset[Path] | set[Path] = frozenset(),
+    forget: Callable[[Path], None] = lambda path: None,
 ) -> list[Path]:
     """Remove all but the run's newest `keep` checkpoints, never its newest nor a protected one (the
-    one the registry's `best` alias points at). Only this run's folder is touched. Returns what was
-    removed; the caller deletes their registered versions."""
+    one the registry's `best` alias points at). Only this run's folder is touched. `forget(path)`
+    runs before each folder goes (the caller deletes its registered versions there): a process
+    killed in between leaves a folder no version names, which the next prune removes, never a
+    version naming a folder that is gone. Returns what was removed."""
     if not keep:
         return []
     found = checkpoints_in_run(run, complete_only=False)
     keep_too = {p.resolve() for p in protected}
     removed = [p for p in found[:-keep] if p not in keep_too]
     for p in removed:
+        forget(p)
         shutil.rmtree(p)
     return removed
 
