@@ -26,6 +26,10 @@ class ModelError(UserError):
     """The pretrained model cannot be resolved or loaded."""
 
 
+class StorageError(UserError):
+    """The output storage cannot hold what the run must write (a full disk)."""
+
+
 def user_error_in(exc: BaseException | None) -> UserError | None:
     """The UserError behind `exc`, also when Ray or Prefect wrapped it."""
     seen: set[int] = set()

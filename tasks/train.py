@@ -103,11 +103,20 @@ def save_checkpoint(
     run = RunFolder(Path(run_root))
     staged = run.staging(step)
     shutil.rmtree(staged, ignore_errors=True)  # left by a crash during an earlier save of this run
-    seconds = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
-    for folder in (staged / cluster.name, staged / f"{cluster.name}-merged"):
-        if (folder / "config.json").is_file():  # a full model (not a LoRA adapter): an MLflow model too
-            write_mlflow_model(folder)
-    path = ckpt.publish(run, step, state, cluster.world_size)
+    ckpt.check_room(run, step)
+    try:
+        seconds = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
+        for folder in (staged / cluster.name, staged / f"{cluster.name}-merged"):
+            if (folder / "config.json").is_file():  # a full model (not a LoRA adapter): an MLflow model too
+                write_mlflow_model(folder)
+        path = ckpt.publish(run, step, state, cluster.world_size)
+    except Exception as err:
+        full = ckpt.failed_write(run, step)
+        # Never used, and it may hold the disk's last blocks (MLflow must still end the run).
+        shutil.rmtree(staged, ignore_errors=True)
+        if full:
+            raise full from err
+        raise
     hf, merged = path / cluster.name, path / f"{cluster.name}-merged"
     adapter = (hf / "adapter_config.json").is_file()
     return SavedCheckpoint(

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft_core.errors import ConfigError
+from sft_core.errors import ConfigError, StorageError
 from sft_core.train.run_folder import RunFolder, runs_root
 
 MANIFEST = "manifest.json"
@@ -50,6 +50,49 @@ def _files(root: Path) -> dict[str, int]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+
+
+# Below this much free space a failed write is taken for a full disk: a write that hits ENOSPC has
+# filled the disk to its last blocks (torch and safetensors then report only a short write).
+FULL_BELOW = 64 << 20
+
+
+def size_of(checkpoint: Path) -> int:
+    """Bytes of a published checkpoint, as its manifest lists them."""
+    return sum(json.loads((checkpoint / MANIFEST).read_text())["files"].values())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def check_room(run: RunFolder, step: int) -> None:
+    """Before checkpoint `step` is written: stop, writing nothing, if the disk has less room than the
+    run's newest checkpoint took (the next one is as large; older ones go only after it is saved)."""
+    newest = latest_in_run(run)
+    if newest is None:
+        return
+    need, free = size_of(newest), shutil.disk_usage(run.checkpoints_root).free
+    if free < need:
+        raise StorageError(
+            f"checkpoint at step {step}: the disk of {run.checkpoints_root} has {_mib(free)} free and the run's "
+            f"checkpoints take {_mib(need)} each ({newest.name}). Nothing was written. Free space (or move "
+            f"output_dir), then resume_from_checkpoint=auto continues from {newest.name}."
+        )
+
+
+def failed_write(run: RunFolder, step: int) -> StorageError | None:
+    """After checkpoint `step` failed to be written, before its partial folder is removed: the
+    error to report if the disk is full, else None (the failure is something else)."""
+    free = shutil.disk_usage(run.checkpoints_root).free
+    if free >= FULL_BELOW:
+        return None
+    newest = latest_in_run(run)
+    then = f"resume_from_checkpoint=auto continues from {newest.name}" if newest else "run it again"
+    return StorageError(
+        f"checkpoint at step {step}: the disk of {run.checkpoints_root} is full ({_mib(free)} free when "
+        f"the write failed). The partial checkpoint was removed. Free space (or move output_dir), then {then}."
+    )
 
 
 def publish(run: RunFolder, step: int, state: dict[str, Any], world_size: int) -> Path:
