@@ -6,6 +6,7 @@ flow then finds that config already checked in its process."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sft_core.config import SFTConfig, check_runnable
@@ -26,6 +27,8 @@ def preflight(cfg: SFTConfig) -> None:
         for f in files:
             if not f.startswith("hf://") and not Path(f).exists():
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
+    for key, folder in (("output_dir", cfg.output_dir), ("logging_dir", cfg.logging_dir)):
+        check_writable_folder(key, Path(folder))
     p = cfg.pretrain
     if pretrain_kind(p) == "path" and not Path(p).expanduser().exists():
         raise ModelError(f"config key 'pretrain': '{p}' does not exist.")
@@ -41,6 +44,21 @@ def preflight(cfg: SFTConfig) -> None:
         tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))  # resolved once, cached on disk
         for name in builtins:
             check_template_tokens(name, tokenizer)
+
+
+def check_writable_folder(key: str, folder: Path) -> None:
+    """`folder` is a folder this user can write in, or can be made in one (found before a server,
+    Ray or the data are started, not when the first file is written)."""
+    from sft_core.errors import ConfigError
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == folder else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"config key '{key}': '{folder}' {what}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"config key '{key}': '{folder}' cannot be written: {existing} is not writable by this user."
+        )
 
 
 _checked: set[str] = set()  # configs (as JSON, with the directory they were resolved from) checked here

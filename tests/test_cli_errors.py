@@ -31,6 +31,21 @@ def test_missing_data_file(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("output_dir", "notes.txt", "'{d}/notes.txt' is a file, not a folder"),
+        ("logging_dir", "notes.txt/tb", "'{d}/notes.txt/tb' cannot be made: {d}/notes.txt is a file"),
+    ],
+)
+def test_an_output_folder_that_is_a_file_is_named_before_anything_starts(tmp_path, key, value, says):
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = run_cli(["run", f"{key}={value}"], tmp_path)
+    assert_user_error(result, f"config key '{key}'", says.format(d=tmp_path))
+    assert "Prefect server" not in result.stdout + result.stderr  # checked before a server starts
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_pretrain_path_that_does_not_exist(tmp_path):
     assert_user_error(run_cli(["run", "pretrain=./no/such/model"], tmp_path), "pretrain", "does not exist")
 
