@@ -135,7 +135,7 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     from sft_core.tracking.mlflow_tracker import (
         best_version_source,
         delete_versions,
-        stop_signals_deferred,
+        interrupts_deferred,
         versions_by_folder,
     )
 
@@ -156,8 +156,8 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
             cfg.max_ckpt_to_keep, path.name, versions,
         )  # fmt: skip
 
-    # A cancel or Ctrl-C waits until the folders and their versions are gone together.
-    with stop_signals_deferred():
+    # Ctrl-C waits until the folders and their versions are gone together.
+    with interrupts_deferred():
         removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected, forget)
     return [str(p) for p in removed]
 

@@ -28,36 +28,40 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def stop_signals_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C or a SIGTERM (a cancel) until the block is done, then deliver it to the handler
-    that was there before. A stop's exception raised inside an MLflow write (Prefect raises one for
-    SIGTERM wherever the main thread is) can leave sqlite's write lock held by a transaction this
-    process never ends: the version half-made, and the stop itself then unable to end the run KILLED
-    ("database is locked"). Only in the main thread, where Python delivers signals."""
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then deliver it to the handler that was there
+    before. A KeyboardInterrupt raised inside an MLflow write's commit leaves sqlite's write lock
+    held by a transaction this process never ends: the version half-made, and the stop itself then
+    unable to end the run KILLED ("database is locked"). Only in the main thread, where Python
+    delivers signals.
+
+    SIGTERM (a cancel) is not held this way: Prefect commits a cancel only while its own SIGTERM
+    handler is installed (`commit_control_intent_and_ack` checks it by identity), so swapping it,
+    even for a write, turns a cancel that lands then into a Crashed run (seen in CI)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _STOP_SIGNALS}
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)  # its handler runs here: a stop's exception is raised now
+        signal.signal(
+            signal.SIGINT, signal.SIG_DFL if previous is None else previous
+        )  # None: set outside Python
+        if received:
+            signal.raise_signal(signal.SIGINT)  # its handler runs here: the KeyboardInterrupt is raised now
 
 
 def uninterrupted(fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn` (an MLflow write) runs whole under stop_signals_deferred."""
+    """`fn` (an MLflow write) runs whole under interrupts_deferred."""
 
     @functools.wraps(fn)
     def whole(*args: P.args, **kwargs: P.kwargs) -> R:
-        with stop_signals_deferred():
+        with interrupts_deferred():
             return fn(*args, **kwargs)
 
     return whole
@@ -182,7 +186,7 @@ def register_checkpoint(
     `models:/<name>@latest` to the newest version by itself; we set `last_saved` on every version and
     move `best` only when `best_metric` improves on the version `best` points at now, across runs.
     """
-    # A stop between the version and its aliases would leave it half-made: it waits (uninterrupted).
+    # Ctrl-C between the version and its aliases would leave it half-made: it waits (uninterrupted).
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
