@@ -156,7 +156,7 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
             cfg.max_ckpt_to_keep, path.name, versions,
         )  # fmt: skip
 
-    # Ctrl-C waits until the folders and their versions are gone together.
+    # Ctrl-C waits until the folders and their versions are gone together (one deferral for all).
     with interrupts_deferred():
         removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected, forget)
     return [str(p) for p in removed]

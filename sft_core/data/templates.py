@@ -239,9 +239,10 @@ def supervised_char_spans(
     add_generation_prompt=True (a template whose rendering of a prefix of the conversation is not a
     prefix of the whole rendering is refused). Only the supervised turns are checked: a template
     that renders history otherwise than the newest turn (Qwen3's own drops earlier turns'
-    reasoning) still renders a conversation's last turn exactly as at inference. Text a template inserts between the generation
-    prompt and the content is supervised too (the model generates it), except an empty
-    `<think></think>` block (Qwen3), which would teach the model nothing but the format.
+    reasoning) still renders a conversation's last turn exactly as at inference. Text a template
+    inserts between the generation prompt and the content is supervised too (the model generates
+    it), except an empty `<think></think>` block (Qwen3), which would teach the model nothing but
+    the format.
     """
 
     def render(upto: int, add_generation_prompt: bool = False) -> str:

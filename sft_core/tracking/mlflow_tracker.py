@@ -49,9 +49,8 @@ def interrupts_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(
-            signal.SIGINT, signal.SIG_DFL if previous is None else previous
-        )  # None: set outside Python
+        # None: a handler set outside Python, which cannot be put back from here.
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
         if received:
             signal.raise_signal(signal.SIGINT)  # its handler runs here: the KeyboardInterrupt is raised now
 
@@ -278,7 +277,6 @@ def versions_for_source(tracking_uri: str, model_name: str, folder: str) -> list
     return versions_by_folder(tracking_uri, model_name, [folder])[Path(folder)]
 
 
-@uninterrupted
 def delete_versions(tracking_uri: str, model_name: str, versions: list[int]) -> None:
     client = _client(tracking_uri)
     for v in versions:
