@@ -135,8 +135,8 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     from sft_core.tracking.mlflow_tracker import (
         best_version_source,
         delete_versions,
-        interrupts_deferred,
         versions_by_folder,
+        write_whole,
     )
 
     run = RunFolder(Path(run_root))
@@ -156,9 +156,9 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
             cfg.max_ckpt_to_keep, path.name, versions,
         )  # fmt: skip
 
-    # Ctrl-C waits until the folders and their versions are gone together (one deferral for all).
-    with interrupts_deferred():
-        removed = ckpt.prune(run, cfg.max_ckpt_to_keep, protected, forget)
+    # On the MLflow write thread: a stop (Ctrl-C, a cancel) lets the folders and their versions go
+    # together before the stop's own writes.
+    removed = write_whole(ckpt.prune, run, cfg.max_ckpt_to_keep, protected, forget)
     return [str(p) for p in removed]
 
 

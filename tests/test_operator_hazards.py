@@ -307,75 +307,118 @@ def test_registering_a_checkpoint_again_takes_the_version_it_made(tmp_path):
     assert int(client.get_model_version_by_alias("m", "best").version) == first.version
 
 
-def test_ctrl_c_during_an_mlflow_write_waits_for_it_then_reaches_its_handler():
-    from sft_core.tracking.mlflow_tracker import interrupts_deferred
+def _raise_termination(signum: int, frame: object) -> None:
+    from prefect.exceptions import TerminationSignal
 
-    # Python's own Ctrl-C handler, as in a terminal: a shell's background job starts with SIGINT
-    # ignored (a CI runner may start pytest so), and an ignored SIGINT would never arrive.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        finished = []
-        with pytest.raises(KeyboardInterrupt), interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)  # the signal arrives here, and is held
-            finished.append(True)
-        assert finished == [True]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    raise TerminationSignal(signal=signum)  # as Prefect's own SIGTERM handler does in a flow run
 
 
-@pytest.mark.parametrize("write", ["register a version", "log metrics"])
-def test_ctrl_c_arriving_as_an_mlflow_write_commits_leaves_it_whole_and_the_database_free(tmp_path, write):
+@pytest.mark.parametrize("stop", ["ctrl-c", "cancel"])
+@pytest.mark.parametrize("write", ["register a version", "log metrics", "prune"])
+def test_a_stop_arriving_as_an_mlflow_write_commits_leaves_it_whole_and_the_database_free(
+    tmp_path, stop, write
+):
     """A stop's exception raised in a commit leaves sqlite's write lock held, so the stop could not
-    end the MLflow run KILLED ("database is locked" after 20 s; seen in a test run with a cancel's
-    SIGTERM, which Prefect raises the same way; see interrupts_deferred for why only Ctrl-C is held)."""
+    end the MLflow run KILLED ("database is locked" after 20 s; seen in a test run with a cancel).
+    The writes run on a thread of their own: the stop reaches the caller at once, the write
+    finishes whole, the stop's close("KILLED") waits for it, and no signal handler is swapped
+    meanwhile (Prefect commits a cancel only while its own handler is installed)."""
     import sqlite3
 
     from mlflow import MlflowClient
+    from prefect.exceptions import TerminationSignal
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
+    from sft_core.tracking.mlflow_tracker import delete_versions, write_whole
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {})
-    writes, fired = [], []
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    register_checkpoint(uri, "m", str(folder), tracker.run_id, 1, {"val_loss": 2.0})
+    sig, handler, raised = {
+        # Python's own Ctrl-C handler, as in a terminal: a shell's background job starts with SIGINT
+        # ignored (a CI runner may start pytest so), and an ignored SIGINT would never arrive.
+        "ctrl-c": (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+        "cancel": (signal.SIGTERM, _raise_termination, TerminationSignal),
+    }[stop]
+    writes, fired, handlers_seen = [], [], []
 
     def statement(conn, cursor, sql, *args):
         writes.append(sql.lstrip().startswith(("INSERT", "UPDATE", "DELETE")))
 
-    def commit(conn):  # Ctrl-C arrives as the first write's transaction commits
+    def commit(conn):  # the stop arrives as the first write's transaction commits
+        handlers_seen.append(signal.getsignal(sig))
         if any(writes) and not fired:
             fired.append(True)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
+            time.sleep(0.2)  # the main thread has its exception by now, the commit not yet done
+
+    def prune() -> None:  # a prune's order: the versions, then the folder
+        delete_versions(uri, "m", [1])
+        shutil.rmtree(folder)
 
     (tmp_path / "ckpt").mkdir()
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(sig, handler)
     event.listen(Engine, "before_cursor_execute", statement)
     event.listen(Engine, "commit", commit)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(raised):
             if write == "register a version":
                 register_checkpoint(uri, "m", str(tmp_path / "ckpt"), tracker.run_id, 2, {"val_loss": 1.0})
-            else:
+            elif write == "log metrics":
                 tracker.log_metrics({"loss": 1.5, "lr": 1e-4}, step=3)
+            else:
+                write_whole(prune)
+        tracker.close("KILLED")  # what the stop does next: it waits for the write on its thread
     finally:
         event.remove(Engine, "commit", commit)
         event.remove(Engine, "before_cursor_execute", statement)
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(sig, previous)
     assert fired, "the signal was never sent"
+    assert handlers_seen and all(h is handler for h in handlers_seen)
     # No lock left behind: another connection can write at once.
     db = sqlite3.connect(tmp_path / "mlflow.db", timeout=0.5)
     db.execute("BEGIN IMMEDIATE")
     db.rollback()
     db.close()
     client = MlflowClient(uri, registry_uri=uri)
-    if write == "register a version":  # whole: the version and both its aliases
-        assert client.get_model_version_by_alias("m", "last_saved").version == 1
-        assert client.get_model_version_by_alias("m", "best").version == 1
-    else:
-        assert client.get_run(tracker.run_id).data.metrics == {"loss": 1.5, "lr": 1e-4}
-    tracker.close("KILLED")  # what the stop does next
     assert client.get_run(tracker.run_id).info.status == "KILLED"
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='m'"))
+    if write == "register a version":  # whole: the version and both its aliases
+        assert versions == [1, 2]
+        assert client.get_model_version_by_alias("m", "last_saved").version == 2
+        assert client.get_model_version_by_alias("m", "best").version == 2
+    elif write == "log metrics":
+        assert client.get_run(tracker.run_id).data.metrics == {"loss": 1.5, "lr": 1e-4}
+    else:  # the prune went on to its end: no version names a folder that is gone
+        assert versions == [] and not folder.exists()
+
+
+def test_a_write_left_running_by_a_stop_is_finished_at_exit_and_never_holds_the_process(tmp_path):
+    """The write thread is a daemon (`sft` joins every other thread before it exits: a pool's
+    worker hung it there), and what it still has queued at exit is written before the process ends."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    code = (
+        "import threading, time\n"
+        "from sft_core.tracking.mlflow_tracker import _writes, write_whole\n"
+        "write_whole(print, 'first write')\n"
+        f"_writes.submit(lambda: (time.sleep(1), open({str(done)!r}, 'w').write('x')))  # a stop's caller left\n"
+        "assert all(t.daemon for t in threading.enumerate() if t is not threading.main_thread())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "first write\n" and done.read_text() == "x"
 
 
 def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_path):

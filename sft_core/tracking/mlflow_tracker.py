@@ -6,13 +6,16 @@ output_dir, so the MLflow UI can be opened on it with `mlflow ui --backend-store
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import contextvars
 import functools
 import os
-import signal
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -30,38 +33,70 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then deliver it to the handler that was there
-    before. A KeyboardInterrupt raised inside an MLflow write's commit leaves sqlite's write lock
-    held by a transaction this process never ends: the version half-made, and the stop itself then
-    unable to end the run KILLED ("database is locked"). Only in the main thread, where Python
-    delivers signals.
+class _WriteThread:
+    """One thread that runs this process's MLflow writes in order. A daemon: it never holds the
+    process open (`sft` joins every other thread before it exits), and the writes queued when the
+    process ends are waited for at exit."""
 
-    SIGTERM (a cancel) is not held this way: Prefect commits a cancel only while its own SIGTERM
-    handler is installed (`commit_control_intent_and_ack` checks it by identity), so swapping it,
-    even for a write, turns a cancel that lands then into a Crashed run (seen in CI)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        # None: a handler set outside Python, which cannot be put back from here.
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)  # its handler runs here: the KeyboardInterrupt is raised now
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self.local = threading.local()  # .active: this thread is the write thread
+
+    def submit(self, fn: Callable[[], R]) -> Future[R]:
+        future: Future[R] = Future()
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child (it has no such thread)
+                threading.Thread(target=self._serve, name="mlflow-write", daemon=True).start()
+                self._pid = os.getpid()
+        self._jobs.put((fn, future))
+        return future
+
+    def _serve(self) -> None:
+        self.local.active = True
+        while True:
+            fn, future = self._jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # the caller gets it, this thread goes on
+                future.set_exception(err)
+
+    def drain(self, timeout: float = 120.0) -> None:
+        """Wait for the writes queued so far (at exit: a stop's caller may have left one running)."""
+        if self._pid == os.getpid():
+            with contextlib.suppress(TimeoutError):
+                self.submit(lambda: None).result(timeout)
+
+
+_writes = _WriteThread()
+atexit.register(_writes.drain)
+
+
+def write_whole(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run `fn` (an MLflow write, or one that must not stop half-way) on the process's MLflow write
+    thread and wait for it.
+
+    A stop (Ctrl-C's KeyboardInterrupt, a cancel's SIGTERM that Prefect raises as its
+    TerminationSignal) is raised by Python in the main thread, wherever it is. Raised inside
+    SQLAlchemy's commit it leaves sqlite's write lock held by a transaction this process never ends:
+    a version half-made, and the stop itself unable to end the run KILLED ("database is locked").
+    Here it lands in the wait instead: the write finishes on its own thread, and the stop's
+    `close("KILLED")` queues behind it on the same thread. No signal handler is touched (Prefect
+    commits a cancel only while its own SIGTERM handler is installed; it checks by identity).
+    Writes made from the write thread itself (one inside another) run in place."""
+    if getattr(_writes.local, "active", False):
+        return fn(*args, **kwargs)
+    context = contextvars.copy_context()  # Prefect's run context (get_run_logger) goes along
+    return _writes.submit(functools.partial(context.run, fn, *args, **kwargs)).result()
 
 
 def uninterrupted(fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn` (an MLflow write) runs whole under interrupts_deferred."""
+    """`fn` (an MLflow write) runs whole on the write thread (write_whole)."""
 
     @functools.wraps(fn)
     def whole(*args: P.args, **kwargs: P.kwargs) -> R:
-        with interrupts_deferred():
-            return fn(*args, **kwargs)
+        return write_whole(fn, *args, **kwargs)
 
     return whole
 
@@ -185,7 +220,7 @@ def register_checkpoint(
     `models:/<name>@latest` to the newest version by itself; we set `last_saved` on every version and
     move `best` only when `best_metric` improves on the version `best` points at now, across runs.
     """
-    # Ctrl-C between the version and its aliases would leave it half-made: it waits (uninterrupted).
+    # A stop between the version and its aliases would leave it half-made: it waits (uninterrupted).
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
@@ -277,6 +312,7 @@ def versions_for_source(tracking_uri: str, model_name: str, folder: str) -> list
     return versions_by_folder(tracking_uri, model_name, [folder])[Path(folder)]
 
 
+@uninterrupted
 def delete_versions(tracking_uri: str, model_name: str, versions: list[int]) -> None:
     client = _client(tracking_uri)
     for v in versions:
