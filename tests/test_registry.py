@@ -3,6 +3,7 @@ find a checkpoint's versions; a registered checkpoint folder is a real MLflow mo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,53 @@ from sft_core.tracking.mlflow_tracker import (
     register_checkpoint,
     versions_for_source,
 )
+
+
+def test_another_process_cannot_register_between_reading_best_and_moving_it(tmp_path):
+    """Two runs sharing one store (a sweep, a scheduled retrain beside a manual run): run A reads
+    `best` (none yet) and is held there 2 s while run B registers a better version. Unlocked, A then
+    set `best` to its worse version; with the registry lock B waits for A and then takes `best`."""
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("e", (tmp_path / "art").as_uri())).info.run_id
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    read = tmp_path / "a-read-best"
+    code = (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from mlflow import MlflowClient\n"
+        "from sft_core.tracking.mlflow_tracker import register_checkpoint\n"
+        "by_alias = MlflowClient.get_model_version_by_alias\n"
+        "def held(self, *args, **kwargs):  # A is held right after reading `best`\n"
+        "    try:\n"
+        "        return by_alias(self, *args, **kwargs)\n"
+        "    finally:\n"
+        f"        Path({str(read)!r}).touch()\n"
+        "        time.sleep(2)\n"
+        "MlflowClient.get_model_version_by_alias = held\n"
+        f"print(register_checkpoint({uri!r}, 'm', {str(tmp_path / 'a')!r}, {run_id!r}, 1, {{'val_loss': 2.0}}).version)\n"
+    )
+    a = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not read.exists():
+        assert a.poll() is None, a.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    b = register_checkpoint(uri, "m", str(tmp_path / "b"), run_id, 2, {"val_loss": 1.0})
+    out, err = a.communicate(timeout=120)
+    assert a.returncode == 0, err
+    assert int(out) == 1 and b.version == 2 and b.is_best
+    assert int(client.get_model_version_by_alias("m", "best").version) == 2
 
 
 @pytest.mark.parametrize("greater_is_better", [False, True])
@@ -199,3 +247,23 @@ def test_a_new_tracking_database_without_hard_links_is_made_by_mlflow(tmp_path, 
     tracker = MLflowTracker(f"sqlite:///{db}", "exp", str(tmp_path / "art"), "run", {})
     assert db.is_file() and sorted(os.listdir(db.parent)) == ["mlflow.db"]  # no staged copy left
     assert MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(tracker.run_id).info.run_name == "run"
+
+
+def test_a_registry_lock_held_by_a_frozen_process_is_passed_over_with_a_warning(tmp_path, caplog):
+    import fcntl
+    import logging
+
+    from sft_core.tracking.mlflow_store import registry_lock
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with open(tmp_path / "mlflow.db.registry.lock", "w") as holder:  # a holder that never lets go
+        holder.write("4242")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        entered = []
+        with caplog.at_level(logging.WARNING), registry_lock(uri, wait_s=0.3):
+            entered.append(True)
+    assert entered == [True]
+    assert "held for 0 s by process 4242" in caplog.text and "registering without it" in caplog.text
+    with registry_lock(uri, wait_s=0.3):  # free again: taken at once, naming this process
+        assert (tmp_path / "mlflow.db.registry.lock").read_text() == str(os.getpid())

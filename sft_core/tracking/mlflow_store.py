@@ -8,9 +8,14 @@ Default experiment, with this store's own artifact root, when it first opens it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import shutil
 import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sft_core.home import mlflow_templates
@@ -27,6 +32,45 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     if not rest or rest == ":memory:" or "?" in rest:
         return None
     return Path(rest)
+
+
+@contextlib.contextmanager
+def registry_lock(tracking_uri: str, wait_s: float = 300.0) -> Iterator[None]:
+    """One registration at a time across the processes of this host that use one sqlite store.
+    Moving `best` reads the version it points at, then sets the alias: another run's registration
+    falling between the two would have its better version lose `best` to a worse one. The lock is
+    a file beside the database (`<db>.registry.lock`, holding the holder's pid). A holder that keeps
+    it `wait_s` (frozen) is logged and passed over: the registration is not lost. Other stores (a
+    tracking server) get no lock."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.registry.lock"), "a+") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    f.seek(0)
+                    logging.getLogger(__name__).warning(
+                        "%s has been held for %.0f s by process %s; registering without it (a "
+                        "concurrent registration could then move `best` out of order)",
+                        f.name, wait_s, f.read().strip() or "?",
+                    )  # fmt: skip
+                    yield
+                    return
+                time.sleep(0.05)
+        try:
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def seed_sqlite(tracking_uri: str) -> None:

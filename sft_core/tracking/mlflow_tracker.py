@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from sft_core.tracking import flatten
-from sft_core.tracking.mlflow_store import seed_sqlite
+from sft_core.tracking.mlflow_store import registry_lock, seed_sqlite
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -221,9 +221,28 @@ def register_checkpoint(
     move `best` only when `best_metric` improves on the version `best` points at now, across runs.
     """
     # A stop between the version and its aliases would leave it half-made: it waits (uninterrupted).
+    # Another process's registration between reading `best` and moving it would be lost: locked.
+    with registry_lock(tracking_uri):
+        return _register(
+            _client(tracking_uri), model_name, checkpoint_dir, run_id, step, metrics, tags, description,
+            best_metric, greater_is_better,
+        )  # fmt: skip
+
+
+def _register(
+    client: MlflowClient,
+    model_name: str,
+    checkpoint_dir: str,
+    run_id: str,
+    step: int,
+    metrics: dict[str, float],
+    tags: dict[str, str] | None,
+    description: str,
+    best_metric: str,
+    greater_is_better: bool,
+) -> RegisteredVersion:
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
     try:
         client.get_registered_model(model_name)
     except MlflowException:
