@@ -10,7 +10,8 @@ by the run's own watch, flows/cancel_watch.py; the UI offers Cancel only for dep
 it at once, with the actors killed, its MLflow run KILLED and its run folder free for
 `resume_from_checkpoint=auto`; the command exits with 128 + the signal (130, 143) and a cancelled
 flow run ends Cancelled. SIGTERMs after the first are ignored while the run cleans up (a second
-Ctrl-C is not).
+Ctrl-C is not). A Prefect server that stops answering mid-run ends it with exit code 75
+(EX_TEMPFAIL: start it again with resume_from_checkpoint=auto).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from flows.runtime import ensure_server, server_running, set_local_defaults, stop_server
+from flows.runtime import ensure_server, lost_prefect_api, server_running, set_local_defaults, stop_server
 from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
 from sft_core.preflight import check_run_config, preflight
 from sft_core.secrets import move_secrets_to_env
+
+EXIT_LOST_SERVER = 75  # sysexits' EX_TEMPFAIL: the run can be started again as it is
 
 
 def _server_then_ray() -> None:
@@ -166,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.config_name, args.overrides, args.config_path)
     except Exception as exc:
         user = user_error_in(exc)
+        if user is None and (lost := lost_prefect_api(exc)) is not None:
+            print(f"\nsft: error: the Prefect server ({os.environ.get('PREFECT_API_URL')}) stopped answering "
+                  f"({type(lost).__name__}: {lost}), so the run stopped; its MLflow run is FAILED. Start "
+                  "the run again with resume_from_checkpoint=auto: it continues from the newest "
+                  "checkpoint and sets the interrupted flow run to Crashed.", file=sys.stderr)  # fmt: skip
+            return EXIT_LOST_SERVER
         if user is None:
             raise  # a bug, not a user mistake: keep the traceback
         print(f"\nsft: error: {user}", file=sys.stderr)

@@ -152,6 +152,20 @@ def stop_server() -> bool:
     return True
 
 
+def lost_prefect_api(err: BaseException | None) -> BaseException | None:
+    """The connection failure behind `err` when it is the Prefect API that stopped answering (a
+    server stopped or restarted mid-run; Prefect's client has retried by then), else None."""
+    import httpx
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, httpx.TransportError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def mark_crashed(flow_run_id: str, why: str) -> bool:
     """Set a flow run that can no longer be running to Crashed, unless its state is final already. A
     process killed with SIGKILL cannot report its own end: its run would stay RUNNING, which the UI

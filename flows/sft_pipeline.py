@@ -19,7 +19,7 @@ from flows.artifacts import publish_run_artifacts
 from flows.cancel_watch import cancel_from_the_server, ignore_further_sigterm
 from flows.cluster_launch import ClusterLaunch
 from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
-from flows.runtime import mark_crashed
+from flows.runtime import lost_prefect_api, mark_crashed
 from flows.validate import validate
 from sft_core.cluster.cluster import Cluster, WorkerFailure
 from sft_core.config import SFTConfig
@@ -163,9 +163,12 @@ def report_crashed_holder(lock: RunLock, flow_run_id: str) -> None:
     dead = (lock.crashed or {}).get("flow_run_id")
     if not dead or dead == flow_run_id:  # a retry of that very flow run: its own state is current
         return
-    _set_crashed(
-        dead, f"its process (pid {lock.crashed.get('pid')}) died while training into {lock.path.parent}"
-    )
+    _set_crashed(dead, ended_why(lock.crashed or {}, lock.path.parent))
+
+
+def ended_why(holder: dict[str, Any], folder: Path) -> str:
+    """Why a run folder's holder never recorded its end: as it said when it left, else it died."""
+    return holder.get("why") or f"its process (pid {holder.get('pid')}) died while training into {folder}"
 
 
 def _set_crashed(flow_run: str, why: str) -> None:
@@ -183,7 +186,7 @@ def report_runs_that_died(output_dir: str, current: RunFolder, mlflow_run: MLflo
     nothing else would do (a run resuming such a folder does the first and continues the second)."""
     logger = get_run_logger()
     for run, holder in died_holding(output_dir, current.root):
-        why = f"its process (pid {holder.get('pid')}) died while training into {run.root}"
+        why = ended_why(holder, run.root)
         if flow_run := holder.get("flow_run_id"):
             _set_crashed(flow_run, why)
         mlflow_run_id = run.info().get("mlflow_run_id")
@@ -419,6 +422,11 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
             if stopped_from_outside(err):
                 ignore_further_sigterm()
                 status = "KILLED"
+            elif lost_api := lost_prefect_api(err):
+                lock.leave_named(
+                    f"the Prefect server stopped answering during the run ({lost_api}), so its flow run "
+                    f"could not be ended; the run stopped with its newest checkpoint in {plan.run.root}"
+                )
             raise
         finally:
             trackers.close(status)

@@ -383,3 +383,63 @@ def test_a_cancel_the_worker_never_delivers_still_stops_the_run(fresh_prefect_se
             os.kill(worker.pid, signal.SIGCONT)
         stop_process_group(worker.pid)
         kill_ray_started_since(before, left)
+
+
+def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_resume(tmp_path: Path):
+    """The operator stops (or loses) the Prefect server while a run trains. The run stops with one
+    clear message and exit code 75, its MLflow run FAILED and no Ray left; its flow run, which
+    nobody could end, is set to Crashed (with the reason) by the next run, which resumes."""
+    from flows.runtime import free_port, start_server
+    from sft_core.train.run_folder import RunFolder
+
+    home, port = tmp_path / "prefect-home", free_port()
+    api_url, server = start_server(home, port)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
+               f"logging_dir={out}/tb", "sft_train.training_args.max_steps=30", "save_steps=4",
+               "eval_steps=30"]  # fmt: skip
+    before = ray_processes()
+    try:
+        with (tmp_path / "first.log").open("w") as log:
+            # Prefect's client retries a lost server with backoff for ~a minute before giving up.
+            quick = {**env, "PREFECT_CLIENT_MAX_RETRIES": "1"}
+            sft = subprocess.Popen(command, cwd=tmp_path, env=quick, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            wait_for(
+                "checkpoint-4",
+                lambda: sft.poll() is not None or list(out.glob("runs/*/sft_train/checkpoint-4")),
+                400,
+            )
+            stop_process_group(server.pid)
+            assert sft.wait(timeout=300) == 75, (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            stop_process_group(sft.pid)
+        text = (tmp_path / "first.log").read_text()
+        assert f"sft: error: the Prefect server ({api_url}) stopped answering" in text, text[-3000:]
+        assert ray_left_after(before, 30) == {}
+        run = RunFolder(run_folders(out)[0])
+        newest = max(int(c.name.split("-")[1]) for c in (run.root / "sft_train").glob("checkpoint-*"))
+        assert 4 <= newest < 30
+        record = json.loads((run.root / ".lock").read_text())
+        assert "the Prefect server stopped answering" in record["why"]
+        flow_run_id = record["flow_run_id"]
+        assert mlflow_statuses(out, flow_run_id) == ["FAILED"]
+
+        api_url, server = start_server(home, port)  # the same server back, as the operator would
+        again = subprocess.run([*command, "resume_from_checkpoint=auto"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        resumed = f"resuming from {run.root}/sft_train/checkpoint-{newest} (global step {newest})"
+        assert resumed in again.stderr, again.stderr[-3000:]
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            state = flow_run_state(flow_run_id)
+        assert state.is_crashed() and "stopped answering" in (state.message or ""), state
+        assert (run.root / "sft_train" / "checkpoint-30").is_dir()
+    finally:
+        stop_process_group(server.pid)
+        kill_ray_started_since(before, {})

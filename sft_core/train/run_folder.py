@@ -190,7 +190,8 @@ class RunLock:
 
     flock is released by the kernel when the holder exits, killed or not, so a retry after a crash
     never finds a stale lock; a live holder is named in the error. A holder that exits cleanly
-    empties the file: one still named there when the lock is taken died holding it (`crashed`).
+    empties the file: one still named there when the lock is taken died holding it (`crashed`), or
+    left it named on purpose (`leave_named`), with the reason under "why".
     """
 
     def __init__(self, run: RunFolder, holder: dict[str, Any]):
@@ -199,6 +200,12 @@ class RunLock:
                        "since": time.time(), **holder}  # fmt: skip
         self.crashed: dict[str, Any] | None = None
         self._fd: int | None = None
+        self._left_named_because: str | None = None
+
+    def leave_named(self, why: str) -> None:
+        """On release, keep this holder named in the lock, as if it had died holding it: for a run
+        whose end its orchestrator could not record (the next run in output_dir records it)."""
+        self._left_named_because = why
 
     def __enter__(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -222,6 +229,9 @@ class RunLock:
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
+            if self._left_named_because:
+                record = {**self.holder, "why": self._left_named_because}
+                os.pwrite(self._fd, json.dumps(record).encode(), 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
