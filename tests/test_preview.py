@@ -49,3 +49,21 @@ def test_preview_says_how_many_rows_it_skipped_and_why(tmp_path):
     assert result.stdout.count("── sample") == 2
     assert "skipped 2 bad row(s) of 4 read" in result.stderr
     assert "field 'output' (response_key) is missing" in result.stderr and "not valid JSON" in result.stderr
+
+
+def test_preview_of_a_split_with_no_usable_sample_fails_as_a_run_would(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "hi", "output": ""}\n')
+    empty = run_cli(
+        ["preview", "+experiment=smoke", f"sft_train.data_args.file_name={tmp_path}/empty.jsonl"], tmp_path
+    )
+    assert empty.returncode == 2, empty.stdout + empty.stderr
+    assert f"no usable samples in {tmp_path}/empty.jsonl" in empty.stderr and "hold no rows" in empty.stderr
+    bad = run_cli(
+        ["preview", "+experiment=smoke", f"validation.data_args.file_name={tmp_path}/bad.jsonl",
+         "+validation.data_args.on_bad_row=skip", "--split", "validation"],
+        tmp_path,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "(config key 'validation.data_args.file_name'): 1 rows read, 1 bad rows skipped" in bad.stderr
+    assert "field 'output' (response_key) is empty" in bad.stderr

@@ -224,6 +224,17 @@ def encode_files(
     return EncodedData.from_samples(all_ids, all_labels), stats
 
 
+def no_samples_message(
+    files: list[str], config_key: str, stats: EncodeStats, rejects: Path | None = None
+) -> str:
+    where = f"no usable samples in {', '.join(files)} (config key '{config_key}')"
+    if not stats.rows:
+        return f"{where}: the file(s) hold no rows."
+    why = f"{stats.rejected} bad rows skipped ({stats.reasons()}), " if stats.rejected else ""
+    listed = f" Each rejected row is listed in {rejects}." if rejects is not None and stats.rejected else ""
+    return f"{where}: {stats.rows} rows read, {why}{stats.dropped} too long and dropped.{listed}"
+
+
 def encode_to_dir(
     files: list[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -239,10 +250,6 @@ def encode_to_dir(
     write_jsonl(stats.report, out / "length_report.jsonl")
     write_jsonl(stats.rejects, out / "rejects.jsonl")
     if not len(data):
-        why = f"{stats.rejected} bad rows skipped ({stats.reasons()}), " if stats.rejected else ""
-        raise DataError(
-            f"no usable samples in {', '.join(files)} (config key '{spec.config_key}'): {stats.rows} rows read, "
-            f"{why}{stats.dropped} too long and dropped. Each rejected row is listed in {out / 'rejects.jsonl'}."
-        )
+        raise DataError(no_samples_message(files, spec.config_key, stats, out / "rejects.jsonl"))
     data.save(out / "encoded.npz")
     return stats
