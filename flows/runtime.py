@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -152,16 +153,28 @@ def stop_server() -> bool:
     return True
 
 
-def lost_prefect_api(err: BaseException | None) -> BaseException | None:
-    """The connection failure behind `err` when it is the Prefect API that stopped answering (a
-    server stopped or restarted mid-run; Prefect's client has retried by then), else None."""
+def lost_prefect_api(err: BaseException | None, api_url: str | None = None) -> BaseException | None:
+    """The connection failure behind `err` when it is the Prefect API (`api_url`, by default the
+    configured one) that stopped answering: a server stopped or restarted mid-run, after Prefect's
+    client retried. A failed request to anywhere else (a model hub) is not one."""
     import httpx
+    from prefect.settings import PREFECT_API_URL
 
+    api = urllib.parse.urlsplit(api_url or PREFECT_API_URL.value() or "")
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, httpx.TransportError):
-            return err
+            try:
+                url = err.request.url
+            except RuntimeError:  # raised outside a client's request: whose is unknown
+                url = None
+            if (
+                url is not None
+                and api.netloc
+                and (url.scheme, url.netloc.decode()) == (api.scheme, api.netloc)
+            ):
+                return err
         err = err.__cause__ or err.__context__
     return None
 

@@ -421,6 +421,32 @@ def test_a_write_left_running_by_a_stop_is_finished_at_exit_and_never_holds_the_
     assert out.stdout == "first write\n" and done.read_text() == "x"
 
 
+def test_only_a_failed_request_to_the_prefect_api_reads_as_a_lost_server():
+    """The CLI's "Prefect server stopped answering" (exit 75) must not be said of another host's
+    failure, such as a model hub's (huggingface_hub speaks httpx too)."""
+    import httpx
+
+    from flows.runtime import free_port, lost_prefect_api
+
+    def failure(url: str) -> BaseException:
+        try:
+            try:
+                httpx.Client().get(url)
+            except httpx.TransportError as err:
+                raise RuntimeError("a task failed") from err  # as Prefect wraps it
+        except RuntimeError as wrapped:
+            return wrapped
+        raise AssertionError(f"{url} answered")
+
+    port = free_port()
+    other = next(p for p in iter(free_port, None) if p != port)
+    api = f"http://127.0.0.1:{port}/api"
+    assert isinstance(lost_prefect_api(failure(f"{api}/flow_runs/"), api), httpx.ConnectError)
+    assert lost_prefect_api(failure(f"http://127.0.0.1:{other}/models/x"), api) is None
+    assert lost_prefect_api(httpx.ConnectError("no request known"), api) is None
+    assert lost_prefect_api(ValueError("unrelated"), api) is None
+
+
 def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_path):
     import os
     import subprocess
