@@ -73,19 +73,13 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
 
 def preview(args: argparse.Namespace) -> None:
     """Encode the first samples exactly as a run would (no server, no Ray) and print them."""
-    from sft_core.data.encode import no_samples_message
     from sft_core.data.preview import encode_preview, preview_lines, skipped_summary
-    from sft_core.data.spec import EncodeSpec
-    from sft_core.errors import DataError
     from sft_core.model.resolve import load_tokenizer, resolve_pretrained
 
     cfg = load_config(args.config_name, args.overrides, args.config_path)
     preflight(cfg)
     tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))
     samples, stats = encode_preview(cfg, tokenizer, args.n, args.split)
-    if not samples:  # as a run would stop
-        files = cfg.sft_train.data_args.files() if args.split == "train" else cfg.validation_files
-        raise DataError(no_samples_message(files, EncodeSpec.from_config(cfg, args.split).config_key, stats))
     for line in preview_lines(cfg, tokenizer, samples, args.json, color=sys.stdout.isatty()):
         print(line)
     for line in skipped_summary(stats):

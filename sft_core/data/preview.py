@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, TypedDict
 
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
-from sft_core.data.encode import EncodeStats, iter_encoded
+from sft_core.data.encode import EncodeStats, iter_encoded, no_samples_message
 from sft_core.data.packing import build_row, plan_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData
+from sft_core.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,11 +41,13 @@ def encode_preview(
     cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int, split: str = "train"
 ) -> tuple[list[Sample], EncodeStats]:
     """The first `n` usable samples of the split, encoded exactly as training encodes them, and
-    the counts of the rows read up to there (skipped bad rows, dropped samples)."""
+    the counts of the rows read up to there (skipped bad rows, dropped samples). A split without
+    any usable sample is the DataError a run would stop with."""
     files = cfg.sft_train.data_args.files() if split == "train" else cfg.validation_files
     samples: list[Sample] = []
     stats = EncodeStats()
-    encoded = iter_encoded(files, tokenizer, EncodeSpec.from_config(cfg, split), stats)
+    spec = EncodeSpec.from_config(cfg, split)
+    encoded = iter_encoded(files, tokenizer, spec, stats)
     for row, ids, labels in encoded:
         samples.append(
             {
@@ -56,6 +59,8 @@ def encode_preview(
         )
         if len(samples) >= n:
             break
+    if not samples:
+        raise DataError(no_samples_message(files, spec.config_key, stats))
     return samples, stats
 
 

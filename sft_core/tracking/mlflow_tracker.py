@@ -222,64 +222,47 @@ def register_checkpoint(
     """
     # A stop between the version and its aliases would leave it half-made: it waits (uninterrupted).
     # Another process's registration between reading `best` and moving it would be lost: locked.
-    with registry_lock(tracking_uri):
-        return _register(
-            _client(tracking_uri), model_name, checkpoint_dir, run_id, step, metrics, tags, description,
-            best_metric, greater_is_better,
-        )  # fmt: skip
-
-
-def _register(
-    client: MlflowClient,
-    model_name: str,
-    checkpoint_dir: str,
-    run_id: str,
-    step: int,
-    metrics: dict[str, float],
-    tags: dict[str, str] | None,
-    description: str,
-    best_metric: str,
-    greater_is_better: bool,
-) -> RegisteredVersion:
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        client.create_registered_model(model_name, description=description)
-    all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
-    source = Path(checkpoint_dir).as_uri()
-    # A retried registration (the task's retries, a flow retry) takes the version it made before.
-    existing = [
-        v
-        for v in client.search_model_versions(name_filter(model_name))
-        if v.source == source and v.run_id == run_id
-    ]
-    version = existing[0] if existing else client.create_model_version(
-        model_name,
-        source=source,
-        run_id=run_id,
-        tags=all_tags,
-        description=f"checkpoint at global step {step}",
-    )  # fmt: skip
-    if description:
-        client.update_registered_model(model_name, description=description)
-    client.set_registered_model_alias(model_name, "last_saved", version.version)
-    value = metrics.get(best_metric)
-    is_best = False
-    if value is not None:
+    with registry_lock(tracking_uri):
+        client = _client(tracking_uri)
         try:
-            current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
+            client.get_registered_model(model_name)
         except MlflowException:
-            current = None
-        tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
-        better = current is None or (
-            tagged > float(current) if greater_is_better else tagged < float(current)
-        )  # ties keep the earlier version
-        if better:
-            client.set_registered_model_alias(model_name, "best", version.version)
-            is_best = True
-    return RegisteredVersion(int(version.version), is_best)
+            client.create_registered_model(model_name, description=description)
+        all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
+        source = Path(checkpoint_dir).as_uri()
+        # A retried registration (the task's retries, a flow retry) takes the version it made before.
+        existing = [
+            v
+            for v in client.search_model_versions(name_filter(model_name))
+            if v.source == source and v.run_id == run_id
+        ]
+        version = existing[0] if existing else client.create_model_version(
+            model_name,
+            source=source,
+            run_id=run_id,
+            tags=all_tags,
+            description=f"checkpoint at global step {step}",
+        )  # fmt: skip
+        if description:
+            client.update_registered_model(model_name, description=description)
+        client.set_registered_model_alias(model_name, "last_saved", version.version)
+        value = metrics.get(best_metric)
+        is_best = False
+        if value is not None:
+            try:
+                current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
+            except MlflowException:
+                current = None
+            tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
+            better = current is None or (
+                tagged > float(current) if greater_is_better else tagged < float(current)
+            )  # ties keep the earlier version
+            if better:
+                client.set_registered_model_alias(model_name, "best", version.version)
+                is_best = True
+        return RegisteredVersion(int(version.version), is_best)
 
 
 def source_path(source: str | None) -> Path | None:
