@@ -94,7 +94,12 @@ class DataArgs(StrictModel):
     truncate_keep_end_token: bool = False
     # A row that cannot be used: stop naming file, row and field, or skip it into a rejects file.
     on_bad_row: Literal["error", "skip"] = "error"
-    supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    # Which answers are trained: every assistant turn of a row in one sample, the last one only, or
+    # each in a sample of its own (the conversation up to it, rendered as inference renders it: for
+    # templates that show history otherwise than the newest turn, e.g. Qwen3 dropping old reasoning).
+    supervise: Literal["all_assistant_turns", "last_assistant_turn", "each_assistant_turn_as_sample"] = (
+        "all_assistant_turns"
+    )
     # An empty <think></think> block (Qwen3's non-thinking format) teaches only the format: masked
     # unless this asks for it.
     supervise_empty_think: bool = False

@@ -79,7 +79,7 @@ def test_a_mixed_file_loses_no_row_and_names_every_reason(tmp_path, smollm2_toke
     line_of = {i: kind for i, (_, kind) in enumerate(ROWS, start=1)}
 
     assert stats.rows == rows_in == len(encoded) + stats.rejected + stats.dropped
-    assert [row.index for row, *_ in encoded] == [i for i, k in line_of.items() if k is None]
+    assert [sample.row.index for sample in encoded] == [i for i, k in line_of.items() if k is None]
     assert [e["row"] for e in stats.report] == [i for i, k in line_of.items() if k == "drop"]
     rejected = {r["row"]: r["reason"] for r in stats.rejects}
     assert set(rejected) == {i for i, k in line_of.items() if k not in (None, "drop", "blank")}
@@ -88,8 +88,8 @@ def test_a_mixed_file_loses_no_row_and_names_every_reason(tmp_path, smollm2_toke
     # The rejects keep the row as read (undecodable bytes shown escaped, never lost).
     assert "\\xff" in json.dumps(next(r for r in stats.rejects if r["row"] == 4)["data"])
 
-    texts = {row.index: tok.decode(ids) for row, ids, _ in encoded}
-    supervised = {row.index: tok.decode([t for t in lab if t != IGNORE_INDEX]) for row, _, lab in encoded}
+    texts = {s.row.index: tok.decode(s.input_ids) for s in encoded}
+    supervised = {s.row.index: tok.decode([t for t in s.labels if t != IGNORE_INDEX]) for s in encoded}
     assert texts[1].startswith("<|im_start|>user\na<|im_end|>")  # the BOM did not reach the text
     assert "<|im_start|>system\nTerse.<|im_end|>" in texts[15]  # ShareGPT's top-level system, via system_key
     assert supervised[15] == "hey\n<|im_end|>"  # the end-of-turn token after a trailing newline

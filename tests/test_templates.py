@@ -5,6 +5,7 @@ random conversations, and agreement with transformers' own assistant mask where 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -182,7 +183,9 @@ def test_a_template_that_drops_reasoning_from_history_trains_the_last_turn_as_at
         {"role": "user", "content": "A calm one?"}, {"role": "assistant", "content": second},
     ]  # fmt: skip
     # Every turn in one sample would train the first answer in a context inference never shows.
-    with pytest.raises(DataError, match=r"renders turn 2 differently.*supervise=last_assistant_turn"):
+    with pytest.raises(
+        DataError, match=r"renders turn 2 differently.*supervise=each_assistant_turn_as_sample"
+    ):
         encode_messages(tok, template, chat, "t", "all_assistant_turns")
     ids, labels = encode_messages(tok, template, chat, "t", "last_assistant_turn")
     assert supervised(tok, ids, labels) == trained
@@ -191,6 +194,97 @@ def test_a_template_that_drops_reasoning_from_history_trains_the_last_turn_as_at
     prompt = tok(template.render(tok, chat[:3], add_generation_prompt=True), add_special_tokens=False)
     assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]
     assert "Warm." not in tok.decode(ids) and "<|im_start|>assistant\nRed.<|im_end|>" in tok.decode(ids)
+
+
+def test_each_answer_as_a_sample_of_its_own_trains_every_turn_in_its_inference_context(
+    tmp_path, smollm2_tokenizer
+):
+    """A template that drops old reasoning refuses every turn in one sample; with
+    each_assistant_turn_as_sample a row of three answers gives three samples, each the conversation
+    up to one answer, rendered and tokenized exactly as inference gives it, that answer alone trained
+    (its own reasoning included)."""
+    import json
+
+    from sft_core.data.encode import encode_files
+    from sft_core.data.spec import EncodeSpec
+
+    tok = smollm2_tokenizer
+    path = tmp_path / "history_without_reasoning.jinja"
+    path.write_text(HISTORY_WITHOUT_REASONING)
+    template = get_template(str(path), tok)
+    chat = [
+        {"role": "user", "content": "A warm colour?"}, {"role": "assistant", "content": "<think>\nWarm.\n</think>\n\nRed."},
+        {"role": "user", "content": "A calm one?"}, {"role": "assistant", "content": "<think>\nCalm.\n</think>\n\nBlue."},
+        {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green."},
+    ]  # fmt: skip
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": chat[:2]}) + "\n")
+    spec = EncodeSpec(512, str(path), supervise="each_assistant_turn_as_sample")
+    encoded, stats = encode_files([str(data)], tok, spec)
+    assert (stats.rows, stats.samples, stats.rejected, stats.dropped) == (2, 4, 0, 0)
+    trained = [
+        "<think>\nWarm.\n</think>\n\nRed.<|im_end|>",
+        "<think>\nCalm.\n</think>\n\nBlue.<|im_end|>",
+        "Green.<|im_end|>",  # the empty think block the template writes is not trained
+        "<think>\nWarm.\n</think>\n\nRed.<|im_end|>",
+    ]
+    ends = [2, 4, 6, 2]
+    for k, (answer, end) in enumerate(zip(trained, ends, strict=True)):
+        ids, labels = (a.tolist() for a in encoded.sample(k))
+        assert supervised(tok, ids, labels) == answer
+        # Exactly the last-turn encoding of the conversation cut after that answer ...
+        assert (ids, labels) == encode_messages(tok, template, chat[:end], "t", "last_assistant_turn")
+        # ... whose context is what inference gives the model: history without its reasoning.
+        prompt = tok(
+            template.render(tok, chat[: end - 1], add_generation_prompt=True), add_special_tokens=False
+        )
+        assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]
+        assert all(lab == IGNORE_INDEX for lab in labels[: len(prompt["input_ids"])])
+    assert stats.supervised_tokens == sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in trained)
+
+
+def test_each_answer_as_a_sample_counts_the_length_policy_per_sample_and_rejects_a_row_whole(
+    tmp_path, smollm2_tokenizer
+):
+    import json
+
+    from sft_core.data.encode import encode_files
+    from sft_core.data.spec import EncodeSpec
+
+    tok = smollm2_tokenizer
+    long = "word " * 40
+    chat = [
+        {"role": "user", "content": "Short?"}, {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Long?"}, {"role": "assistant", "content": long},
+    ]  # fmt: skip
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": chat}) + "\n")
+    first_len = len(
+        encode_messages(tok, get_template("chatml", tok), chat[:2], "t", "last_assistant_turn")[0]
+    )
+    each = {"template": "chatml", "supervise": "each_assistant_turn_as_sample"}
+    # The second answer's sample is too long: dropped and reported with its turn; the first kept.
+    encoded, stats = encode_files([str(data)], tok, EncodeSpec(first_len + 5, length_policy="drop", **each))
+    assert (stats.rows, stats.samples, stats.dropped, len(encoded)) == (1, 1, 1, 1)
+    assert stats.report == [
+        {"file": str(data), "row": 1, "turn": 2, "tokens": stats.report[0]["tokens"],
+         "sequence_length": first_len + 5, "action": "dropped"},
+    ]  # fmt: skip
+    # A cut that leaves the second answer only its end token makes the row bad: none of its
+    # samples is trained (a row is rejected whole), and the reason names the turn.
+    chatml = get_template("chatml", tok)
+    prompt = len(
+        tok(chatml.render(tok, chat[:3], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    )
+    spec = EncodeSpec(prompt + 1, truncate_keep_end_token=True, on_bad_row="skip", **each)
+    encoded, stats = encode_files([str(data)], tok, spec)
+    assert (stats.rows, stats.samples, stats.rejected, len(encoded)) == (1, 0, 1, 0)
+    assert "row 1, assistant turn 2: cut to sequence_length" in stats.rejects[0]["reason"]
+    # One more token: the second answer keeps a token and its end token; both samples are trained.
+    encoded, stats = encode_files([str(data)], tok, replace(spec, sequence_length=prompt + 2))
+    assert (stats.samples, stats.truncated, stats.rejected) == (2, 1, 0)
+    ids, labels = (a.tolist() for a in encoded.sample(1))
+    assert supervised(tok, ids, labels) == "word<|im_end|>"
 
 
 @pytest.mark.parametrize("name", ["native", "chatml", "qwen2_5"])

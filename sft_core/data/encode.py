@@ -27,15 +27,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class EncodeStats:
-    """Every row read ends in exactly one of: a sample, rejected (bad row), dropped (too long)."""
+    """Every row read is rejected (bad row) or gives its samples (one, or one per assistant turn with
+    `each_assistant_turn_as_sample`), each kept or dropped (too long)."""
 
     rows: int = 0
     samples: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
     truncated: int = 0  # samples that were cut (still counted in samples)
-    dropped: int = 0
-    rejected: int = 0
+    dropped: int = 0  # samples
+    rejected: int = 0  # rows
     report: list[dict[str, Any]] = field(default_factory=list)  # each truncated or dropped sample
     rejects: list[dict[str, Any]] = field(default_factory=list)  # each bad row, with its reason
 
@@ -45,35 +46,60 @@ class EncodeStats:
         return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(top))
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One encoded sample and where it comes from: its row, and the assistant turn it ends with
+    when each turn is a sample of its own (`each_assistant_turn_as_sample`; else None)."""
+
+    row: Row
+    turn: int | None
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def where(self) -> str:
+        return self.row.where if self.turn is None else f"{self.row.where}, assistant turn {self.turn}"
+
+
 _CHUNK = 256  # rows per batch: large enough for the batched tokenizer, small enough to stream
 
-Encoded = tuple[Row, "np.ndarray | None", "np.ndarray | None", "str | None"]
+# (row, its samples' (ids, labels), error): a row is rejected whole or gives all its samples.
+Encoded = tuple[Row, "list[tuple[np.ndarray, np.ndarray]]", "str | None"]
+
+
+def _conversations(messages: list[dict[str, str]], supervise: str) -> list[list[dict[str, str]]]:
+    """The conversations a row trains: the row itself, or (each_assistant_turn_as_sample) one per
+    assistant turn, ending with it."""
+    if supervise != "each_assistant_turn_as_sample":
+        return [messages]
+    return [messages[: i + 1] for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
 def _encode_chunk(
     rows: list[Row], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, spec: EncodeSpec
 ) -> list[Encoded]:
-    """(row, ids, labels, error) for each row of a chunk; errors are returned, not raised, so the
+    """(row, samples, error) for each row of a chunk; errors are returned, not raised, so the
     caller applies on_bad_row in row order."""
-    prepared: list[tuple[Row, str | None, list | None, str | None]] = []
+    prepared: list[tuple[Row, list[tuple[str, list[tuple[int, int]]]], str | None]] = []
     reserved = reserved_tokens(tokenizer)
+    # A sample of its own trains its last turn, rendered as inference renders that conversation.
+    supervise = "last_assistant_turn" if spec.supervise == "each_assistant_turn_as_sample" else spec.supervise
     for row in rows:
         try:
             if row.error:
                 raise DataError(f"{row.file}, {row.error}.")
             messages = row_to_messages(row, spec.fields, reserved)
-            text, spans = conversation_spans(tokenizer, template, messages, row.where, spec.supervise)
-            prepared.append((row, text, spans, None))
+            rendered = [
+                conversation_spans(tokenizer, template, conversation, row.where, supervise)
+                for conversation in _conversations(messages, spec.supervise)
+            ]
+            prepared.append((row, rendered, None))
         except DataError as err:
-            prepared.append((row, None, None, str(err)))
-    texts = [text for _, text, _, error in prepared if error is None and text is not None]
-    answers = [span for _, _, span, error in prepared if error is None and span is not None]
-    encoded = iter(tokenize_with_labels(tokenizer, texts, answers) if texts else ())
-    result: list[Encoded] = []
-    for row, *_, error in prepared:
-        ids, labels = next(encoded) if error is None else (None, None)
-        result.append((row, ids, labels, error))
-    return result
+            prepared.append((row, [], str(err)))
+    texts = [text for _, rendered, _ in prepared for text, _ in rendered]
+    spans = [sample_spans for _, rendered, _ in prepared for _, sample_spans in rendered]
+    encoded = iter(tokenize_with_labels(tokenizer, texts, spans) if texts else ())
+    return [(row, [next(encoded) for _ in rendered], error) for row, rendered, error in prepared]
 
 
 # Worker-process state for preprocessing_num_workers > 1 (set once per process by _init_worker).
@@ -114,9 +140,9 @@ def iter_encoded(
     stats: EncodeStats,
     workers: int = 1,
     progress: Progress | None = None,
-) -> Iterator[tuple[Row, np.ndarray, np.ndarray]]:
-    """Yield (row, ids, labels) for every usable row in file order, applying the bad-row and length
-    policies; `progress(stats)` after each chunk. With workers > 1 chunks are encoded in a process
+) -> Iterator[Sample]:
+    """Yield every usable sample in file order, applying the bad-row and length policies;
+    `progress(stats)` after each chunk. With workers > 1 chunks are encoded in a process
     pool (spawned: safe inside Ray)."""
     template = _template(tokenizer, spec)  # an unknown template fails here, before any row is read
     end_token = _end_token_id(tokenizer, template) if spec.truncate_keep_end_token else None
@@ -153,14 +179,16 @@ def _reject(row: Row, error: str, spec: EncodeSpec, stats: EncodeStats) -> None:
     stats.rejects.append({"file": row.file, "row": row.index, "reason": error, "data": row.data})
 
 
-def _keep_end_token(row: Row, ids: np.ndarray, labels: np.ndarray, end_token: int, limit: int) -> str | None:
+def _keep_end_token(
+    where: str, ids: np.ndarray, labels: np.ndarray, end_token: int, limit: int
+) -> str | None:
     """Write the end token over the last token of a cut answer, in place; the reason the row is bad
     if that token was the answer's only one (the sample would teach an empty answer)."""
     if labels[-1] == IGNORE_INDEX:  # the cut fell outside an answer: nothing to end
         return None
     if len(labels) < 2 or labels[-2] == IGNORE_INDEX:
         return (
-            f"{row.where}: cut to sequence_length={limit} (truncate_keep_end_token), the last answer keeps "
+            f"{where}: cut to sequence_length={limit} (truncate_keep_end_token), the last answer keeps "
             "no token of its own, only the end token, so it would teach an empty answer. Raise "
             "sequence_length, shorten the prompt, or use length_policy=drop."
         )
@@ -170,34 +198,51 @@ def _keep_end_token(row: Row, ids: np.ndarray, labels: np.ndarray, end_token: in
 
 def _apply_policies(
     chunk: list[Encoded], spec: EncodeSpec, end_token: int | None, stats: EncodeStats
-) -> Iterator[tuple[Row, np.ndarray, np.ndarray]]:
-    for row, ids, labels, error in chunk:
+) -> Iterator[Sample]:
+    expanded = spec.supervise == "each_assistant_turn_as_sample"
+    for row, samples, error in chunk:
         stats.rows += 1
-        if error is not None:
+        kept: list[Sample] = []
+        report: list[dict[str, Any]] = []  # its cut or dropped samples
+        for k, (ids, labels) in enumerate(samples):
+            sample = Sample(row, k + 1 if expanded else None, ids, labels)
+            error = error or _fit(sample, spec, end_token, kept, report)
+        if error is not None:  # the whole row: none of its samples is trained
             _reject(row, error, spec, stats)
             continue
-        assert ids is not None and labels is not None
-        limit = spec.sequence_length
-        if len(ids) > limit:
-            entry = {"file": row.file, "row": row.index, "tokens": len(ids), "sequence_length": limit}
-            if spec.length_policy == "error":
-                raise DataError(
-                    f"{row.where}: the sample has {len(ids)} tokens, more than sequence_length={limit} "
-                    f"({spec.args_key}.length_policy=error). Raise sequence_length or use truncate/drop."
-                )
-            if spec.length_policy == "truncate":
-                ids, labels = ids[:limit].copy(), labels[:limit].copy()
-                if end_token is not None and (error := _keep_end_token(row, ids, labels, end_token, limit)):
-                    _reject(row, error, spec, stats)
-                    continue
-            if spec.length_policy == "drop" or not (labels[1:] != IGNORE_INDEX).any():
-                # Nothing left to learn from after the cut: counted and listed, never trained on.
-                stats.dropped += 1
-                stats.report.append({**entry, "action": "dropped"})
-                continue
-            stats.truncated += 1
-            stats.report.append({**entry, "action": "truncated"})
-        yield row, ids, labels
+        stats.dropped += sum(1 for entry in report if entry["action"] == "dropped")
+        stats.truncated += sum(1 for entry in report if entry["action"] == "truncated")
+        stats.report += report
+        yield from kept
+
+
+def _fit(
+    sample: Sample, spec: EncodeSpec, end_token: int | None, kept: list[Sample], report: list[dict[str, Any]]
+) -> str | None:
+    """The length policy for one sample: kept (maybe cut) or dropped, each cut or drop reported;
+    the reason the row is bad if a cut leaves its answer nothing but the end token."""
+    row, ids, labels, limit = sample.row, sample.input_ids, sample.labels, spec.sequence_length
+    if len(ids) > limit:
+        turn = {} if sample.turn is None else {"turn": sample.turn}
+        entry = {"file": row.file, "row": row.index, **turn, "tokens": len(ids), "sequence_length": limit}
+        if spec.length_policy == "error":
+            raise DataError(
+                f"{sample.where}: the sample has {len(ids)} tokens, more than sequence_length={limit} "
+                f"({spec.args_key}.length_policy=error). Raise sequence_length or use truncate/drop."
+            )
+        if spec.length_policy == "truncate":
+            ids, labels = ids[:limit].copy(), labels[:limit].copy()
+            if end_token is not None and (
+                error := _keep_end_token(sample.where, ids, labels, end_token, limit)
+            ):
+                return error
+        if spec.length_policy == "drop" or not (labels[1:] != IGNORE_INDEX).any():
+            # Nothing left to learn from after the cut: counted and listed, never trained on.
+            report.append({**entry, "action": "dropped"})
+            return None
+        report.append({**entry, "action": "truncated"})
+    kept.append(Sample(row, sample.turn, ids, labels))
+    return None
 
 
 def encode_files(
@@ -213,12 +258,12 @@ def encode_files(
     all_ids: list[np.ndarray] = []
     all_labels: list[np.ndarray] = []
     stats = EncodeStats()
-    for _row, ids, labels in iter_encoded(files, tokenizer, spec, stats, workers, progress):
-        all_ids.append(ids)
-        all_labels.append(labels)
+    for sample in iter_encoded(files, tokenizer, spec, stats, workers, progress):
+        all_ids.append(sample.input_ids)
+        all_labels.append(sample.labels)
         stats.samples += 1
-        stats.tokens += len(ids)
-        stats.supervised_tokens += int((labels[1:] != IGNORE_INDEX).sum())
+        stats.tokens += len(sample.input_ids)
+        stats.supervised_tokens += int((sample.labels[1:] != IGNORE_INDEX).sum())
         if limit and stats.samples >= limit:
             break
     return EncodedData.from_samples(all_ids, all_labels), stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
@@ -28,35 +28,37 @@ if TYPE_CHECKING:
 GREEN, RESET = "\x1b[30;42m", "\x1b[0m"
 
 
-class Sample(TypedDict):
+class Shown(TypedDict):
     """One encoded sample as the preview shows it (and prints it with --json)."""
 
     file: str
     row: int
+    turn: NotRequired[int]  # the assistant turn it ends with (each_assistant_turn_as_sample)
     input_ids: list[int]
     labels: list[int]
 
 
 def encode_preview(
     cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int, split: str = "train"
-) -> tuple[list[Sample], EncodeStats]:
+) -> tuple[list[Shown], EncodeStats]:
     """The first `n` usable samples of the split, encoded exactly as training encodes them, and
     the counts of the rows read up to there (skipped bad rows, dropped samples). A split without
     any usable sample is the DataError a run would stop with."""
     files = cfg.sft_train.data_args.files() if split == "train" else cfg.validation_files
-    samples: list[Sample] = []
+    samples: list[Shown] = []
     stats = EncodeStats()
     spec = EncodeSpec.from_config(cfg, split)
     encoded = iter_encoded(files, tokenizer, spec, stats)
-    for row, ids, labels in encoded:
-        samples.append(
-            {
-                "file": row.file,
-                "row": row.index,
-                "input_ids": [int(i) for i in ids],
-                "labels": [int(x) for x in labels],
-            }
-        )
+    for sample in encoded:
+        shown: Shown = {
+            "file": sample.row.file,
+            "row": sample.row.index,
+            "input_ids": [int(i) for i in sample.input_ids],
+            "labels": [int(x) for x in sample.labels],
+        }
+        if sample.turn is not None:
+            shown["turn"] = sample.turn
+        samples.append(shown)
         if len(samples) >= n:
             break
     if not samples:
@@ -108,7 +110,7 @@ def _mark(text: str, supervised: bool | None, color: bool) -> str:
 def preview_lines(
     cfg: SFTConfig,
     tokenizer: PreTrainedTokenizerBase,
-    samples: list[Sample],
+    samples: list[Shown],
     as_json: bool,
     color: bool,
 ) -> Iterator[str]:
@@ -121,11 +123,15 @@ def preview_lines(
         return
     for i, s in enumerate(samples, start=1):
         supervised = sum(1 for lab in s["labels"] if lab != IGNORE_INDEX)
-        yield f"── sample {i}: {s['file']}, row {s['row']} · {len(s['input_ids'])} tokens, {supervised} supervised"
+        turn = f", assistant turn {s['turn']}" if "turn" in s else ""
+        yield (
+            f"── sample {i}: {s['file']}, row {s['row']}{turn} · {len(s['input_ids'])} tokens, "
+            f"{supervised} supervised"
+        )
         yield render(tokenizer, s["input_ids"], s["labels"], color)
 
 
-def _packed_json(cfg: SFTConfig, samples: list[Sample]) -> Iterator[str]:
+def _packed_json(cfg: SFTConfig, samples: list[Shown]) -> Iterator[str]:
     import numpy as np
 
     lengths = [len(s["input_ids"]) for s in samples]
@@ -139,6 +145,12 @@ def _packed_json(cfg: SFTConfig, samples: list[Sample]) -> Iterator[str]:
     for row in plan.rows:
         ids, labels, positions = build_row(data, row)
         yield json.dumps({
-            "samples": [{"file": samples[i]["file"], "row": samples[i]["row"]} for i in row],
+            "samples": [_origin(samples[i]) for i in row],
             "input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist(),
         })  # fmt: skip
+
+
+def _origin(shown: Shown) -> dict[str, str | int]:
+    """Where a sample comes from: file, row, and its assistant turn when it has one."""
+    turn = {"turn": shown["turn"]} if "turn" in shown else {}
+    return {"file": shown["file"], "row": shown["row"], **turn}

@@ -30,7 +30,9 @@ class EncodeSpec:
     length_policy: Literal["truncate", "drop", "error"] = "truncate"
     truncate_keep_end_token: bool = False  # end a cut answer with the (supervised) end token
     on_bad_row: Literal["error", "skip"] = "error"  # skip: into the rejects file, counted
-    supervise: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    supervise: Literal["all_assistant_turns", "last_assistant_turn", "each_assistant_turn_as_sample"] = (
+        "all_assistant_turns"
+    )
     supervise_empty_think: bool = False
     config_key: str = f"{SPLIT_ARGS['train']}.file_name"  # the key that names these files, in error messages
 

@@ -271,9 +271,10 @@ def supervised_char_spans(
             raise DataError(
                 f"{where}: template '{template.name}' renders turn {i + 1} differently inside the whole "
                 "conversation than on its own (as inference renders it), so its answer cannot be "
-                "trained in place. Supervise the last turn only (supervise=last_assistant_turn: the "
-                "conversation is then rendered as at inference), or use a template whose earlier turns "
-                "do not change with later ones (e.g. chatml)."
+                "trained in place. Train each answer in a sample of its own, its history rendered as "
+                "at inference (supervise=each_assistant_turn_as_sample), the last turn only "
+                "(supervise=last_assistant_turn), or use a template whose earlier turns do not change "
+                "with later ones (e.g. chatml)."
             )
         start = len(prompt)
         # The content as rendered: raw first (ChatML keeps a trailing "\n"), then as a trimming
