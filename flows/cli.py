@@ -99,6 +99,13 @@ def stop_signal(err: BaseException) -> signal.Signals | None:
 def print_summary(result: dict[str, Any], wall: float) -> None:
     ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
     uri = result["mlflow_tracking_uri"]
+    from sft_core.tracking.mlflow_tracker import is_tracking_server
+
+    mlflow_ui = (
+        f"{uri}   (the tracking server's own UI)"
+        if is_tracking_server(uri)
+        else f"mlflow ui --backend-store-uri '{uri}' --port 5000   then http://127.0.0.1:5000"
+    )
     print(
         textwrap.dedent(f"""
         ==== sft-pipeline: '{result["exp_name"]}' finished in {wall:.0f}s ({result["total_steps"]} steps)
@@ -109,7 +116,7 @@ def print_summary(result: dict[str, Any], wall: float) -> None:
           tracking URI      {uri}
           run               {result["mlflow_run_id"]} (experiment {result["mlflow_experiment_id"]})
           registered model  {result["registered_model"]} version {result["model_version"]} (models:/{result["registered_model"]}@latest)
-          open the UI       mlflow ui --backend-store-uri '{uri}' --port 5000   then http://127.0.0.1:5000
+          open the UI       {mlflow_ui}
         Prefect:
           flow run          {ui}/runs/flow-run/{result["flow_run_id"]}
           the server keeps running for the UI; stop it with `sft server stop`

@@ -151,10 +151,13 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     def forget(path: Path) -> None:
         versions = versions_of.get(path, [])
         delete_versions(tracking_uri, cfg.exp_name, versions)
+        # Versions uploaded to a tracking server do not point at the folder: they stay.
+        with_versions = (
+            f" and its registered version(s) {versions}" if versions else " (no version points at it)"
+        )
         get_run_logger().info(
-            "max_ckpt_to_keep=%d: removing %s and its registered version(s) %s",
-            cfg.max_ckpt_to_keep, path.name, versions,
-        )  # fmt: skip
+            "max_ckpt_to_keep=%d: removing %s%s", cfg.max_ckpt_to_keep, path.name, with_versions
+        )
 
     # On the MLflow write thread: a stop (Ctrl-C, a cancel) lets the folders and their versions go
     # together before the stop's own writes.

@@ -267,3 +267,77 @@ def test_a_registry_lock_held_by_a_frozen_process_is_passed_over_with_a_warning(
     assert "held for 0 s by process 4242" in caplog.text and "registering without it" in caplog.text
     with registry_lock(uri, wait_s=0.3):  # free again: taken at once, naming this process
         assert (tmp_path / "mlflow.db.registry.lock").read_text() == str(os.getpid())
+
+
+@pytest.mark.slow
+def test_through_a_tracking_server_a_checkpoint_is_uploaded_and_registered_from_its_store(
+    tmp_path, tiny_model_dir
+):
+    """`mlflow server` refuses a version whose source is a local folder outside the run's artifacts
+    (and no other host could read one): every registration failed. A checkpoint is now uploaded to
+    the server's artifact store and registered from there, loadable after its folder is gone."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from flows.runtime import free_port, stop_process_group
+    from sft_core.tracking.mlflow_model import write_mlflow_model
+    from sft_core.tracking.mlflow_tracker import MLflowTracker
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    with (tmp_path / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not come up in 180 s"
+                time.sleep(1)
+
+        tracker = MLflowTracker(url, "e", str(tmp_path / "never-used"), "r", {})
+        folders = {}
+        for step in (2, 4):
+            folders[step] = tmp_path / "run" / f"checkpoint-{step}" / "sft_train"
+            shutil.copytree(tiny_model_dir, folders[step])
+            write_mlflow_model(folders[step])
+        v1 = register_checkpoint(url, "m", str(folders[2]), tracker.run_id, 2, {"val_loss": 2.0})
+        v2 = register_checkpoint(url, "m", str(folders[4]), tracker.run_id, 4, {"val_loss": 1.0})
+        # A retried registration (the task's retries) takes the version it made before.
+        again = register_checkpoint(url, "m", str(folders[4]), tracker.run_id, 4, {"val_loss": 1.0})
+        assert (v1.version, v2.version, again.version, v2.is_best) == (1, 2, 2, True)
+        client = MlflowClient(tracking_uri=url)
+        assert len(client.search_model_versions("name='m'")) == 2
+        best = client.get_model_version_by_alias("m", "best")
+        assert best.version == "2" and best.source == f"runs:/{tracker.run_id}/checkpoints/checkpoint-4"
+        assert best.tags["checkpoint_dir"] == str(folders[4])
+        assert not (tmp_path / "never-used").exists()  # the server's artifact store, not a local one
+
+        shutil.rmtree(tmp_path / "run")  # the training host's folders are gone: the registry is not
+        mlflow.set_tracking_uri(url)
+        try:
+            got = Path(mlflow.artifacts.download_artifacts("models:/m@best", dst_path=str(tmp_path / "dl")))
+        finally:
+            mlflow.set_tracking_uri(None)
+        original = {p.name: p.read_bytes() for p in Path(tiny_model_dir).glob("*.safetensors")}
+        assert original and {n: (got / n).read_bytes() for n in original} == original
+        assert (got / "MLmodel").is_file()
+        AutoModelForCausalLM.from_pretrained(got)
+        tracker.close()
+    finally:
+        stop_process_group(server.pid)

@@ -105,6 +105,13 @@ def default_tracking_uri(output_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir) / 'mlflow' / 'mlflow.db'}"
 
 
+def is_tracking_server(tracking_uri: str) -> bool:
+    """A tracking server (http, https, databricks), as opposed to a store this process opens itself
+    (sqlite, a folder). A server keeps artifacts in its own store and, for a model version, accepts
+    only a source inside that store."""
+    return urlparse(tracking_uri).scheme in ("http", "https", "databricks") or tracking_uri == "databricks"
+
+
 class MLflowTracker:
     """The run's MLflow run; every write is made whole (`uninterrupted`)."""
 
@@ -122,10 +129,12 @@ class MLflowTracker:
         self.tracking_uri = tracking_uri
         self.client = _client(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
+        # A local store keeps artifacts beside the run's outputs; a server, where it is configured to.
+        location = None if is_tracking_server(tracking_uri) else Path(artifact_dir).as_uri()
         self.experiment_id = (
             exp.experiment_id
             if exp
-            else self.client.create_experiment(experiment, artifact_location=Path(artifact_dir).as_uri())
+            else self.client.create_experiment(experiment, artifact_location=location)
         )
         self._already_logged: set[tuple[str, int]] = set()
         self._resumed = bool(resume_run_id)
@@ -215,8 +224,11 @@ def register_checkpoint(
 ) -> RegisteredVersion:
     """Register a checkpoint folder as a new version of `model_name`.
 
-    The version's source is the checkpoint folder itself (no copy of the weights; its MLmodel makes
-    it loadable by mlflow.transformers / pyfunc). MLflow 3 reserves the alias `latest` and resolves
+    With a local store the version's source is the checkpoint folder itself (no copy of the weights;
+    its MLmodel makes it loadable by mlflow.transformers / pyfunc). A tracking server refuses a
+    source outside its artifact store (and other hosts could not read one): the folder is uploaded
+    as the run's artifacts `checkpoints/checkpoint-<step>` first, and the version's source is
+    that. MLflow 3 reserves the alias `latest` and resolves
     `models:/<name>@latest` to the newest version by itself; we set `last_saved` on every version and
     move `best` only when `best_metric` improves on the version `best` points at now, across runs.
     """
@@ -232,6 +244,11 @@ def register_checkpoint(
             client.create_registered_model(model_name, description=description)
         all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
         source = Path(checkpoint_dir).as_uri()
+        if is_tracking_server(tracking_uri):
+            # Uploaded whole before the version exists (a retry uploads the same files again).
+            client.log_artifacts(run_id, checkpoint_dir, f"checkpoints/checkpoint-{step}")
+            source = f"runs:/{run_id}/checkpoints/checkpoint-{step}"
+            all_tags["checkpoint_dir"] = checkpoint_dir  # where it came from, for the reader
         # A retried registration (the task's retries, a flow retry) takes the version it made before.
         existing = [
             v
