@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,3 +128,20 @@ def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[int]
     finally:
         stop_process_group(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_http(
+    url: str, process: subprocess.Popen, output: Callable[[], str], timeout_s: float = 180
+) -> None:
+    """Wait until `url` answers, failing with the process's `output()` if it exits first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, output()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s:.0f} s"
+            time.sleep(1)

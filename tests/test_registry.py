@@ -15,6 +15,7 @@ from sft_core.tracking.mlflow_tracker import (
     register_checkpoint,
     versions_for_source,
 )
+from tests.helpers import wait_for_http
 
 
 def test_another_process_cannot_register_between_reading_best_and_moving_it(tmp_path):
@@ -117,7 +118,6 @@ def test_a_registered_version_is_served_by_mlflow_models_serve(tmp_path, tiny_mo
     import os
     import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
 
@@ -147,15 +147,7 @@ def test_a_registered_version_is_served_by_mlflow_models_serve(tmp_path, tiny_mo
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, lambda: server.stderr.read().decode())
         body = json.dumps({"inputs": ["Hello"], "params": {"max_new_tokens": 2}}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
@@ -278,8 +270,6 @@ def test_through_a_tracking_server_a_checkpoint_is_uploaded_and_registered_from_
     the server's artifact store and registered from there, loadable after its folder is gone."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     import mlflow
     from mlflow import MlflowClient
@@ -300,15 +290,7 @@ def test_through_a_tracking_server_a_checkpoint_is_uploaded_and_registered_from_
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not come up in 180 s"
-                time.sleep(1)
+        wait_for_http(f"{url}/health", server, (tmp_path / "server.log").read_text)
 
         tracker = MLflowTracker(url, "e", str(tmp_path / "never-used"), "r", {})
         folders = {}
