@@ -32,6 +32,7 @@ from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
 from sft_core.preflight import check_run_config, preflight
 from sft_core.secrets import move_secrets_to_env
+from sft_core.tracking.mlflow_tracker import is_tracking_server, lost_tracking_server
 
 EXIT_LOST_SERVER = 75  # sysexits' EX_TEMPFAIL: the run can be started again as it is
 
@@ -99,8 +100,6 @@ def stop_signal(err: BaseException) -> signal.Signals | None:
 def print_summary(result: dict[str, Any], wall: float) -> None:
     ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
     uri = result["mlflow_tracking_uri"]
-    from sft_core.tracking.mlflow_tracker import is_tracking_server
-
     mlflow_ui = (
         f"{uri}   (the tracking server's own UI)"
         if is_tracking_server(uri)
@@ -181,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"({type(lost).__name__}: {lost}), so the run stopped; its MLflow run is FAILED. Start "
                   "the run again with resume_from_checkpoint=auto: it continues from the newest "
                   "checkpoint and sets the interrupted flow run to Crashed.", file=sys.stderr)  # fmt: skip
+            return EXIT_LOST_SERVER
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if user is None and (lost := lost_tracking_server(exc, tracking_uri)) is not None:
+            print(f"\nsft: error: the MLflow tracking server ({tracking_uri}) stopped answering "
+                  f"({type(lost).__name__}: {lost}), so the run stopped; its MLflow run could not be "
+                  "ended and shows RUNNING. When the server answers again, start the run again with "
+                  "resume_from_checkpoint=auto: it continues from the newest checkpoint in the same "
+                  "MLflow run.", file=sys.stderr)  # fmt: skip
             return EXIT_LOST_SERVER
         if user is None:
             raise  # a bug, not a user mistake: keep the traceback

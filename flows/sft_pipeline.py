@@ -31,7 +31,13 @@ from sft_core.preflight import load_run_config
 from sft_core.secrets import literal_secret_overrides, redact
 from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
-from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, fail_if_running
+from sft_core.tracking.mlflow_tracker import (
+    MLflowTracker,
+    checkpoint_version,
+    default_tracking_uri,
+    fail_if_running,
+    lost_tracking_server,
+)
 from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
@@ -41,7 +47,14 @@ from sft_core.train.run_folder import RunFolder, RunLock, died_holding, plan_run
 from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
-from tasks.train import prune_checkpoints, register_model, save_checkpoint, start_cluster, train_steps
+from tasks.train import (
+    SavedCheckpoint,
+    prune_checkpoints,
+    register_model,
+    save_checkpoint,
+    start_cluster,
+    train_steps,
+)
 
 
 def _existing(task: Any, **params: Any) -> Any:
@@ -231,6 +244,53 @@ def start_tracking(
     return mlflow_run, trackers
 
 
+def register(
+    cfg: SFTConfig,
+    mlflow_run: MLflowTracker,
+    saved: SavedCheckpoint,
+    entry: dict[str, Any],
+    tags: dict[str, str],
+    description: str,
+) -> int:
+    """Register a saved checkpoint, tagged with the metrics of its history `entry`."""
+    summary = {
+        k.removeprefix(m.SUMMARY_PREFIX): v for k, v in entry.items() if k.startswith(m.SUMMARY_PREFIX)
+    }
+    if saved.adapter:
+        tags = {**tags, "lora_adapter": saved.adapter}
+    return register_model(
+        mlflow_run.tracking_uri, cfg.exp_name, saved.path, mlflow_run.run_id, entry["step"], quote(summary),
+        tags, description, cfg.metric_for_best_model, cfg.greater_is_better,
+    )  # fmt: skip
+
+
+def register_resumed(
+    cfg: SFTConfig,
+    run: RunFolder,
+    resume: Path | None,
+    state: dict[str, Any],
+    mlflow_run: MLflowTracker,
+    version_tags: dict[str, str],
+    description: str,
+) -> int | None:
+    """The registered version of the checkpoint the run resumes from. One of the run's own that was
+    saved but never registered (the run stopped in between: killed, a server lost) is registered
+    now, so no checkpoint is left out of the registry. None for the pretrained model, or for another
+    run's checkpoint (a branch: that run's to register)."""
+    if resume is None or not resume.is_relative_to(run.root):
+        return None
+    saved, step = SavedCheckpoint.at(resume, state["cluster_name"]), state["global_step"]
+    found = checkpoint_version(mlflow_run.tracking_uri, cfg.exp_name, saved.path, mlflow_run.run_id, step)
+    if found is not None:
+        return found
+    get_run_logger().warning(
+        "%s was saved but never registered (its run stopped in between): registering it now", resume.name
+    )
+    entry = next((h for h in reversed(state.get("history", [])) if h.get("step") == step), {"step": step})
+    tags = {**version_tags, "data_fingerprint": state.get("data_fingerprint", "")}
+    return register(cfg, mlflow_run, saved, entry, tags, description)
+
+
 def train(
     cfg: SFTConfig,
     artifacts: TrainArtifacts,
@@ -260,9 +320,10 @@ def train(
                 str(resume / "train_state") if resume else None,
             )  # fmt: skip
             total = info.total_steps
+            resumed = register_resumed(cfg, run, resume, state, mlflow_run, version_tags, description)
             if resume and start >= total:
                 logger.info("the checkpoint at step %d already completes the run (%d steps)", start, total)
-                checkpoints.append({"step": start, "path": str(resume / cluster.name), "version": None})
+                checkpoints.append({"step": start, "path": str(resume / cluster.name), "version": resumed})
                 return history, checkpoints, total
             val: dict[str, float] = {}
             if artifacts.validation and cfg.eval_at_start and start == 0:
@@ -291,18 +352,8 @@ def train(
                     # makes the default UI's Task Runs tab list nothing ("Invalid TaskInputResponse").
                     saved = save_checkpoint(cluster, str(run.root), step, quote(state), final=step == total)
                     trackers.log_metrics({m.TIME_CHECKPOINT: saved.seconds}, step)
-                    summary = {
-                        k.removeprefix(m.SUMMARY_PREFIX): v
-                        for k, v in {**metrics, **val}.items()
-                        if k.startswith(m.SUMMARY_PREFIX)
-                    }
                     tags = {**version_tags, "data_fingerprint": fingerprint}
-                    if saved.adapter:
-                        tags["lora_adapter"] = saved.adapter
-                    version = register_model(
-                        mlflow_run.tracking_uri, cfg.exp_name, saved.path, mlflow_run.run_id, step, quote(summary),
-                        tags, description, cfg.metric_for_best_model, cfg.greater_is_better,
-                    )  # fmt: skip
+                    version = register(cfg, mlflow_run, saved, history[-1], tags, description)
                     checkpoints.append({"step": step, "path": saved.path, "version": version})
                     if cfg.max_ckpt_to_keep:
                         prune_checkpoints(cfg, str(run.root), mlflow_run.tracking_uri)
@@ -429,7 +480,13 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
                 )
             raise
         finally:
-            trackers.close(status)
+            try:
+                trackers.close(status)
+            except Exception as err:
+                if status == "FINISHED" or not lost_tracking_server(err, mlflow_run.tracking_uri):
+                    raise
+                # The run's own failure (the same lost server, most likely) is the one to report.
+                logger.warning("the MLflow run %s could not be ended %s: %s", mlflow_run.run_id, status, err)
         final = checkpoints[-1]
         publish_run_artifacts(
             cfg.exp_name,

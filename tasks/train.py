@@ -94,6 +94,13 @@ class SavedCheckpoint:
     adapter: str | None  # a LoRA run's adapter folder
     seconds: float  # the slowest rank's time to write it
 
+    @classmethod
+    def at(cls, checkpoint: Path, cluster_name: str, seconds: float = 0.0) -> SavedCheckpoint:
+        """The folders of a published checkpoint (`checkpoint-<step>`)."""
+        hf, merged = checkpoint / cluster_name, checkpoint / f"{cluster_name}-merged"
+        adapter = (hf / "adapter_config.json").is_file()
+        return cls(str(merged if merged.is_dir() else hf), str(hf) if adapter else None, seconds)
+
 
 @task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
 def save_checkpoint(
@@ -117,13 +124,7 @@ def save_checkpoint(
         if full:
             raise full from err
         raise
-    hf, merged = path / cluster.name, path / f"{cluster.name}-merged"
-    adapter = (hf / "adapter_config.json").is_file()
-    return SavedCheckpoint(
-        path=str(merged if merged.is_dir() else hf),
-        adapter=str(hf) if adapter else None,
-        seconds=max(seconds),
-    )
+    return SavedCheckpoint.at(path, cluster.name, max(seconds))
 
 
 @task(name="prune-checkpoints", cache_policy=NONE, persist_result=False)

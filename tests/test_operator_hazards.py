@@ -447,6 +447,27 @@ def test_only_a_failed_request_to_the_prefect_api_reads_as_a_lost_server():
     assert lost_prefect_api(ValueError("unrelated"), api) is None
 
 
+def test_a_tracking_server_that_stopped_answering_is_told_from_other_failures(monkeypatch):
+    """The CLI's "MLflow tracking server stopped answering" (exit 75) is said of a failed request to
+    that server, through MLflow's own client and its wrapping, and of nothing else."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flows.runtime import free_port
+    from sft_core.tracking.mlflow_tracker import lost_tracking_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after a backoff
+    port = free_port()
+    other = next(p for p in iter(free_port, None) if p != port)
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(MlflowException) as caught:
+        MlflowClient(tracking_uri=uri).log_metric("0" * 32, "loss", 1.0, step=1)
+    assert lost_tracking_server(caught.value, uri) is not None
+    assert lost_tracking_server(caught.value, f"http://127.0.0.1:{other}") is None
+    assert lost_tracking_server(caught.value, "sqlite:///mlflow.db") is None
+    assert lost_tracking_server(MlflowException("RESOURCE_DOES_NOT_EXIST"), uri) is None
+
+
 def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_path):
     import os
     import subprocess

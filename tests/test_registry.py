@@ -94,6 +94,35 @@ def test_best_moves_only_when_the_metric_improves(tmp_path, greater_is_better):
     assert versions_for_source(uri, "m", str(tmp_path / "run1" / "checkpoint-2")) == []
 
 
+def test_a_failed_read_of_best_is_not_taken_for_no_best(tmp_path, monkeypatch):
+    """Reading `best` fails (a tracking server's hiccup: MLflow raises the same exception class as
+    for an alias not made yet). Taken for "no best", the worse version got `best`; it must fail the
+    registration instead, and its retry must take the version made and leave `best` where it was."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("e", (tmp_path / "a").as_uri())).info.run_id
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    register_checkpoint(uri, "m", str(tmp_path / "checkpoint-1"), run, 1, {"val_loss": 1.0})
+    by_alias = MlflowClient.get_model_version_by_alias
+    failures = iter([MlflowException("the server answered 503", error_code="TEMPORARILY_UNAVAILABLE")])
+
+    def hiccup(self, *args, **kwargs):
+        if (err := next(failures, None)) is not None:
+            raise err
+        return by_alias(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", hiccup)
+    with pytest.raises(MlflowException, match="503"):
+        register_checkpoint(uri, "m", str(tmp_path / "checkpoint-2"), run, 2, {"val_loss": 2.0})
+    retried = register_checkpoint(uri, "m", str(tmp_path / "checkpoint-2"), run, 2, {"val_loss": 2.0})
+    assert (retried.version, retried.is_best) == (2, False)
+    assert int(by_alias(client, "m", "best").version) == 1
+
+
 def test_a_checkpoint_folder_is_a_loadable_mlflow_model_and_stays_a_hf_folder(tmp_path, tiny_model_dir):
     import mlflow.pyfunc
     import mlflow.transformers
@@ -306,7 +335,7 @@ def test_through_a_tracking_server_a_checkpoint_is_uploaded_and_registered_from_
         client = MlflowClient(tracking_uri=url)
         assert len(client.search_model_versions("name='m'")) == 2
         best = client.get_model_version_by_alias("m", "best")
-        assert best.version == "2" and best.source == f"runs:/{tracker.run_id}/checkpoints/checkpoint-4"
+        assert int(best.version) == 2 and best.source == f"runs:/{tracker.run_id}/checkpoints/checkpoint-4"
         assert best.tags["checkpoint_dir"] == str(folders[4])
         assert not (tmp_path / "never-used").exists()  # the server's artifact store, not a local one
 

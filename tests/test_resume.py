@@ -57,6 +57,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(case, prefect_server, tm
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
+    from sft_core.tracking.mlflow_tracker import source_path
+
     layout, how = CASES[case]
     reference = run_cli(common(tmp_path / "ref", demo_copy, layout), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -81,9 +83,20 @@ def test_resume_after_sigkill_matches_uninterrupted_run(case, prefect_server, tm
     else:
         assert proc.returncode != 0, log[-3000:]
         assert not checkpoint_path(out, STEPS).exists()
+        # As a run stopped between saving a checkpoint and registering it leaves it (`sft` killed,
+        # a tracking server lost): the resume registers the checkpoint it continues from.
+        registry = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow/mlflow.db")
+        for v in registry.search_model_versions("name='smoke-sft'"):
+            registry.delete_model_version("smoke-sft", v.version)
         resumed = run_cli([*common(out, demo_copy, layout), "resume_from_checkpoint=auto"], cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "resuming from" in resumed.stdout + resumed.stderr
+        assert f"checkpoint-{SAVE} was saved but never registered" in resumed.stdout + resumed.stderr
+        registered = {
+            source_path(v.source).parent.name: v.tags["global_step"]
+            for v in registry.search_model_versions("name='smoke-sft'")
+        }
+        assert registered == {f"checkpoint-{SAVE}": str(SAVE), f"checkpoint-{STEPS}": str(STEPS)}
 
     weights = "adapter_model.safetensors" if LORA in layout else "model.safetensors"
     final = load_file(str(checkpoint_path(out, STEPS) / "sft_train" / weights))

@@ -31,8 +31,16 @@ class Trackers:
             t.log_metrics(metrics, step)
 
     def close(self, status: str = "FINISHED") -> None:
+        """Close every tracker, even after one fails (a tracking server gone must not cost the
+        TensorBoard file its end); the first failure is raised."""
+        failure: Exception | None = None
         for t in self.trackers:
-            t.close(status)
+            try:
+                t.close(status)
+            except Exception as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

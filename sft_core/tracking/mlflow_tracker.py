@@ -27,6 +27,7 @@ from sft_core.tracking.mlflow_store import registry_lock, seed_sqlite
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
 
 P = ParamSpec("P")
@@ -110,6 +111,25 @@ def is_tracking_server(tracking_uri: str) -> bool:
     (sqlite, a folder). A server keeps artifacts in its own store and, for a model version, accepts
     only a source inside that store."""
     return urlparse(tracking_uri).scheme in ("http", "https", "databricks") or tracking_uri == "databricks"
+
+
+def lost_tracking_server(err: BaseException | None, tracking_uri: str) -> BaseException | None:
+    """The connection failure behind `err` when it is the tracking server at `tracking_uri` that
+    stopped answering (after MLflow's own retries); None for anything else, a local store included."""
+    import requests
+
+    if not is_tracking_server(tracking_uri):
+        return None
+    server = urlparse(tracking_uri)
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, requests.ConnectionError | requests.Timeout) and err.request is not None:
+            url = urlparse(err.request.url or "")
+            if (url.scheme, url.netloc) == (server.scheme, server.netloc):
+                return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class MLflowTracker:
@@ -202,6 +222,12 @@ class RegisteredVersion:
     is_best: bool
 
 
+def _not_found(err: MlflowException) -> bool:
+    """A registry lookup that found nothing (no such model, no such alias yet), as opposed to one
+    that failed (a tracking server that stopped answering: MLflow raises the same class)."""
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
@@ -240,46 +266,69 @@ def register_checkpoint(
         client = _client(tracking_uri)
         try:
             client.get_registered_model(model_name)
-        except MlflowException:
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
             client.create_registered_model(model_name, description=description)
         all_tags = {"global_step": str(step), **{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
-        source = Path(checkpoint_dir).as_uri()
-        if is_tracking_server(tracking_uri):
-            # Uploaded whole before the version exists (a retry uploads the same files again).
-            client.log_artifacts(run_id, checkpoint_dir, f"checkpoints/checkpoint-{step}")
-            source = f"runs:/{run_id}/checkpoints/checkpoint-{step}"
-            all_tags["checkpoint_dir"] = checkpoint_dir  # where it came from, for the reader
         # A retried registration (the task's retries, a flow retry) takes the version it made before.
-        existing = [
-            v
-            for v in client.search_model_versions(name_filter(model_name))
-            if v.source == source and v.run_id == run_id
-        ]
-        version = existing[0] if existing else client.create_model_version(
-            model_name,
-            source=source,
-            run_id=run_id,
-            tags=all_tags,
-            description=f"checkpoint at global step {step}",
-        )  # fmt: skip
+        version = checkpoint_version(tracking_uri, model_name, checkpoint_dir, run_id, step)
+        if version is None:
+            if is_tracking_server(tracking_uri):
+                # Uploaded whole before the version exists (a retry uploads the same files again).
+                client.log_artifacts(run_id, checkpoint_dir, f"checkpoints/checkpoint-{step}")
+                all_tags["checkpoint_dir"] = checkpoint_dir  # where it came from, for the reader
+            version = int(client.create_model_version(
+                model_name,
+                source=version_source(tracking_uri, checkpoint_dir, run_id, step),
+                run_id=run_id,
+                tags=all_tags,
+                description=f"checkpoint at global step {step}",
+            ).version)  # fmt: skip
         if description:
             client.update_registered_model(model_name, description=description)
-        client.set_registered_model_alias(model_name, "last_saved", version.version)
+        client.set_registered_model_alias(model_name, "last_saved", str(version))
         value = metrics.get(best_metric)
         is_best = False
         if value is not None:
             try:
                 current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
-            except MlflowException:
+            except MlflowException as err:
+                if not _not_found(err):
+                    raise  # a failed read is not "no best yet": that would move it to a worse version
                 current = None
             tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
             better = current is None or (
                 tagged > float(current) if greater_is_better else tagged < float(current)
             )  # ties keep the earlier version
             if better:
-                client.set_registered_model_alias(model_name, "best", version.version)
+                client.set_registered_model_alias(model_name, "best", str(version))
                 is_best = True
-        return RegisteredVersion(int(version.version), is_best)
+        return RegisteredVersion(version, is_best)
+
+
+def version_source(tracking_uri: str, checkpoint_dir: str, run_id: str, step: int) -> str:
+    """The source a checkpoint's version has: the folder itself in a local store; in a tracking
+    server, the copy uploaded as the run's artifacts."""
+    if is_tracking_server(tracking_uri):
+        return f"runs:/{run_id}/checkpoints/checkpoint-{step}"
+    return Path(checkpoint_dir).as_uri()
+
+
+def checkpoint_version(
+    tracking_uri: str, model_name: str, checkpoint_dir: str, run_id: str, step: int
+) -> int | None:
+    """The version the run registered for this checkpoint, if it did."""
+    from mlflow.exceptions import MlflowException
+
+    source = version_source(tracking_uri, checkpoint_dir, run_id, step)
+    try:
+        versions = _client(tracking_uri).search_model_versions(name_filter(model_name))
+    except MlflowException as err:
+        if not _not_found(err):
+            raise
+        return None
+    return next((int(v.version) for v in versions if v.source == source and v.run_id == run_id), None)
 
 
 def source_path(source: str | None) -> Path | None:
@@ -310,7 +359,9 @@ def best_version_source(tracking_uri: str, model_name: str) -> str | None:
 
     try:
         mv = _client(tracking_uri).get_model_version_by_alias(model_name, "best")
-    except MlflowException:
+    except MlflowException as err:
+        if not _not_found(err):
+            raise
         return None
     path = source_path(mv.source)
     return str(path) if path is not None else None
