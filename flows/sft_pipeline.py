@@ -239,7 +239,9 @@ def start_tracking(
         resume_step=state.get("global_step", 0),
     )
     run.update_info(mlflow_run_id=mlflow_run.run_id)
-    trackers = Trackers([mlflow_run, TensorBoardTracker(log_dir)])
+    step = state.get("global_step", 0)
+    tensorboard = TensorBoardTracker(str(Path(log_dir) / run.name), purge_step=step + 1 if step else None)
+    trackers = Trackers([mlflow_run, tensorboard])
     trackers.log_params(cfg.model_dump(exclude={"hydra"}))
     return mlflow_run, trackers
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import checkpoint_path, run_cli
+from tests.helpers import checkpoint_path, run_cli, run_folders
 
 pytestmark = pytest.mark.slow
 
@@ -183,12 +183,13 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     torch.testing.assert_close(
         reloaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"]
     )
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    events = list((out / "tb").glob("*/events.out.tfevents.*"))  # a TensorBoard run per run folder
+    assert events and {e.parent.name for e in events} <= {r.name for r in run_folders(out)}
 
     # The secret reached no store: MLflow params, TensorBoard, the Prefect flow run's parameters.
     assert run.data.params["system_envs.HF_TOKEN"] == "***"
     assert all(secret not in v for v in run.data.params.values())
-    assert all(secret.encode() not in f.read_bytes() for f in (out / "tb").glob("events.out.tfevents.*"))
+    assert all(secret.encode() not in f.read_bytes() for f in events)
     assert secret not in json.dumps(flow_run_parameters(run_id))
     # ... nor Ray's logs of the run (its runtime_env agent writes the actors' environment there).
     ray_logs = [f for f in Path(tempfile.gettempdir(), "ray").glob("session_*/logs/**/*") if f.is_file()]

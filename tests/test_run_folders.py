@@ -179,3 +179,25 @@ def test_a_second_process_on_the_same_run_folder_is_stopped_naming_the_holder(tm
         assert lock.crashed["pid"] == holder.pid
     with RunLock(run, {"flow_run_id": "next"}) as lock:  # "after" let go of it cleanly
         assert lock.crashed is None
+
+
+def test_tensorboard_shows_a_resumed_run_once_per_step(tmp_path):
+    """A run stopped after logging steps 1-5 and resumed from its checkpoint at step 3 logs steps
+    4-5 again: TensorBoard must show each step once, with the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sft_core.tracking.tensorboard import TensorBoardTracker
+
+    first = TensorBoardTracker(str(tmp_path / "run-a"))
+    for step in range(1, 6):
+        first.log_metrics({"loss": float(step)}, step)
+    first.close()
+    resumed = TensorBoardTracker(str(tmp_path / "run-a"), purge_step=3 + 1)
+    for step in (4, 5, 6):
+        resumed.log_metrics({"loss": 10.0 * step}, step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "run-a"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)
+    ]  # fmt: skip

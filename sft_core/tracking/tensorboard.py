@@ -8,9 +8,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class TensorBoardTracker:
-    def __init__(self, log_dir: str):
+    """One TensorBoard run: its own folder in the log folder, so runs sharing one are told apart.
+    A run resumed from the checkpoint at step S logs again the steps after S that it logged before
+    it stopped; `purge_step=S + 1` makes TensorBoard drop those earlier values instead of showing
+    both."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
         self.log_dir = log_dir
-        self.writer = SummaryWriter(log_dir=log_dir)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def log_params(self, params: dict[str, Any]) -> None:
         text = "\n".join(f"    {k}: {v}" for k, v in sorted(params.items()))
