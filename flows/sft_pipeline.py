@@ -365,7 +365,7 @@ def train(
                 raise
             restarts += 1
             resume = latest_in_run(run) or resume
-            mlflow_run.skip_logged_after(read_state(resume)["global_step"] if resume else 0)
+            trackers.continue_after(read_state(resume)["global_step"] if resume else 0)
             logger.warning(
                 "%s; restarting the cluster (restart %d of sft_train.max_restarts=%d) from %s",
                 err, restarts, cfg.sft_train.max_restarts, resume or "the pretrained model",

@@ -183,7 +183,8 @@ def test_a_second_process_on_the_same_run_folder_is_stopped_naming_the_holder(tm
 
 def test_tensorboard_shows_a_resumed_run_once_per_step(tmp_path):
     """A run stopped after logging steps 1-5 and resumed from its checkpoint at step 3 logs steps
-    4-5 again: TensorBoard must show each step once, with the resumed run's values."""
+    4-5 again (a new process; or the same one, its cluster restarted): TensorBoard must show each
+    step once, with the values of the run that went on."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sft_core.tracking.tensorboard import TensorBoardTracker
@@ -195,9 +196,11 @@ def test_tensorboard_shows_a_resumed_run_once_per_step(tmp_path):
     resumed = TensorBoardTracker(str(tmp_path / "run-a"), purge_step=3 + 1)
     for step in (4, 5, 6):
         resumed.log_metrics({"loss": 10.0 * step}, step)
+    resumed.continue_after(5)  # a worker died after step 6: the cluster restarts from checkpoint-5
+    resumed.log_metrics({"loss": 600.0}, 6)
     resumed.close()
     events = EventAccumulator(str(tmp_path / "run-a"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 600.0)
     ]  # fmt: skip

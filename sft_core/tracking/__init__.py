@@ -12,6 +12,8 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def continue_after(self, step: int) -> None: ...
+
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -29,6 +31,11 @@ class Trackers:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for t in self.trackers:
             t.log_metrics(metrics, step)
+
+    def continue_after(self, step: int) -> None:
+        """Training goes on from the checkpoint at `step`: the steps after it are logged again."""
+        for t in self.trackers:
+            t.continue_after(step)
 
     def close(self, status: str = "FINISHED") -> None:
         """Close every tracker, even after one fails (a tracking server gone must not cost the

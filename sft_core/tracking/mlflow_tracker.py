@@ -161,11 +161,11 @@ class MLflowTracker:
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
-            self.skip_logged_after(resume_step)
+            self.continue_after(resume_step)
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
-    def skip_logged_after(self, step: int) -> None:
+    def continue_after(self, step: int) -> None:
         """Continuing from the checkpoint at `step`: what the run logged after it is recomputed
         identically by an exact resume, and a retried flow run logs again what came before it (the
         data metrics at step 0): a (key, step) the run already has is never logged twice."""

@@ -17,6 +17,12 @@ class TensorBoardTracker:
         self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
+    def continue_after(self, step: int) -> None:
+        """The run goes on from its checkpoint at `step` (its cluster restarted): what follows replaces
+        what was logged after it."""
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=step + 1)
+
     def log_params(self, params: dict[str, Any]) -> None:
         text = "\n".join(f"    {k}: {v}" for k, v in sorted(params.items()))
         self.writer.add_text("config", text, 0)
