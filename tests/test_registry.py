@@ -306,11 +306,13 @@ def test_through_a_tracking_server_a_checkpoint_is_uploaded_and_registered_from_
 
     from flows.runtime import free_port, stop_process_group
     from sft_core.tracking.mlflow_model import write_mlflow_model
+    from sft_core.tracking.mlflow_store import seed_sqlite
     from sft_core.tracking.mlflow_tracker import MLflowTracker
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
+    seed_sqlite(f"sqlite:///{tmp_path}/server.db")  # a migrated database: the server starts in half the time
     with (tmp_path / "server.log").open("w") as log:
         server = subprocess.Popen(
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
