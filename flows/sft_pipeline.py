@@ -281,7 +281,8 @@ def register_resumed(
     run's checkpoint (a branch: that run's to register)."""
     if resume is None or not resume.is_relative_to(run.root):
         return None
-    saved, step = SavedCheckpoint.at(resume, state["cluster_name"]), state["global_step"]
+    saved = SavedCheckpoint.at(resume, state.get("cluster_name", cfg.sft_train.name))
+    step = state["global_step"]
     found = checkpoint_version(mlflow_run.tracking_uri, cfg.exp_name, saved.path, mlflow_run.run_id, step)
     if found is not None:
         return found
