@@ -340,6 +340,12 @@ def test_end_of_turn_is_supervised_whatever_the_answer_ends_with(smollm2_tokeniz
         assert_tokenized_as_at_inference(tok, template, messages, ids, labels)
         supervised_ends = sum(1 for i, lab in zip(ids, labels, strict=True) if lab == end_id and i == end_id)
         assert supervised_ends >= len(answers)
+        # Each answer as a sample of its own (each_assistant_turn_as_sample): it alone, with its end.
+        for k, answer in enumerate(answers, start=1):
+            ids_k, labels_k = encode_messages(
+                tok, template, messages[: 2 * k], "property", "last_assistant_turn"
+            )
+            assert supervised(tok, ids_k, labels_k) == answer + "<|im_end|>"
     # transformers' mask tokenizes the text whole, so a leading newline merges with the header's
     # there; wherever the tokens agree, the masks must agree too.
     ids, labels = encode_messages(tok, ChatTemplate("generation", GENERATION_CHATML), messages, "property")
