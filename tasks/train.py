@@ -6,6 +6,7 @@ handles, while the work itself runs in the Ray actors, one per device_mapping en
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -166,12 +167,22 @@ def prune_checkpoints(cfg: SFTConfig, run_root: str, tracking_uri: str) -> list[
     return [str(p) for p in removed]
 
 
+def retry_unless_tracking_server_lost(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed registration, except when the tracking server stopped answering: MLflow's
+    client has retried that for minutes already, and two more rounds would only hold the run."""
+    from sft_core.tracking.mlflow_tracker import lost_tracking_server
+
+    err = state.data if isinstance(state.data, BaseException) else None
+    return lost_tracking_server(err, os.environ.get("MLFLOW_TRACKING_URI", "")) is None
+
+
 @task(
     name="register-model",
     cache_policy=NONE,
     persist_result=False,
     retries=2,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_tracking_server_lost,
     task_run_name="register-model-step-{step}",
 )
 def register_model(

@@ -468,6 +468,37 @@ def test_a_tracking_server_that_stopped_answering_is_told_from_other_failures(mo
     assert lost_tracking_server(MlflowException("RESOURCE_DOES_NOT_EXIST"), uri) is None
 
 
+def test_a_registration_is_retried_unless_the_tracking_server_stopped_answering(
+    prefect_server, tmp_path, monkeypatch
+):
+    """MLflow's client retries a dead server for minutes; the register task's own two retries on
+    top held a run ~12 minutes before it stopped. They are kept for other failures."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.runtime import free_port
+    from tasks.train import register_model
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead_server = f"http://127.0.0.1:{free_port()}"
+    not_a_database = tmp_path / "file"
+    not_a_database.write_text("not sqlite")
+    stores = {dead_server: 1, f"sqlite:///{not_a_database}": 3}  # store -> attempts expected
+
+    @flow(name="register-once")
+    def register_once(uri: str) -> str:
+        state = register_model(uri, "m", str(tmp_path), "0" * 32, 1, {}, {}, "", "val_loss", False,
+                               return_state=True)  # fmt: skip
+        assert state.is_failed(), state
+        return str(state.state_details.task_run_id)
+
+    for uri, attempts in stores.items():
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        task_run_id = register_once(uri)
+        with get_client(sync_client=True) as client:
+            assert client.read_task_run(task_run_id).run_count == attempts, uri
+
+
 def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_path):
     import os
     import subprocess
