@@ -467,6 +467,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         report_runs_that_died(cfg.output_dir, plan.run, mlflow_run)
         trackers.log_metrics(data_metrics, 0)
         status = "FAILED"
+        server_lost = False
         try:
             history, checkpoints, total = train(
                 cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, fingerprint, launch
@@ -481,14 +482,17 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
                     f"the Prefect server stopped answering during the run ({lost_api}), so its flow run "
                     f"could not be ended; the run stopped with its newest checkpoint in {plan.run.root}"
                 )
+            server_lost = lost_tracking_server(err, mlflow_run.tracking_uri) is not None
             raise
         finally:
+            # A tracking server that just failed after MLflow's minutes of retries is not asked
+            # again to end the run: it stays RUNNING, and the resume continues it.
             try:
-                trackers.close(status)
+                trackers.close(status, skip=mlflow_run if server_lost else None)
             except Exception as err:
                 if status == "FINISHED" or not lost_tracking_server(err, mlflow_run.tracking_uri):
                     raise
-                # The run's own failure (the same lost server, most likely) is the one to report.
+                # The run's own failure is the one to report.
                 logger.warning("the MLflow run %s could not be ended %s: %s", mlflow_run.run_id, status, err)
         final = checkpoints[-1]
         publish_run_artifacts(

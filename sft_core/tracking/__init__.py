@@ -37,11 +37,13 @@ class Trackers:
         for t in self.trackers:
             t.continue_after(step)
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Close every tracker, even after one fails (a tracking server gone must not cost the
-        TensorBoard file its end); the first failure is raised."""
+    def close(self, status: str = "FINISHED", skip: Tracker | None = None) -> None:
+        """Close every tracker but `skip`, even after one fails (a tracking server gone must not
+        cost the TensorBoard file its end); the first failure is raised."""
         failure: Exception | None = None
         for t in self.trackers:
+            if t is skip:
+                continue
             try:
                 t.close(status)
             except Exception as err:
