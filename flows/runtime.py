@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from sft_core.errors import exception_chain
 from sft_core.home import sft_home
 
 DEFAULT_PORT = 4200
@@ -161,12 +162,10 @@ def lost_prefect_api(err: BaseException | None, api_url: str | None = None) -> B
     from prefect.settings import PREFECT_API_URL
 
     api = urllib.parse.urlsplit(api_url or PREFECT_API_URL.value() or "")
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, httpx.TransportError):
+    for failure in exception_chain(err):
+        if isinstance(failure, httpx.TransportError):
             try:
-                url = err.request.url
+                url = failure.request.url
             except RuntimeError:  # raised outside a client's request: whose is unknown
                 url = None
             if (
@@ -174,8 +173,7 @@ def lost_prefect_api(err: BaseException | None, api_url: str | None = None) -> B
                 and api.netloc
                 and (url.scheme, url.netloc.decode()) == (api.scheme, api.netloc)
             ):
-                return err
-        err = err.__cause__ or err.__context__
+                return failure
     return None
 
 

@@ -6,6 +6,17 @@ keeps its traceback.
 """
 
 import logging
+from collections.abc import Iterator
+
+
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling (`__cause__`, else `__context__`),
+    each once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 class UserError(Exception):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from sft_core.errors import exception_chain
 from sft_core.tracking import flatten
 from sft_core.tracking.mlflow_store import registry_lock, seed_sqlite
 
@@ -121,14 +122,11 @@ def lost_tracking_server(err: BaseException | None, tracking_uri: str) -> BaseEx
     if not is_tracking_server(tracking_uri):
         return None
     server = urlparse(tracking_uri)
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, requests.ConnectionError | requests.Timeout) and err.request is not None:
-            url = urlparse(err.request.url or "")
+    for failure in exception_chain(err):
+        if isinstance(failure, requests.ConnectionError | requests.Timeout) and failure.request is not None:
+            url = urlparse(failure.request.url or "")
             if (url.scheme, url.netloc) == (server.scheme, server.netloc):
-                return err
-        err = err.__cause__ or err.__context__
+                return failure
     return None
 
 
