@@ -114,7 +114,7 @@ def print_summary(result: dict[str, Any], wall: float) -> None:
         MLflow:
           tracking URI      {uri}
           run               {result["mlflow_run_id"]} (experiment {result["mlflow_experiment_id"]})
-          registered model  {result["registered_model"]} version {result["model_version"]} (models:/{result["registered_model"]}@latest)
+          registered model  {result["registered_model"]} version {result["model_version"]} (models:/{result["registered_model"]}/{result["model_version"]})
           open the UI       {mlflow_ui}
         Prefect:
           flow run          {ui}/runs/flow-run/{result["flow_run_id"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from sft_core.errors import exception_chain
+from filelock import FileLock, Timeout
+
+from sft_core.errors import UserError, exception_chain
 from sft_core.home import sft_home
 
 DEFAULT_PORT = 4200
@@ -62,12 +65,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_RAISED = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): ")
+
+
+class PrefectServerError(UserError):
+    """The local Prefect server could not be started; the message quotes why from its log."""
+
+
+def _log_excerpt(log: Path, offset: int) -> str:
+    """Why a server stopped, from what it wrote to `log` after `offset`: its last error line."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    raised = [line for line in lines if _RAISED.match(line)]  # "sqlalchemy.exc.DatabaseError: ..."
+    errors = [line for line in lines if "error" in line.lower() or "in use" in line]
+    return (raised or errors or lines or [""])[-1][:500]
+
+
 def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, subprocess.Popen]:
     """Start `prefect server start` on loopback in its own session; returns (api_url, process)."""
+    if not _port_free(port):  # else whatever holds it would answer the health checks below
+        raise PrefectServerError(f"cannot start the local Prefect server: port {port} is taken")
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "ab")  # noqa: SIM115 - stays open for the server's lifetime
+    log_path = home / "server.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - stays open for the server's lifetime
+    offset = log.tell()
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -79,15 +106,17 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"the Prefect server exited early (code {proc.returncode}); see {home / 'server.log'}"
+            raise PrefectServerError(
+                f"the local Prefect server (port {port}) exited at start with code {proc.returncode}: "
+                f"{_log_excerpt(log_path, offset)!r}; its log is {log_path}. Set PREFECT_API_URL to use "
+                "a server of your own."
             )
         if _healthy(api_url):
             return api_url, proc
         time.sleep(0.5)
     stop_process_group(proc.pid)
-    raise RuntimeError(
-        f"the Prefect server did not become healthy in {wait_s:.0f}s; see {home / 'server.log'}"
+    raise PrefectServerError(
+        f"the local Prefect server (port {port}) did not answer within {wait_s:.0f}s; its log is {log_path}"
     )
 
 
@@ -116,15 +145,35 @@ def ensure_server() -> tuple[str, bool]:
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"], False
     home = Path(os.environ["PREFECT_HOME"])
-    api_url = _own_server(home)
-    if api_url:
-        os.environ["PREFECT_API_URL"] = api_url
-        return api_url, False
-    port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
-    api_url, proc = start_server(home, port)
-    (home / "server.json").write_text(json.dumps({"pid": proc.pid, "api_url": api_url}))
+    home.mkdir(parents=True, exist_ok=True)
+    # One process at a time looks for the server and starts one: two `sft run` started together
+    # would both start a server on the same database (racing migrations: one dies) and port. The
+    # second waits and reuses the first's; a frozen holder costs the timeout, not forever.
+    lock = FileLock(str(home / "server.lock"))
+    try:
+        lock.acquire(timeout=180)
+    except Timeout:
+        raise PrefectServerError(
+            f"another process has been starting the local Prefect server under {home} for over 180 s "
+            f"(it holds {lock.lock_file}); see {home / 'server.log'}"
+        ) from None
+    try:
+        api_url = _own_server(home)
+        started = api_url is None
+        if api_url is None:
+            port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+            try:
+                api_url, proc = start_server(home, port)
+            except PrefectServerError:
+                if port != DEFAULT_PORT or _port_free(port):
+                    raise
+                # Another program took 4200 between the check and the start.
+                api_url, proc = start_server(home, free_port())
+            (home / "server.json").write_text(json.dumps({"pid": proc.pid, "api_url": api_url}))
+    finally:
+        lock.release()
     os.environ["PREFECT_API_URL"] = api_url
-    return api_url, True
+    return api_url, started
 
 
 def stop_process_group(pid: int) -> None:

@@ -1,11 +1,15 @@
 """One Prefect server, really stopped: `sft run` reuses the server it started, never another program
-on port 4200 (even one that answers like Prefect), and `sft server stop` stops what it started."""
+on port 4200 (even one that answers like Prefect); two started together share one server; `sft server
+stop` stops what it started; a server that cannot start says why."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -34,10 +38,24 @@ def test_reuses_its_own_server_never_a_stranger_on_4200_and_stops_it(tmp_path, m
         stranger = http.server.HTTPServer(("127.0.0.1", runtime.DEFAULT_PORT), _FakeHealth)
         threading.Thread(target=stranger.serve_forever, daemon=True).start()
     try:
-        api_url, started = runtime.ensure_server()
-        assert started and f":{runtime.DEFAULT_PORT}/" not in api_url, api_url
-        monkeypatch.delenv("PREFECT_API_URL")
-        again, started_again = runtime.ensure_server()  # a second `sft run`
+        # Two `sft run` at once on a fresh home: before the lock, both started a server on the same
+        # new database, and one died in the migrations it raced.
+        code = "import json; from flows import runtime; print(json.dumps(runtime.ensure_server()))"
+        both = [
+            subprocess.Popen(
+                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        answers = []
+        for proc in both:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+            answers.append(json.loads(out.strip().splitlines()[-1]))
+        (api_url, _), (other_url, _) = answers
+        assert api_url == other_url and sorted(started for _, started in answers) == [False, True], answers
+        assert f":{runtime.DEFAULT_PORT}/" not in api_url, api_url
+        again, started_again = runtime.ensure_server()  # a third `sft run`, later
         assert (again, started_again) == (api_url, False)
         port = int(api_url.rsplit(":", 1)[1].split("/")[0])
         owner = next(
@@ -52,3 +70,21 @@ def test_reuses_its_own_server_never_a_stranger_on_4200_and_stops_it(tmp_path, m
         if stranger:
             stranger.shutdown()
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "prefect.db").write_bytes(os.urandom(4096))  # a damaged database
+    with pytest.raises(runtime.PrefectServerError) as err:
+        runtime.start_server(home, runtime.free_port())
+    assert "file is not a database" in str(err.value) and str(home / "server.log") in str(err.value)
+
+
+def test_a_taken_port_is_never_taken_for_our_server(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(runtime.PrefectServerError, match="is taken"):
+            runtime.start_server(tmp_path, held.getsockname()[1])
+    assert not (tmp_path / "server.log").exists()  # nothing was started
