@@ -53,7 +53,22 @@ ROWS: list[tuple[bytes, str | None]] = [
     (line({"messages": [{"role": "assistant", "content": "Ask me."}, {"role": "user", "content": "2+2?"},
                         {"role": "assistant", "content": "4\n\n"}]}), None),
     (line({"instruction": "c", "input": "ctx", "output": "d", "system": "S"}), None),
+    # A turn's weight (OpenAI's format): 0 keeps an answer as context. Keys that are null or empty
+    # are no keys (Parquet gives every turn the keys of all turns); any other key would be lost.
+    (line({"messages": [{"role": "user", "content": "q1", "name": None, "tool_calls": []},
+                        {"role": "assistant", "content": "bad", "weight": 0},
+                        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good", "weight": 1}]}), None),
+    (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}),
+     "field 'messages[2].weight' is 0.5"),
+    (line({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0}]}),
+     "every assistant turn of field 'conversations' has weight 0"),
+    (line({"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]}),
+     "field 'messages[1].weight' is 1 on a user turn"),
+    (line({"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a", "tool_calls": [{"id": "1", "type": "function"}]}]}),
+     "field 'messages[2].tool_calls' is not read by this pipeline"),
 ]  # fmt: skip
+BAD = [i for i, (_, k) in enumerate(ROWS) if k not in (None, "drop", "blank")]
 
 
 def mixed_file(tmp_path: Path) -> tuple[Path, Path]:
@@ -95,17 +110,20 @@ def test_a_mixed_file_loses_no_row_and_names_every_reason(tmp_path, smollm2_toke
     assert supervised[15] == "hey\n<|im_end|>"  # the end-of-turn token after a trailing newline
     assert texts[16].startswith("<|im_start|>assistant\nAsk me.<|im_end|>")  # an assistant turn first
     assert supervised[16] == "Ask me.<|im_end|>4\n\n<|im_end|>"
+    assert "assistant\nbad<|im_end|>" in texts[18] and supervised[18] == "good<|im_end|>"  # weight 0: context
 
 
 def test_encode_to_dir_writes_the_rejects_file(tmp_path, smollm2_tokenizer):
     data, template = mixed_file(tmp_path)
     stats = encode_to_dir([str(data)], smollm2_tokenizer, spec_for(template), tmp_path / "out")
     lines = (tmp_path / "out" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
-    assert [json.loads(x)["row"] for x in lines] == [r["row"] for r in stats.rejects] and len(lines) == 11
+    assert [json.loads(x)["row"] for x in lines] == [r["row"] for r in stats.rejects] and len(lines) == len(
+        BAD
+    )
     assert len((tmp_path / "out" / "length_report.jsonl").read_text().splitlines()) == stats.dropped == 1
 
 
-@pytest.mark.parametrize("index", [i for i, (_, k) in enumerate(ROWS) if k not in (None, "drop", "blank")])
+@pytest.mark.parametrize("index", BAD)
 def test_with_on_bad_row_error_each_kind_stops_naming_file_row_and_field(tmp_path, smollm2_tokenizer, index):
     raw, reason = ROWS[index]
     data, template = tmp_path / "d.jsonl", tmp_path / "raising.jinja"

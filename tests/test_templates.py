@@ -243,6 +243,58 @@ def test_each_answer_as_a_sample_of_its_own_trains_every_turn_in_its_inference_c
     assert stats.supervised_tokens == sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in trained)
 
 
+def test_a_weight_0_answer_is_context_in_every_supervise_mode(tmp_path, smollm2_tokenizer):
+    """OpenAI's per-turn `weight`: 0 keeps an answer in the conversation, untrained. The tokens are
+    those of the unweighted conversation; the labels lose that answer alone; with one sample per
+    answer it gives no sample, and the others keep their numbers among the row's answers."""
+    import json
+
+    from sft_core.data.encode import EncodeStats, iter_encoded
+    from sft_core.data.spec import EncodeSpec
+
+    tok = smollm2_tokenizer
+    template = get_template("chatml", tok)
+    chat = [
+        {"role": "user", "content": "A warm colour?"}, {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "A calm one?"}, {"role": "assistant", "content": "Blue, I think."},
+        {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green."},
+    ]  # fmt: skip
+    weighted = [dict(m, weight=0) if m["content"] == "Blue, I think." else m for m in chat]
+    data = tmp_path / "weighted.jsonl"
+    data.write_text(json.dumps({"messages": weighted}) + "\n")
+    plain_ids, plain_labels = encode_messages(tok, template, chat, "t")
+
+    def encode(supervise: str) -> list:
+        stats = EncodeStats()
+        samples = list(iter_encoded([str(data)], tok, EncodeSpec(512, "chatml", supervise=supervise), stats))
+        assert stats.rejected == 0
+        return samples
+
+    (whole,) = encode("all_assistant_turns")
+    assert whole.input_ids.tolist() == plain_ids
+    assert (
+        supervised(tok, whole.input_ids.tolist(), whole.labels.tolist()) == "Red.<|im_end|>Green.<|im_end|>"
+    )
+    kept = {i for i, lab in enumerate(whole.labels.tolist()) if lab != IGNORE_INDEX}
+    lost = [i for i, lab in enumerate(plain_labels) if lab != IGNORE_INDEX and i not in kept]
+    assert tok.decode([plain_ids[i] for i in lost]) == "Blue, I think.<|im_end|>"  # that answer alone
+
+    each = encode("each_assistant_turn_as_sample")
+    assert [s.turn for s in each] == [1, 3]
+    assert each[1].where.endswith("row 1, assistant turn 3")
+    assert (each[1].input_ids.tolist(), each[1].labels.tolist()) == encode_messages(
+        tok, template, chat, "t", "last_assistant_turn"
+    )
+    (last,) = encode("last_assistant_turn")
+    assert supervised(tok, last.input_ids.tolist(), last.labels.tolist()) == "Green.<|im_end|>"
+    # The last answer at weight 0 under last_assistant_turn: nothing to train, a bad row.
+    data.write_text(json.dumps({"messages": [*chat[:5], dict(chat[5], weight=0)]}) + "\n")
+    stats = EncodeStats()
+    spec = EncodeSpec(512, "chatml", supervise="last_assistant_turn", on_bad_row="skip")
+    assert list(iter_encoded([str(data)], tok, spec, stats)) == []
+    assert "its last assistant turn has weight 0" in stats.rejects[0]["reason"]
+
+
 def test_each_answer_as_a_sample_counts_the_length_policy_per_sample_and_rejects_a_row_whole(
     tmp_path, smollm2_tokenizer
 ):

@@ -14,7 +14,7 @@ import numpy as np
 
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.labels import conversation_spans, tokenize_with_labels
-from sft_core.data.messages import row_to_messages
+from sft_core.data.messages import Message, row_to_messages
 from sft_core.data.sources import Row, read_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
@@ -63,16 +63,18 @@ class Sample:
 
 _CHUNK = 256  # rows per batch: large enough for the batched tokenizer, small enough to stream
 
-# (row, its samples' (ids, labels), error): a row is rejected whole or gives all its samples.
-Encoded = tuple[Row, "list[tuple[np.ndarray, np.ndarray]]", "str | None"]
+# (row, its samples, error): a row is rejected whole or gives all its samples.
+Encoded = tuple[Row, "list[Sample]", "str | None"]
 
 
-def _conversations(messages: list[dict[str, str]], supervise: str) -> list[list[dict[str, str]]]:
-    """The conversations a row trains: the row itself, or (each_assistant_turn_as_sample) one per
-    assistant turn, ending with it."""
+def _conversations(messages: list[Message], supervise: str) -> list[tuple[int | None, list[Message]]]:
+    """The conversations a row trains, each with the assistant turn it ends with: the row itself
+    (None), or (each_assistant_turn_as_sample) one per trained assistant turn, numbered among the
+    row's assistant turns, ending with it."""
     if supervise != "each_assistant_turn_as_sample":
-        return [messages]
-    return [messages[: i + 1] for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return [(None, messages)]
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [(k, messages[: i + 1]) for k, i in enumerate(answers, start=1) if messages[i].get("train", True)]
 
 
 def _encode_chunk(
@@ -80,7 +82,7 @@ def _encode_chunk(
 ) -> list[Encoded]:
     """(row, samples, error) for each row of a chunk; errors are returned, not raised, so the
     caller applies on_bad_row in row order."""
-    prepared: list[tuple[Row, list[tuple[str, list[tuple[int, int]]]], str | None]] = []
+    prepared: list[tuple[Row, list[tuple[int | None, str, list[tuple[int, int]]]], str | None]] = []
     reserved = reserved_tokens(tokenizer)
     # A sample of its own trains its last turn, rendered as inference renders that conversation.
     supervise = "last_assistant_turn" if spec.supervise == "each_assistant_turn_as_sample" else spec.supervise
@@ -90,16 +92,19 @@ def _encode_chunk(
                 raise DataError(f"{row.file}, {row.error}.")
             messages = row_to_messages(row, spec.fields, reserved)
             rendered = [
-                conversation_spans(tokenizer, template, conversation, row.where, supervise)
-                for conversation in _conversations(messages, spec.supervise)
+                (turn, *conversation_spans(tokenizer, template, conversation, row.where, supervise))
+                for turn, conversation in _conversations(messages, spec.supervise)
             ]
             prepared.append((row, rendered, None))
         except DataError as err:
             prepared.append((row, [], str(err)))
-    texts = [text for _, rendered, _ in prepared for text, _ in rendered]
-    spans = [sample_spans for _, rendered, _ in prepared for _, sample_spans in rendered]
+    texts = [text for _, rendered, _ in prepared for _, text, _ in rendered]
+    spans = [sample_spans for _, rendered, _ in prepared for _, _, sample_spans in rendered]
     encoded = iter(tokenize_with_labels(tokenizer, texts, spans) if texts else ())
-    return [(row, [next(encoded) for _ in rendered], error) for row, rendered, error in prepared]
+    return [
+        (row, [Sample(row, turn, *next(encoded)) for turn, _, _ in rendered], error)
+        for row, rendered, error in prepared
+    ]
 
 
 # Worker-process state for preprocessing_num_workers > 1 (set once per process by _init_worker).
@@ -199,13 +204,11 @@ def _keep_end_token(
 def _apply_policies(
     chunk: list[Encoded], spec: EncodeSpec, end_token: int | None, stats: EncodeStats
 ) -> Iterator[Sample]:
-    expanded = spec.supervise == "each_assistant_turn_as_sample"
     for row, samples, error in chunk:
         stats.rows += 1
         kept: list[Sample] = []
         report: list[dict[str, Any]] = []  # its cut or dropped samples
-        for k, (ids, labels) in enumerate(samples):
-            sample = Sample(row, k + 1 if expanded else None, ids, labels)
+        for sample in samples:
             error = error or _fit(sample, spec, end_token, kept, report)
         if error is not None:  # the whole row: none of its samples is trained
             _reject(row, error, spec, stats)

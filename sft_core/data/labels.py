@@ -14,11 +14,13 @@ from sft_core.data.templates import ChatTemplate, supervised_char_spans
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from sft_core.data.messages import Message
+
 
 def encode_messages(
     tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate,
-    messages: list[dict[str, str]],
+    messages: list[Message],
     where: str,
     supervise: str = "all_assistant_turns",
 ) -> tuple[list[int], list[int]]:
@@ -31,7 +33,7 @@ def encode_messages(
 def conversation_spans(
     tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate,
-    messages: list[dict[str, str]],
+    messages: list[Message],
     where: str,
     supervise: str,
 ) -> tuple[str, list[tuple[int, int]]]:

@@ -4,7 +4,10 @@ Every rule that makes a row unusable raises a DataError naming file, row and fie
 turns it into a bad row for the `on_bad_row` policy. The rule for conversations: roles must be
 system/user/assistant (after the format's mapping), there must be an answer to train on and no
 answer may be empty, and the last turn must not be an unanswered question. An assistant turn may
-come first. In every format, no content may hold a special token of the tokenizer.
+come first. A turn holds its role, its content and an optional `weight` (OpenAI's fine-tuning
+format: 0 keeps an assistant turn as context, untrained); any other key with a value is refused,
+as training without it would change the conversation (tool calls, reasoning, speaker names). In
+every format, no content may hold a special token of the tokenizer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from sft_core.data.sources import Row
 from sft_core.errors import DataError
 
 RowFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
+
+# A chat message: "role" and "content" (str), and "train" (bool) where the data's weight says
+# whether an assistant turn is trained (absent: it is).
+Message = dict[str, Any]
+
+WEIGHT_KEY = "weight"
 
 # The roles a chat template knows; anything else would be rendered and silently never trained on.
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -58,9 +67,7 @@ def row_format(data: dict[str, Any], fields: FieldMapping) -> str:
     return "sharegpt" if data.get("conversations") is not None else "alpaca"
 
 
-def row_to_messages(
-    row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None = None
-) -> list[dict[str, str]]:
+def row_to_messages(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None = None) -> list[Message]:
     """Map one row to chat messages; a missing or empty required field names file, row and field,
     and so does content holding a `reserved` string (the tokenizer's special tokens)."""
     kind = row_format(row.data, fields)
@@ -116,7 +123,7 @@ def _text(row: Row, key: str, role: str, required: bool, reserved: re.Pattern[st
     return _no_reserved(row, key, value, reserved)
 
 
-def _alpaca(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None) -> list[dict[str, str]]:
+def _alpaca(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None) -> list[Message]:
     prompt = _text(row, fields.prompt_key, "prompt_key", True, reserved)
     query = _text(row, fields.query_key, "query_key", False, reserved) if fields.query_key else ""
     response = _text(row, fields.response_key, "response_key", True, reserved)
@@ -134,7 +141,7 @@ def _checked_turns(
     content_key: str,
     roles: dict[str, str],
     reserved: re.Pattern[str] | None = None,
-) -> list[dict[str, str]]:
+) -> list[Message]:
     turns = row.data.get(key)
     if not isinstance(turns, list) or not turns:
         raise DataError(
@@ -148,6 +155,19 @@ def _checked_turns(
             or not isinstance(m.get(content_key), str)
         ):
             raise DataError(f"{row.where}: field '{key}[{j}]' needs string '{role_key}' and '{content_key}'.")
+        # A null column is no column (Parquet gives every turn the keys of all turns).
+        unread = [
+            k
+            for k, v in m.items()
+            if k not in (role_key, content_key, WEIGHT_KEY) and v not in (None, "", [], {})
+        ]
+        if unread:
+            raise DataError(
+                f"{row.where}: field '{key}[{j}].{unread[0]}' is not read by this pipeline (a turn is "
+                f"'{role_key}', '{content_key}' and an optional '{WEIGHT_KEY}'), and training without it "
+                "would change the conversation (tool calls, reasoning, speaker names are not rendered). "
+                "Remove it from the data or set it to null."
+            )
         role = roles.get(m[role_key])
         if role is None:
             raise DataError(
@@ -159,12 +179,36 @@ def _checked_turns(
                 f"{row.where}: field '{field}' (an assistant answer) is empty. Every answer is trained on; "
                 "fill it in or drop the turn."
             )
-        out.append({"role": role, "content": _no_reserved(row, field, m[content_key], reserved)})
+        message: Message = {"role": role, "content": _no_reserved(row, field, m[content_key], reserved)}
+        if (train := _weight(row, f"{key}[{j}].{WEIGHT_KEY}", m.get(WEIGHT_KEY), role)) is not None:
+            message["train"] = train
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{row.where}: field '{key}' has no assistant turn, so nothing would be trained on.")
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in out):
+        raise DataError(
+            f"{row.where}: every assistant turn of field '{key}' has {WEIGHT_KEY} 0, so nothing would be trained on."
+        )
     if out[-1]["role"] == "user":
         raise DataError(
             f"{row.where}: field '{key}' ends with a user turn that has no answer; end it with the "
             "assistant's answer (or drop the last question)."
         )
     return out
+
+
+def _weight(row: Row, field: str, value: Any, role: str) -> bool | None:
+    """Whether a turn's `weight` trains it (None: no weight given). 0 or 1, as OpenAI's format has
+    it; only an assistant turn can be trained, so another turn's weight may only be 0."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or value not in (0, 1):
+        raise DataError(
+            f"{row.where}: field '{field}' is {value!r}; a turn's weight is 0 (context, not trained) or 1 "
+            "(trained). Weights between are not supported."
+        )
+    if value == 1 and role != "assistant":
+        raise DataError(
+            f"{row.where}: field '{field}' is 1 on a {role} turn; only assistant turns are trained."
+        )
+    return bool(value)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from jinja2 import Template
     from transformers import PreTrainedTokenizerBase
 
+    from sft_core.data.messages import Message
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -81,7 +83,7 @@ class ChatTemplate:
     def render(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        messages: list[dict[str, str]],
+        messages: list[Message],
         add_generation_prompt: bool = False,
     ) -> str:
         """Same text as `tokenizer.apply_chat_template(..., tokenize=False)`, through transformers'
@@ -222,12 +224,13 @@ _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
 def supervised_char_spans(
     template: ChatTemplate,
     tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
+    messages: list[Message],
     where: str,
     only_last: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and return (text, [(start, end)]) of each assistant turn's supervised chars
-    (`only_last`: of the last assistant turn alone).
+    (`only_last`: of the last assistant turn alone), less the turns the data marks untrained
+    (`"train": False`, from a weight of 0).
 
     A span covers what the model must generate after the generation prompt: the assistant content
     plus the end-of-turn token right after it, e.g. with ChatML::
@@ -245,9 +248,11 @@ def supervised_char_spans(
     the format.
     """
 
+    chat = [{k: v for k, v in m.items() if k != "train"} for m in messages]  # what a template sees
+
     def render(upto: int, add_generation_prompt: bool = False) -> str:
         try:
-            return template.render(tokenizer, messages[:upto], add_generation_prompt)
+            return template.render(tokenizer, chat[:upto], add_generation_prompt)
         except Exception as err:  # a template's raise_exception, or Jinja tripping on this row's values
             raise DataError(
                 f"{where}: template '{template.name}' failed on this row: {type(err).__name__}: {err}"
@@ -257,7 +262,11 @@ def supervised_char_spans(
     specials = special_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
     answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    for i in answers[-1:] if only_last else answers:
+    trained = [i for i in (answers[-1:] if only_last else answers) if messages[i].get("train", True)]
+    if not trained:
+        which = "its last assistant turn has" if only_last else "all its assistant turns have"
+        raise DataError(f"{where}: {which} weight 0, so nothing would be trained on.")
+    for i in trained:
         message = messages[i]
         prompt = render(i, add_generation_prompt=True)
         turn = text if i == len(messages) - 1 else render(i + 1)
