@@ -25,6 +25,7 @@ from sft_core.cluster.cluster import Cluster, WorkerFailure
 from sft_core.config import SFTConfig
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
 from sft_core.data.splits import EncodedSplit, PackedSplit
+from sft_core.data.store import EncodedData
 from sft_core.errors import ConfigError
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.preflight import load_run_config
@@ -32,6 +33,7 @@ from sft_core.secrets import literal_secret_overrides, redact
 from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import (
+    METRIC_DATA_TAG,
     MLflowTracker,
     checkpoint_version,
     default_tracking_uri,
@@ -127,6 +129,21 @@ def data_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedS
     """What the run trains on: the encode cache keys (file contents, template, encoding settings,
     tokenizer, data code) and the packing plans. A resume over other data shows as another value."""
     return digest(sorted((split, enc.key, Path(packed[split].path).name) for split, enc in encoded.items()))
+
+
+# What the data of a checkpoint is, kept in its trainer_state.json and tagged on its version.
+DATA_TAGS = ("data_fingerprint", METRIC_DATA_TAG)
+
+
+def metric_data(cfg: SFTConfig, encoded: dict[str, EncodedSplit]) -> str:
+    """What `metric_for_best_model` is measured on, by content: the validation split's tokens and
+    labels for a val_ metric, else the training split's. Versions whose values differ cannot be
+    ranked against each other (another validation file, template, tokenizer or length), while a
+    change of code or config that encodes the same data keeps them comparable."""
+    split = (
+        "validation" if cfg.metric_for_best_model.startswith("val_") and "validation" in encoded else "train"
+    )
+    return EncodedData.load(encoded[split].path).digest()
 
 
 def version_provenance(cfg: SFTConfig) -> dict[str, str]:
@@ -290,7 +307,7 @@ def register_resumed(
         "%s was saved but never registered (its run stopped in between): registering it now", resume.name
     )
     entry = next((h for h in reversed(state.get("history", [])) if h.get("step") == step), {"step": step})
-    tags = {**version_tags, "data_fingerprint": state.get("data_fingerprint", "")}
+    tags = {**version_tags, **{k: state[k] for k in DATA_TAGS if k in state}}
     return register(cfg, mlflow_run, saved, entry, tags, description)
 
 
@@ -301,7 +318,7 @@ def train(
     resume: Path | None,
     mlflow_run: MLflowTracker,
     trackers: Trackers,
-    fingerprint: str,
+    data_tags: dict[str, str],
     launch: ClusterLaunch,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """Train to the last step from `resume` (or the pretrained model) on the launched actors;
@@ -346,7 +363,7 @@ def train(
                         "global_step": step,
                         "cluster_name": cluster.name,
                         "mlflow_run_id": mlflow_run.run_id,
-                        "data_fingerprint": fingerprint,
+                        **data_tags,
                         "training_args": cfg.sft_train.training_args.model_dump(),
                         "history": history,
                     }
@@ -355,7 +372,7 @@ def train(
                     # makes the default UI's Task Runs tab list nothing ("Invalid TaskInputResponse").
                     saved = save_checkpoint(cluster, str(run.root), step, quote(state), final=step == total)
                     trackers.log_metrics({m.TIME_CHECKPOINT: saved.seconds}, step)
-                    tags = {**version_tags, "data_fingerprint": fingerprint}
+                    tags = {**version_tags, **data_tags}
                     version = register(cfg, mlflow_run, saved, history[-1], tags, description)
                     checkpoints.append({"step": step, "path": saved.path, "version": version})
                     if cfg.max_ckpt_to_keep:
@@ -442,6 +459,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         validation=files.get("validation"),
     )
     fingerprint = data_fingerprint(encoded, packed)
+    data_tags = {"data_fingerprint": fingerprint, METRIC_DATA_TAG: metric_data(cfg, encoded)}
 
     flow_run_id = str(get_run_context().flow_run.id)
     log_dir = cfg.tracker_kwargs.get("log_dir", cfg.logging_dir)
@@ -470,7 +488,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         server_lost = False
         try:
             history, checkpoints, total = train(
-                cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, fingerprint, launch
+                cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, data_tags, launch
             )
             status = "FINISHED"
         except BaseException as err:

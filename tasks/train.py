@@ -204,4 +204,6 @@ def register_model(
         "registered %s version %d (step %d) from %s%s",
         name, registered.version, step, path, "; it is the new 'best'" if registered.is_best else "",
     )  # fmt: skip
+    if registered.note:
+        get_run_logger().warning("%s", registered.note)
     return registered.version

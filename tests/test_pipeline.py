@@ -153,11 +153,12 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("smoke-sft", "last_saved")
     assert str(mv.version) == "2" and mv.tags["global_step"] == "6"
-    for tag in ("val_loss", "loss", "data_fingerprint", "config_hash", "git_commit"):
+    for tag in ("val_loss", "loss", "data_fingerprint", "metric_data", "config_hash", "git_commit"):
         assert mv.tags.get(tag), tag
     assert mv.tags["prefect_flow_run"].endswith(f"/runs/flow-run/{run_id}")
     best = client.get_model_version_by_alias("smoke-sft", "best")
     v1 = client.get_model_version("smoke-sft", "1")
+    assert v1.tags["metric_data"] == mv.tags["metric_data"]  # one validation set: ranked against each other
     assert float(best.tags["val_loss"]) == min(float(v1.tags["val_loss"]), float(mv.tags["val_loss"]))
     assert "embedded:tiny-smollm2" in client.get_registered_model("smoke-sft").description
     run = client.get_run(mv.run_id)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sft_core.tracking.mlflow_tracker import (
+    METRIC_DATA_TAG,
     best_version_source,
     delete_versions,
     register_checkpoint,
@@ -92,6 +93,35 @@ def test_best_moves_only_when_the_metric_improves(tmp_path, greater_is_better):
     assert versions_for_source(uri, "m", str(tmp_path / "run1" / "checkpoint-2")) == [2]
     delete_versions(uri, "m", [2])
     assert versions_for_source(uri, "m", str(tmp_path / "run1" / "checkpoint-2")) == []
+
+
+def test_best_is_never_ranked_across_different_validation_data(tmp_path):
+    """A nightly retraining on a new validation set: its val_loss cannot be compared with the one
+    `best` was measured on. The first version measured on the new data takes `best` (saying so),
+    and later ones are ranked against it on that data alone."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(
+        client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    ).info.run_id
+    # (val_loss, the data it was measured on, which version is best after it, moved without a comparison)
+    plan = [(1.0, "old", 1, False), (2.0, "new", 2, True), (1.5, "new", 3, False), (1.7, "new", 3, False),
+            (0.5, None, 5, False),  # untagged (registered by older code): compared as before
+            (0.9, "new", 5, False)]  # fmt: skip
+    for i, (loss, data, best, moved) in enumerate(plan, start=1):
+        folder = tmp_path / f"checkpoint-{i}" / "sft_train"
+        folder.mkdir(parents=True)
+        tags = {} if data is None else {METRIC_DATA_TAG: data}
+        got = register_checkpoint(uri, "m", str(folder), run, i, {"val_loss": loss}, tags)
+        assert (
+            got.is_best == (best == i) and int(client.get_model_version_by_alias("m", "best").version) == best
+        )
+        assert bool(got.note) == moved, got.note
+        if moved:
+            assert got.note.startswith("'best' moved from version 1 to 2 without a comparison"), got.note
+    assert int(client.get_model_version_by_alias("m", "best").version) == 5
 
 
 def test_a_failed_read_of_best_is_not_taken_for_no_best(tmp_path, monkeypatch):

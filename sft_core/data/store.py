@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,14 @@ class EncodedData:
         return cls(
             np.concatenate(ids) if ids else empty, np.concatenate(labels) if labels else empty, offsets
         )
+
+    def digest(self) -> str:
+        """A hash of the samples themselves: tokens, labels and where each sample ends."""
+        h = hashlib.sha256()
+        for array in (self.input_ids, self.labels, self.offsets):
+            h.update(str(array.dtype).encode())
+            h.update(np.ascontiguousarray(array).data)  # a view, no copy
+        return h.hexdigest()[:32]
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")

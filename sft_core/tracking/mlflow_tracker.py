@@ -214,10 +214,16 @@ def fail_if_running(tracking_uri: str, run_id: str, why: str) -> bool:
     return True
 
 
+# The tag naming what a version's best_metric was measured on (a digest of the encoded data):
+# versions with different values are not ranked against each other.
+METRIC_DATA_TAG = "metric_data"
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     version: int
     is_best: bool
+    note: str = ""  # why `best` moved without a comparison, for the log
 
 
 def _not_found(err: MlflowException) -> bool:
@@ -287,22 +293,35 @@ def register_checkpoint(
             client.update_registered_model(model_name, description=description)
         client.set_registered_model_alias(model_name, "last_saved", str(version))
         value = metrics.get(best_metric)
-        is_best = False
+        is_best, note = False, ""
         if value is not None:
             try:
-                current = client.get_model_version_by_alias(model_name, "best").tags.get(best_metric)
+                best = client.get_model_version_by_alias(model_name, "best")
             except MlflowException as err:
                 if not _not_found(err):
                     raise  # a failed read is not "no best yet": that would move it to a worse version
-                current = None
+                best = None
+            current = best.tags.get(best_metric) if best else None
+            # A version tagged with other data than `best` was measured on another basis (another
+            # validation set: a retraining on new data): the two cannot be ranked, and the newer
+            # basis wins. A version without the tag (older code) is compared as before.
+            basis = all_tags.get(METRIC_DATA_TAG)
+            if best and current is not None and basis and best.tags.get(METRIC_DATA_TAG) not in (None, basis):
+                note = (
+                    f"'best' moved from version {best.version} to {version} without a comparison: its "
+                    f"{best_metric} {current} was measured on other data ({METRIC_DATA_TAG} "
+                    f"{best.tags[METRIC_DATA_TAG]}, now {basis}), so the two cannot be ranked"
+                )
             tagged = float(all_tags[best_metric])  # compared as the tags hold it: an equal tag is a tie
-            better = current is None or (
-                tagged > float(current) if greater_is_better else tagged < float(current)
+            better = (
+                current is None
+                or bool(note)
+                or (tagged > float(current) if greater_is_better else tagged < float(current))
             )  # ties keep the earlier version
             if better:
                 client.set_registered_model_alias(model_name, "best", str(version))
                 is_best = True
-        return RegisteredVersion(version, is_best)
+        return RegisteredVersion(version, is_best, note)
 
 
 def version_source(tracking_uri: str, checkpoint_dir: str, run_id: str, step: int) -> str:
