@@ -26,7 +26,7 @@ from sft_core.config import SFTConfig
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
 from sft_core.data.splits import EncodedSplit, PackedSplit
 from sft_core.data.store import EncodedData
-from sft_core.errors import ConfigError
+from sft_core.errors import ConfigError, exception_chain
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.preflight import load_run_config
 from sft_core.secrets import literal_secret_overrides, redact
@@ -176,15 +176,11 @@ def model_description(cfg: SFTConfig) -> str:
 def stopped_from_outside(err: BaseException) -> bool:
     """A stop, not a failure: a cancel (Prefect's TerminationSignal for the worker's SIGTERM), Ctrl-C,
     SystemExit; also when it surfaced inside Ray's C code as the cause of another error (a
-    SystemError from ray.wait)."""
-    seen: BaseException | None = err
-    for _ in range(10):  # a chain, never a cycle in practice
-        if seen is None:
-            return False
-        if not isinstance(seen, Exception):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    SystemError from ray.wait). Not the asyncio cancellation an I/O timeout is raised from (a
+    frozen server's read timeout): that is a failure."""
+    from prefect.exceptions import ExternalSignal
+
+    return any(isinstance(e, KeyboardInterrupt | SystemExit | ExternalSignal) for e in exception_chain(err))
 
 
 def report_crashed_holder(lock: RunLock, flow_run_id: str) -> None:

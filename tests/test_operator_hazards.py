@@ -16,7 +16,7 @@ import pytest
 from prefect.logging import disable_run_logger
 
 from sft_core.config_loader import load_config
-from sft_core.errors import ConfigError, StorageError
+from sft_core.errors import ConfigError, StorageError, exception_chain
 from sft_core.secrets import is_secret_key, literal_secret_overrides, move_secrets_to_env, redact
 from sft_core.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, register_checkpoint
 from sft_core.train import checkpoint as ckpt
@@ -445,6 +445,35 @@ def test_only_a_failed_request_to_the_prefect_api_reads_as_a_lost_server():
     assert lost_prefect_api(failure(f"http://127.0.0.1:{other}/models/x"), api) is None
     assert lost_prefect_api(httpx.ConnectError("no request known"), api) is None
     assert lost_prefect_api(ValueError("unrelated"), api) is None
+
+
+def test_a_frozen_prefect_server_is_a_lost_server_not_a_stop_from_outside():
+    """A server that accepts connections and never answers (SIGSTOPped, hung) ends Prefect's async
+    requests in a read timeout raised from asyncio's cancellation. That is a failure of the API
+    (exit 75, MLflow run FAILED), not a stop by the user (it was taken for one: MLflow run KILLED)."""
+    import asyncio
+    import socket
+
+    import httpx
+
+    from flows.runtime import lost_prefect_api
+    from flows.sft_pipeline import stopped_from_outside
+
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen()  # connections queue in the kernel; nothing reads them
+        api = f"http://127.0.0.1:{frozen.getsockname()[1]}/api"
+
+        async def request() -> None:
+            async with httpx.AsyncClient(timeout=0.5) as client:  # as Prefect's engine calls the API
+                await client.post(f"{api}/flow_runs/")
+
+        with pytest.raises(httpx.ReadTimeout) as timeout:
+            asyncio.run(request())
+    assert any(isinstance(e, asyncio.CancelledError) for e in exception_chain(timeout.value))
+    assert not stopped_from_outside(timeout.value)
+    assert lost_prefect_api(timeout.value, api) is timeout.value
+    assert stopped_from_outside(KeyboardInterrupt())
 
 
 def test_a_tracking_server_that_stopped_answering_is_told_from_other_failures(monkeypatch):
