@@ -493,7 +493,8 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
                 status = "KILLED"
             elif lost_api := lost_prefect_api(err):
                 lock.leave_named(
-                    f"the Prefect server stopped answering during the run ({lost_api}), so its flow run "
+                    f"the Prefect server stopped answering during the run ({type(lost_api).__name__}: "
+                    f"{str(lost_api) or 'no answer'}), so its flow run "
                     f"could not be ended; the run stopped with its newest checkpoint in {plan.run.root}"
                 )
             server_lost = lost_tracking_server(err, mlflow_run.tracking_uri) is not None
