@@ -167,7 +167,9 @@ def test_a_second_process_on_the_same_run_folder_is_stopped_naming_the_holder(tm
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderBusy, match="holder-flow-run") as err:
             RunLock(run, {"flow_run_id": "second"}).__enter__()
-        assert f'"pid": {holder.pid}' in str(err.value)
+        assert f"flow run holder-flow-run, pid {holder.pid} on " in str(err.value) and " UTC" in str(
+            err.value
+        )
     finally:
         holder.kill()
         holder.wait()

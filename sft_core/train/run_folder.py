@@ -212,11 +212,11 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            held = os.read(fd, 4096).decode(errors="replace").strip() or "{}"
+            held = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
             raise RunFolderBusy(
-                f"run folder {self.path.parent} is in use by another run: {held}. Wait for it to finish "
-                "or stop it; a new run (resume_from_checkpoint: false) trains into a folder of its own."
+                f"run folder {self.path.parent} is in use by another run ({_holder(held)}). Wait for it to "
+                "finish or stop it; a new run (resume_from_checkpoint: false) trains into a folder of its own."
             ) from None
         with contextlib.suppress(ValueError):
             left = json.loads(os.pread(fd, 4096, 0) or b"null")
@@ -280,3 +280,13 @@ def _alive_here(holder: dict[str, Any], here: str | None) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _holder(record: str) -> str:
+    """A lock's holder in words: its flow run, process and start, from the JSON it wrote."""
+    try:
+        held = json.loads(record)
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(held["since"])))
+        return f"flow run {held.get('flow_run_id', '?')}, pid {held['pid']} on {held['host']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return f"its lock file holds {record[:300]!r}"
