@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import glob
 import os
 import re
 from pathlib import Path
@@ -450,13 +451,25 @@ def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
             str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(os.path.expanduser(p)) else p
         )
 
+    def files(names: list[str]) -> list[str]:
+        # A pattern (`data/*.jsonl`, `shards/**/*.parquet`) is the files it matches now, sorted: a
+        # scheduled run reads the shards present when it starts. A name that exists is itself, even
+        # with [ ] in it; a pattern that matches nothing is kept, for the check that names it.
+        out = []
+        for name in map(absolute, names):
+            found = (
+                [] if os.path.exists(name) or not glob.has_magic(name) else glob.glob(name, recursive=True)
+            )
+            out += sorted(f for f in found if os.path.isfile(f)) or [name]
+        return out
+
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = absolute(cfg.output_dir)
     cfg.logging_dir = absolute(cfg.logging_dir)
     data = cfg.sft_train.data_args
-    data.file_name = [absolute(f) for f in data.files()]
+    data.file_name = files(data.files())
     if cfg.validation and cfg.validation.data_args.file_name:
-        cfg.validation.data_args.file_name = [absolute(f) for f in cfg.validation_files]
+        cfg.validation.data_args.file_name = files(cfg.validation_files)
     if cfg.global_template and cfg.global_template.endswith(".jinja"):
         cfg.global_template = absolute(cfg.global_template)
     for args in (data, cfg.validation.data_args if cfg.validation else None):

@@ -25,7 +25,7 @@ def preflight(cfg: SFTConfig) -> None:
         ("validation.data_args.file_name", cfg.validation_files),
     ):
         for f in files:
-            if not f.startswith("hf://") and not Path(f).exists():
+            if not f.startswith("hf://") and not Path(f).is_file():  # missing, or a folder
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
     for key, folder in (("output_dir", cfg.output_dir), ("logging_dir", cfg.logging_dir)):
         check_writable_folder(key, Path(folder))

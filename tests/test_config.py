@@ -26,6 +26,39 @@ def test_default_config_loads_with_absolute_paths():
     assert cfg.global_batch_size == 2
 
 
+def test_a_data_file_pattern_is_the_files_it_matches_when_the_run_starts(tmp_path, monkeypatch):
+    from sft_core.errors import DataError
+    from sft_core.preflight import preflight
+
+    shards = tmp_path / "shards"
+    (shards / "more").mkdir(parents=True)
+    for name in ("b.jsonl", "a.jsonl", "more/c.jsonl", "notes.txt", "x[1].jsonl", "x1.jsonl"):
+        (shards / name).write_text('{"instruction": "q", "output": "a"}\n')
+    monkeypatch.chdir(tmp_path)  # relative patterns resolve from where the command runs
+    cfg = load(
+        "sft_train.data_args.file_name=shards/*.jsonl", "validation.data_args.file_name=shards/**/c.jsonl"
+    )
+    assert cfg.sft_train.data_args.files() == [
+        str(shards / n) for n in ("a.jsonl", "b.jsonl", "x1.jsonl", "x[1].jsonl")
+    ]
+    assert cfg.validation_files == [str(shards / "more" / "c.jsonl")]
+    # A name that exists is itself, brackets and all (as a pattern it would mean x1.jsonl).
+    assert load(f"sft_train.data_args.file_name='{shards}/x[1].jsonl'").sft_train.data_args.files() == [
+        str(shards / "x[1].jsonl")
+    ]
+    (shards / "d.jsonl").write_text('{"instruction": "q", "output": "a"}\n')  # a shard added later: read then
+    assert (
+        str(shards / "d.jsonl")
+        in load("sft_train.data_args.file_name=shards/*.jsonl").sft_train.data_args.files()
+    )
+    with pytest.raises(
+        DataError, match=r"shards/\*\.parquet' matches no file \(set by config key 'sft_train"
+    ):
+        preflight(load("sft_train.data_args.file_name=shards/*.parquet", f"output_dir={tmp_path}/out"))
+    with pytest.raises(DataError, match="give a pattern such as"):
+        preflight(load(f"sft_train.data_args.file_name={shards}", f"output_dir={tmp_path}/out"))
+
+
 def test_misspelled_key_is_named_with_a_suggestion():
     with pytest.raises(ConfigError) as err:
         load("+sft_train.training_args.learning_rat=1e-4")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
 
 from flows.runtime import stop_process_group
 from tests.helpers import REPO, checkpoint_path
@@ -25,8 +26,21 @@ def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 def test_smoke_deployment_runs_through_a_process_worker(prefect_server, tmp_path: Path):
     assert prefect("work-pool", "create", "sft-local", "--type", "process").returncode == 0
+    assert (
+        prefect("work-pool", "set-concurrency-limit", "sft-local", "1").returncode == 0
+    )  # as prefect.yaml says
     deployed = prefect("--no-prompt", "deploy", "--all")
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("sft-pipeline/nightly-retrain")
+        assert client.read_work_pool("sft-local").concurrency_limit == 1
+    # Two nights never train at once: the later run waits.
+    assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
+    assert (
+        nightly.concurrency_options is not None
+        and nightly.concurrency_options.collision_strategy == "ENQUEUE"
+    )
+    assert not nightly.schedules[0].active
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-local"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -9,6 +9,7 @@ with `error` set, so the caller applies the `on_bad_row` policy to it.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import re
@@ -50,7 +51,13 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
         yield from _saved_dataset_rows(p)
         return
     if not p.is_file():
-        what = "is a folder, but not one written by save_to_disk" if p.is_dir() else "does not exist"
+        if p.is_dir():
+            what = (
+                "is a folder, but not one written by save_to_disk; to read the data files in it, "
+                f"give a pattern such as '{p / '*.jsonl'}'"
+            )
+        else:
+            what = "matches no file" if glob.has_magic(path) else "does not exist"
         raise DataError(
             f"data file '{path}' {what} (set by config key '{config_key}'). "
             "Check the path; relative paths are resolved from the directory you ran the command in."
