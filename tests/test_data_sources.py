@@ -136,3 +136,45 @@ def test_the_cache_key_of_a_dataset_dict_split_follows_its_contents(tmp_path):
     assert not before.startswith("missing:") and before != file_digest(f"{folder}:validation")
     save(ROWS[1:])
     assert file_digest(f"{folder}:train") != before
+
+
+def test_csv_and_tsv_rows_are_read_by_their_header_and_numbered_by_line(tmp_path, smollm2_tokenizer):
+    """A header names the columns; a quoted value may span lines (the next row is numbered by the
+    line it starts on, as an editor shows it); a record whose field count differs from the header's
+    is a bad row; a BOM, CRLF line ends and gzip read as in the plain file."""
+    from sft_core.data.encode import EncodeStats, iter_encoded
+
+    csv_text = (
+        "\ufeffinstruction,input,output\r\n"
+        "Capital of France?,,Paris.\r\n"
+        '"Say ""hi"", twice",,"hi,\nhi"\r\n'  # quotes, a comma and a newline inside values
+        "one,two,three,four\r\n"  # four fields under three columns
+        "\r\n"  # a blank line: no row
+        "2+2?,in,4\r\n"
+    )
+    plain = tmp_path / "rows.csv"
+    plain.write_text(csv_text, encoding="utf-8", newline="")
+    packed = tmp_path / "rows.csv.gz"
+    packed.write_bytes(gzip.compress(csv_text.encode()))
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("instruction\toutput\nCapital of France?\tParis.\n2+2?\t4\n", encoding="utf-8")
+    fields = FieldMapping(query_key="input")
+    for path in (plain, packed):
+        stats = EncodeStats()
+        spec = EncodeSpec(256, "chatml", fields, on_bad_row="skip")
+        samples = list(iter_encoded([str(path)], smollm2_tokenizer, spec, stats))
+        assert [s.row.index for s in samples] == [2, 3, 7]
+        assert [supervised_text(smollm2_tokenizer, s.input_ids, s.labels) for s in samples] == [
+            "Paris.<|im_end|>", "hi,\nhi<|im_end|>", "4<|im_end|>",
+        ]  # fmt: skip
+        assert 'Say "hi", twice' in smollm2_tokenizer.decode(samples[1].input_ids)
+        assert "2+2?\nin" in smollm2_tokenizer.decode(samples[2].input_ids)  # query_key joined
+        assert [(r["row"], r["reason"]) for r in stats.rejects] == [
+            (5, f"{path}, line 5: 4 fields, but the header names 3 columns.")
+        ]
+    assert answers(smollm2_tokenizer, [str(tsv)]) == ["Paris.<|im_end|>", "4<|im_end|>"]
+    (tmp_path / "dup.csv").write_text("output,output\na,b\n")
+    with pytest.raises(
+        DataError, match=r"dup.csv, line 1: the header \['output', 'output'\] must name each column once"
+    ):
+        answers(smollm2_tokenizer, [str(tmp_path / "dup.csv")])

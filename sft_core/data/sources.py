@@ -1,7 +1,7 @@
 """Read data files into rows, with errors that name the file, the row and the field.
 
-Sources: JSON (a list of objects, or JSON lines), JSONL, Parquet, each also gzip-compressed
-(`train.jsonl.gz`), and a folder written by `save_to_disk`: a `Dataset`, or a `DatasetDict` as
+Sources: JSON (a list of objects, or JSON lines), JSONL, Parquet, CSV and TSV (a header row names
+the columns; every value is text), each also gzip-compressed (`train.jsonl.gz`), and a folder written by `save_to_disk`: a `Dataset`, or a `DatasetDict` as
 `folder:split` (a bare folder takes the split named for its role: `train`, or `validation`). A row
 that cannot be read at all (broken JSON, not an object, nested absurdly deep) comes back as a `Row`
 with `error` set, so the caller applies the `on_bad_row` policy to it.
@@ -9,6 +9,7 @@ with `error` set, so the caller applies the `on_bad_row` policy to it.
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
 import json
@@ -65,6 +66,8 @@ def read_rows(path: str, config_key: str = "sft_train.data_args.file_name") -> I
     suffix = _format_suffix(p)
     if suffix == ".parquet":
         yield from _parquet_rows(p)
+    elif suffix in _DELIMITERS:
+        yield from _delimited_rows(p, _DELIMITERS[suffix])
     elif suffix == ".jsonl":
         yield from _jsonl_rows(p)
     else:
@@ -204,6 +207,51 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
         # Only a line holding a surrogate (or its escape) needs the field-by-field look.
         suspect = bool(_SURROGATE.search(line) or _SURROGATE_ESCAPE.search(line))
         yield _checked(p, line_no, "line", data, line, suspect)
+
+
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def _delimited_rows(p: Path, delimiter: str) -> Iterator[Row]:
+    """CSV/TSV rows as {column: text}, numbered by the line each starts on (the header is line 1,
+    as an editor or a spreadsheet shows it). A record with more or fewer fields than the header is a
+    bad row: its columns cannot be told apart."""
+    csv.field_size_limit(1 << 30)  # an answer may be longer than the module's 128 KiB default
+    lines = (raw.decode("utf-8", _ERRORS).removeprefix("\ufeff") for raw in _lines(p))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as err:
+        raise DataError(
+            f"{p}, line 1: the header cannot be read as {_format_suffix(p)[1:].upper()} ({err})."
+        ) from None
+    if len(set(header)) != len(header) or not all(h.strip() for h in header):
+        raise DataError(f"{p}, line 1: the header {header} must name each column once.")
+    start = reader.line_num + 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            yield Row(
+                str(p), start, {"raw": ""}, f"line {start}: not valid {_format_suffix(p)[1:].upper()} ({err})"
+            )
+        else:
+            if any(f.strip() for f in fields):  # a blank line is no row
+                if len(fields) != len(header):
+                    yield Row(
+                        str(p), start, {"raw": _printable(delimiter.join(fields))},
+                        f"line {start}: {len(fields)} fields, but the header names {len(header)} columns",
+                    )  # fmt: skip
+                else:
+                    record = dict(zip(header, fields, strict=True))
+                    yield _checked(
+                        p, start, "line", record, delimiter.join(fields), any(map(_SURROGATE.search, fields))
+                    )
+        start = reader.line_num + 1
 
 
 def _json_rows(p: Path) -> Iterator[Row]:
