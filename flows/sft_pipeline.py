@@ -116,6 +116,17 @@ def report_data(
             logger.warning("%s: %d bad rows skipped (%s.on_bad_row=skip); each with its reason in %s",
                            split, enc.rejected, SPLIT_ARGS[split], enc.rejects)  # fmt: skip
         metrics.update({m.data_metric(split, k): v for k, v in enc.counts().items()})
+    if "validation" in encoded:
+        # A validation sample that is also a training sample (same tokens: a split drawn from data
+        # with duplicates) makes val_loss reward memorising it, and `best` with it.
+        leaked = EncodedData.load(encoded["validation"].path).count_in(
+            EncodedData.load(encoded["train"].path).sample_digests()
+        )
+        metrics[m.data_metric("validation", "in_train")] = leaked
+        if leaked:
+            logger.warning("validation: %d of %d samples are also training samples (the same tokens), so "
+                           "val_loss partly measures memorisation; deduplicate the splits",
+                           leaked, encoded["validation"].samples)  # fmt: skip
     rows = packed["train"]
     logger.info("train: %d samples -> %d rows (padding %.1f%%)", rows.samples, rows.rows,
                 100 * rows.padding_fraction)  # fmt: skip

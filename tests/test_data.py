@@ -317,3 +317,17 @@ def test_the_prepared_tokenizer_is_reused_until_its_source_changes(tmp_path, tin
         shutil.rmtree(changed.tokenizer_dir)
         assert tasks.model.prepare_tokenizer.fn(str(model)) == changed and len(loads) == 3
     assert Path(changed.tokenizer_dir, "tokenizer.json").is_file()
+
+
+def test_validation_samples_found_in_training_are_counted_by_their_exact_tokens():
+    from sft_core.data.store import EncodedData
+
+    def data(*samples: list[int]) -> EncodedData:
+        arrays = [np.array(s, dtype=np.int32) for s in samples]
+        return EncodedData.from_samples(arrays, [a.copy() for a in arrays])
+
+    train = data([1, 2, 3], [4, 5], [6, 7, 8, 9])
+    # The same tokens twice (counted twice), a prefix, a longer one, one with a token changed.
+    validation = data([4, 5], [1, 2], [1, 2, 3, 0], [6, 7, 8, 9], [4, 5], [6, 7, 8, 10])
+    assert validation.count_in(train.sample_digests()) == 3
+    assert data().count_in(train.sample_digests()) == 0

@@ -170,6 +170,7 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     assert [m.step for m in client.get_metric_history(mv.run_id, "sft_train/val_loss")] == [0, 3, 6]
     # Bad rows are counted per split: the validation file's one skipped row, none in training.
     assert run.data.metrics["data/validation_rejected"] == 1 and run.data.metrics["data/rejected"] == 0
+    assert run.data.metrics["data/validation_in_train"] == 0  # the demo splits share no sample
     for name in ("sft_train/grad_norm", "sft_train/lr", "sft_train/tokens_per_sec", "sft_train/mfu",
                  "sft_train/pad_ratio", "time/data", "time/fwd_bwd", "time/optimizer", "time/comm", "sft_train/supervised_tokens", "time/step_train", "time/val",
                  "time/checkpoint"):  # fmt: skip

@@ -46,6 +46,22 @@ class EncodedData:
             h.update(np.ascontiguousarray(array).data)  # a view, no copy
         return h.hexdigest()[:32]
 
+    def sample_digests(self) -> set[bytes]:
+        """A digest of each sample's tokens, to find the same sample in another split."""
+        ids, ends = self.input_ids, self.offsets
+        return {
+            hashlib.blake2b(ids[a:b].tobytes(), digest_size=16).digest()
+            for a, b in zip(ends[:-1], ends[1:], strict=True)
+        }
+
+    def count_in(self, digests: set[bytes]) -> int:
+        """How many of these samples have their exact tokens among `digests` (another split's)."""
+        ids, ends = self.input_ids, self.offsets
+        return sum(
+            hashlib.blake2b(ids[a:b].tobytes(), digest_size=16).digest() in digests
+            for a, b in zip(ends[:-1], ends[1:], strict=True)
+        )
+
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)
