@@ -88,8 +88,9 @@ class DataArgs(StrictModel):
     # Row shape: alpaca (the *_key field mapping), messages ({role, content}), sharegpt
     # (conversations with {from, value}), or auto (decided per row by which fields it has).
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
-    # Samples longer than sequence_length: cut the response (counted and reported), drop them, or stop.
-    length_policy: Literal["truncate", "drop", "error"] = "truncate"
+    # Samples longer than sequence_length: cut the response (counted and reported), drop the oldest
+    # exchanges of a conversation until it fits (then cut), drop them, or stop.
+    length_policy: Literal["truncate", "drop_oldest_turns", "drop", "error"] = "truncate"
     # With truncate: end the cut answer with the end-of-turn token (supervised), so the model still
     # learns to stop; off by default, since it teaches a stop in mid-answer.
     truncate_keep_end_token: bool = False

@@ -505,3 +505,61 @@ def test_a_tokenizer_that_prefixes_every_input_is_tokenized_whole(smollm2_tokeni
     ids, labels = encode_messages(tok, template, chat, "t")
     assert ids == tok(template.render(tok, chat), add_special_tokens=False)["input_ids"]
     assert supervised(tok, ids, labels) == "Blue sky.<|im_end|>"
+
+
+def test_drop_oldest_turns_fits_a_long_conversation_by_its_history_not_its_answer(
+    tmp_path, smollm2_tokenizer
+):
+    """length_policy: drop_oldest_turns leaves out the oldest exchanges (the system prompt stays)
+    until a sample fits: its answer is kept whole, in the context the shorter conversation gives,
+    and the cut is reported. Where even the last exchange is too long, the answer is cut as with
+    truncate."""
+    import json
+
+    from sft_core.data.encode import EncodeStats, iter_encoded
+    from sft_core.data.spec import EncodeSpec
+
+    tok = smollm2_tokenizer
+    template = get_template("chatml", tok)
+    long = " ".join(["history"] * 60)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"First: {long}"}, {"role": "assistant", "content": f"One. {long}"},
+        {"role": "user", "content": f"Second: {long}"}, {"role": "assistant", "content": "Two."},
+        {"role": "user", "content": "Third?"}, {"role": "assistant", "content": "Three."},
+    ]  # fmt: skip
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": chat}) + "\n")
+    limit = 100
+    assert len(encode_messages(tok, template, chat[:5], "t")[0]) > limit  # turn 2 does not fit whole
+
+    def encode(supervise: str, rows: list | None = None) -> tuple[list, EncodeStats]:
+        if rows is not None:
+            data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+        stats = EncodeStats()
+        spec = EncodeSpec(limit, "chatml", supervise=supervise, length_policy="drop_oldest_turns")
+        return list(iter_encoded([str(data)], tok, spec, stats)), stats
+
+    samples, stats = encode("each_assistant_turn_as_sample")
+    assert [s.turn for s in samples] == [1, 2, 3]
+    # Turn 1 alone is too long: its answer is cut (nothing older to leave out).
+    assert len(samples[0].input_ids) == limit
+    # Turns 2 and 3: exactly the encoding of the system prompt and the newest exchange(s) that fit.
+    for sample, kept in zip(samples[1:], ([chat[0], *chat[3:5]], [chat[0], *chat[3:7]]), strict=True):
+        expected = encode_messages(tok, template, kept, "t", "last_assistant_turn")
+        assert (sample.input_ids.tolist(), sample.labels.tolist()) == expected
+        assert len(sample.input_ids) <= limit
+    assert [(r["turn"], r["action"], r.get("turns_dropped")) for r in stats.report] == [
+        (1, "truncated", None), (2, "oldest_turns_dropped", 1), (3, "oldest_turns_dropped", 1),
+    ]  # fmt: skip
+    assert stats.truncated == 3 and stats.dropped == 0
+    # All answers in one sample: the oldest exchange goes, the answers after it are trained.
+    (whole,), stats = encode("all_assistant_turns")
+    assert (
+        supervised(tok, whole.input_ids.tolist(), whole.labels.tolist()) == "Two.<|im_end|>Three.<|im_end|>"
+    )
+    assert stats.report[0]["action"] == "oldest_turns_dropped" and stats.report[0]["turns_dropped"] == 1
+    # A conversation that fits is left as it is.
+    (short,), stats = encode("all_assistant_turns", [[chat[0], *chat[5:]]])
+    assert short.input_ids.tolist() == encode_messages(tok, template, [chat[0], *chat[5:]], "t")[0]
+    assert stats.report == [] and stats.truncated == 0

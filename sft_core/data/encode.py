@@ -55,6 +55,8 @@ class Sample:
     turn: int | None
     input_ids: np.ndarray
     labels: np.ndarray
+    turns_dropped: int = 0  # oldest exchanges left out to fit (length_policy: drop_oldest_turns)
+    full_tokens: int = 0  # its length with them, when some were
 
     @property
     def where(self) -> str:
@@ -82,7 +84,9 @@ def _encode_chunk(
 ) -> list[Encoded]:
     """(row, samples, error) for each row of a chunk; errors are returned, not raised, so the
     caller applies on_bad_row in row order."""
-    prepared: list[tuple[Row, list[tuple[int | None, str, list[tuple[int, int]]]], str | None]] = []
+    prepared: list[
+        tuple[Row, list[tuple[int | None, list[Message], str, list[tuple[int, int]]]], str | None]
+    ] = []
     reserved = reserved_tokens(tokenizer)
     # A sample of its own trains its last turn, rendered as inference renders that conversation.
     supervise = "last_assistant_turn" if spec.supervise == "each_assistant_turn_as_sample" else spec.supervise
@@ -92,19 +96,67 @@ def _encode_chunk(
                 raise DataError(f"{row.file}, {row.error}.")
             messages = row_to_messages(row, spec.fields, reserved)
             rendered = [
-                (turn, *conversation_spans(tokenizer, template, conversation, row.where, supervise))
+                (
+                    turn,
+                    conversation,
+                    *conversation_spans(tokenizer, template, conversation, row.where, supervise),
+                )
                 for turn, conversation in _conversations(messages, spec.supervise)
             ]
             prepared.append((row, rendered, None))
         except DataError as err:
             prepared.append((row, [], str(err)))
-    texts = [text for _, rendered, _ in prepared for _, text, _ in rendered]
-    spans = [sample_spans for _, rendered, _ in prepared for _, _, sample_spans in rendered]
+    texts = [text for _, rendered, _ in prepared for _, _, text, _ in rendered]
+    spans = [sample_spans for _, rendered, _ in prepared for _, _, _, sample_spans in rendered]
     encoded = iter(tokenize_with_labels(tokenizer, texts, spans) if texts else ())
-    return [
-        (row, [Sample(row, turn, *next(encoded)) for turn, _, _ in rendered], error)
-        for row, rendered, error in prepared
-    ]
+    out: list[Encoded] = []
+    for row, rendered, error in prepared:
+        samples = [Sample(row, turn, *next(encoded)) for turn, _, _, _ in rendered]
+        if spec.length_policy == "drop_oldest_turns" and error is None:
+            try:
+                samples = [
+                    _without_oldest_turns(
+                        s, conversation, tokenizer, template, supervise, spec.sequence_length
+                    )
+                    for s, (_, conversation, _, _) in zip(samples, rendered, strict=True)
+                ]
+            except DataError as err:
+                samples, error = [], str(err)
+        out.append((row, samples, error))
+    return out
+
+
+def _without_oldest_turns(
+    sample: Sample,
+    conversation: list[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    supervise: str,
+    limit: int,
+) -> Sample:
+    """A sample longer than `limit` encoded again without its oldest exchanges (a user turn and the
+    answer to it; the system prompt stays), one at a time, until it fits or only its last
+    exchange is left (the length policy then cuts it as `truncate` does)."""
+    ids, labels, dropped = sample.input_ids, sample.labels, 0
+    while len(ids) > limit and (shorter := _oldest_exchange_dropped(conversation)) is not None:
+        conversation, dropped = shorter, dropped + 1
+        text, spans = conversation_spans(tokenizer, template, conversation, sample.row.where, supervise)
+        ids, labels = tokenize_with_labels(tokenizer, [text], [spans])[0]
+    if not dropped:
+        return sample
+    return Sample(sample.row, sample.turn, ids, labels, dropped, len(sample.input_ids))
+
+
+def _oldest_exchange_dropped(conversation: list[Message]) -> list[Message] | None:
+    """The conversation without its turns up to and including its first answer (the system prompt
+    kept); None when no trained answer would be left."""
+    head = conversation[:1] if conversation[0]["role"] == "system" else []
+    body = conversation[len(head) :]
+    first = next(i for i, m in enumerate(body) if m["role"] == "assistant")
+    rest = body[first + 1 :]
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in rest):
+        return None
+    return head + rest
 
 
 # Worker-process state for preprocessing_num_workers > 1 (set once per process by _init_worker).
@@ -214,7 +266,9 @@ def _apply_policies(
             _reject(row, error, spec, stats)
             continue
         stats.dropped += sum(1 for entry in report if entry["action"] == "dropped")
-        stats.truncated += sum(1 for entry in report if entry["action"] == "truncated")
+        stats.truncated += sum(
+            1 for entry in report if entry["action"] in ("truncated", "oldest_turns_dropped")
+        )
         stats.report += report
         yield from kept
 
@@ -225,15 +279,23 @@ def _fit(
     """The length policy for one sample: kept (maybe cut) or dropped, each cut or drop reported;
     the reason the row is bad if a cut leaves its answer nothing but the end token."""
     row, ids, labels, limit = sample.row, sample.input_ids, sample.labels, spec.sequence_length
+    turn = {} if sample.turn is None else {"turn": sample.turn}
+    entry = {
+        "file": row.file,
+        "row": row.index,
+        **turn,
+        "tokens": sample.full_tokens or len(ids),
+        "sequence_length": limit,
+    }
+    if sample.turns_dropped:
+        entry["turns_dropped"] = sample.turns_dropped
     if len(ids) > limit:
-        turn = {} if sample.turn is None else {"turn": sample.turn}
-        entry = {"file": row.file, "row": row.index, **turn, "tokens": len(ids), "sequence_length": limit}
         if spec.length_policy == "error":
             raise DataError(
                 f"{sample.where}: the sample has {len(ids)} tokens, more than sequence_length={limit} "
                 f"({spec.args_key}.length_policy=error). Raise sequence_length or use truncate/drop."
             )
-        if spec.length_policy == "truncate":
+        if spec.length_policy in ("truncate", "drop_oldest_turns"):
             ids, labels = ids[:limit].copy(), labels[:limit].copy()
             if end_token is not None and (
                 error := _keep_end_token(sample.where, ids, labels, end_token, limit)
@@ -244,6 +306,8 @@ def _fit(
             report.append({**entry, "action": "dropped"})
             return None
         report.append({**entry, "action": "truncated"})
+    elif sample.turns_dropped:
+        report.append({**entry, "action": "oldest_turns_dropped"})
     kept.append(Sample(row, sample.turn, ids, labels))
     return None
 

@@ -27,7 +27,7 @@ class EncodeSpec:
     template: str = "native"  # native | a built-in name | a .jinja path
     fields: FieldMapping = FieldMapping()
     # Longer than sequence_length: cut the answer (counted), drop the sample, or stop.
-    length_policy: Literal["truncate", "drop", "error"] = "truncate"
+    length_policy: Literal["truncate", "drop_oldest_turns", "drop", "error"] = "truncate"
     truncate_keep_end_token: bool = False  # end a cut answer with the (supervised) end token
     on_bad_row: Literal["error", "skip"] = "error"  # skip: into the rejects file, counted
     supervise: Literal["all_assistant_turns", "last_assistant_turn", "each_assistant_turn_as_sample"] = (
