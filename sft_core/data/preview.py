@@ -74,7 +74,9 @@ def skipped_summary(stats: EncodeStats) -> list[str]:
     if stats.dropped:
         lines.append(f"dropped {stats.dropped} sample(s) longer than sequence_length (length_policy)")
     if stats.truncated:
-        lines.append(f"truncated {stats.truncated} sample(s) to sequence_length")
+        history = sum(1 for r in stats.report if r.get("turns_dropped"))
+        cut = f" ({history} by their oldest turns)" if history else ""
+        lines.append(f"truncated {stats.truncated} sample(s) to sequence_length{cut}")
     return lines
 
 
