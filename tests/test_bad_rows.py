@@ -54,8 +54,9 @@ ROWS: list[tuple[bytes, str | None]] = [
                         {"role": "assistant", "content": "4\n\n"}]}), None),
     (line({"instruction": "c", "input": "ctx", "output": "d", "system": "S"}), None),
     # A turn's weight (OpenAI's format): 0 keeps an answer as context. Keys that are null or empty
-    # are no keys (Parquet gives every turn the keys of all turns); any other key would be lost.
-    (line({"messages": [{"role": "user", "content": "q1", "name": None, "tool_calls": []},
+    # are no keys (Parquet gives every turn the keys of all turns); metadata (country) is not read;
+    # a key that carries part of the conversation (tool_calls) would be lost.
+    (line({"messages": [{"role": "user", "content": "q1", "name": None, "tool_calls": [], "country": "NZ"},
                         {"role": "assistant", "content": "bad", "weight": 0},
                         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good", "weight": 1}]}), None),
     (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}),
@@ -66,7 +67,7 @@ ROWS: list[tuple[bytes, str | None]] = [
      "field 'messages[1].weight' is 1 on a user turn"),
     (line({"messages": [{"role": "user", "content": "q"},
                         {"role": "assistant", "content": "a", "tool_calls": [{"id": "1", "type": "function"}]}]}),
-     "field 'messages[2].tool_calls' is not read by this pipeline"),
+     "field 'messages[2].tool_calls' holds a value this pipeline does not read"),
 ]  # fmt: skip
 BAD = [i for i, (_, k) in enumerate(ROWS) if k not in (None, "drop", "blank")]
 

@@ -4,10 +4,10 @@ Every rule that makes a row unusable raises a DataError naming file, row and fie
 turns it into a bad row for the `on_bad_row` policy. The rule for conversations: roles must be
 system/user/assistant (after the format's mapping), there must be an answer to train on and no
 answer may be empty, and the last turn must not be an unanswered question. An assistant turn may
-come first. A turn holds its role, its content and an optional `weight` (OpenAI's fine-tuning
-format: 0 keeps an assistant turn as context, untrained); any other key with a value is refused,
-as training without it would change the conversation (tool calls, reasoning, speaker names). In
-every format, no content may hold a special token of the tokenizer.
+come first. A turn is read from its role, its content and an optional `weight` (OpenAI's
+fine-tuning format: 0 keeps an assistant turn as context, untrained); a key that would change the
+conversation or what is trained if dropped (UNREAD_TURN_KEYS) is refused, other keys are metadata.
+In every format, no content may hold a special token of the tokenizer.
 """
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ RowFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
 Message = dict[str, Any]
 
 WEIGHT_KEY = "weight"
+# Turn keys that carry part of the conversation (tool calls, reasoning, a speaker's name) or decide
+# what is trained in other tools' formats: dropped, they would silently change what the model
+# learns, so a turn holding one is a bad row. Any other key is metadata (WildChat's country,
+# timestamp, ...) and is not read.
+UNREAD_TURN_KEYS = (
+    "tool_calls", "function_call", "tool_call_id", "tools",
+    "reasoning_content", "reasoning", "thinking", "name",
+    "train", "training", "loss", "mask", "trainable",
+)  # fmt: skip
 
 # The roles a chat template knows; anything else would be rendered and silently never trained on.
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -156,17 +165,12 @@ def _checked_turns(
         ):
             raise DataError(f"{row.where}: field '{key}[{j}]' needs string '{role_key}' and '{content_key}'.")
         # A null column is no column (Parquet gives every turn the keys of all turns).
-        unread = [
-            k
-            for k, v in m.items()
-            if k not in (role_key, content_key, WEIGHT_KEY) and v not in (None, "", [], {})
-        ]
+        unread = [k for k in UNREAD_TURN_KEYS if m.get(k) not in (None, "", [], {})]
         if unread:
             raise DataError(
-                f"{row.where}: field '{key}[{j}].{unread[0]}' is not read by this pipeline (a turn is "
-                f"'{role_key}', '{content_key}' and an optional '{WEIGHT_KEY}'), and training without it "
-                "would change the conversation (tool calls, reasoning, speaker names are not rendered). "
-                "Remove it from the data or set it to null."
+                f"{row.where}: field '{key}[{j}].{unread[0]}' holds a value this pipeline does not read (a "
+                f"turn is trained from '{role_key}', '{content_key}' and '{WEIGHT_KEY}'); training without it "
+                "would change the conversation or what is trained. Remove it from the data or set it to null."
             )
         role = roles.get(m[role_key])
         if role is None:
