@@ -177,11 +177,15 @@ def ensure_server() -> tuple[str, bool]:
 
 
 def stop_process_group(pid: int) -> None:
+    """SIGTERM to the group led by `pid`, SIGKILL to what is left of it after 5 s."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     for _ in range(50):
+        # A leader that is our own child stays in its group as a zombie until it is reaped.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:

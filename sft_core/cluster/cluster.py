@@ -71,6 +71,9 @@ _PING_S = 5.0
 # How long `shutdown` waits for Ray to kill the actors and free their placement group, and for the
 # actor processes on this machine to exit before it kills them itself.
 _SHUTDOWN_S = 10.0
+# How long an actor process may take to exit once Ray has sent its kill. One still starting (its
+# imports) is not reached by the kill until its start is done, seconds later: it is killed here.
+_EXIT_AFTER_KILL_S = 2.0
 # In each actor's environment, this cluster's id: `shutdown` finds the actor processes on this
 # machine by it, also once Ray cannot tell where they are.
 _CLUSTER_ENV = "SFT_CLUSTER_ID"
@@ -267,17 +270,26 @@ class Cluster:
             return
         deadline = time.monotonic() + _SHUTDOWN_S
         released.wait(_SHUTDOWN_S / 2)
+        if released.is_set():  # Ray has acted on the kills: what it reached exits within ~0.1 s
+            deadline = min(deadline, time.monotonic() + _EXIT_AFTER_KILL_S)
         left = _processes_of(self.id)
         while left and time.monotonic() < deadline:
             time.sleep(0.1)
             left = _processes_of(self.id)
         for pid in left:
             _kill(pid)
-        if not released.is_set() or left:
+        if not released.is_set():
             logger.warning(
                 "cluster %r: Ray did not release the workers within %gs; killed %d worker process(es) "
                 "on this machine (pids %s)", self.name, _SHUTDOWN_S, len(left), left,
             )  # fmt: skip
+        elif left:  # a worker still starting (a run that failed early): Ray's kill waits for its start
+            logger.info(
+                "cluster %r: killed %d worker process(es) still starting (pids %s)",
+                self.name,
+                len(left),
+                left,
+            )
 
 
 def _processes_of(cluster_id: str) -> list[int]:
