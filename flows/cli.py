@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import faulthandler
+import json
 import os
 import signal
 import sys
@@ -138,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_p.add_argument("--config-name", "--config_name", dest="config_name", default="sft_config")
     run_p.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: one run per combination of key=a,b / range() / choice() values (flows/sweep.py)",
+    )
+    run_p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. sft_train.training_args.max_steps=5"
     )
     prev_p = sub.add_parser("preview", help="show encoded samples with the supervised spans marked")
@@ -167,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "preview":
             preview(args)
             return 0
+        if args.multirun:
+            from flows.sweep import run_sweep
+
+            return run_sweep(args.overrides, args.config_name, args.config_path)
         t0 = time.perf_counter()
         from flows.cancel_watch import sigterm_outside_the_flow
 
@@ -202,7 +213,21 @@ def main(argv: list[str] | None = None) -> int:
               "last checkpoint", file=sys.stderr)  # fmt: skip
         return 128 + signum
     print_summary(result, time.perf_counter() - t0)
+    write_result_for_sweep(result)
     return 0
+
+
+def write_result_for_sweep(result: dict[str, Any]) -> None:
+    """A run started by `sft run --multirun` leaves what the sweep's summary shows in the file it names."""
+    from flows.sweep import RESULT_FILE_ENV
+
+    if path := os.environ.get(RESULT_FILE_ENV):
+        keep = ("registered_model", "model_version", "run_folder", "mlflow_run_id", "final_checkpoint")
+        with open(path, "w") as f:
+            json.dump({
+                **{k: result[k] for k in keep},
+                "last_metric": result["last_metric"],
+            }, f)  # fmt: skip
 
 
 def entry() -> NoReturn:

@@ -44,7 +44,6 @@ from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
 from sft_core.train.checkpoint import check_data_fingerprint, check_training_args, latest_in_run, read_state
-from sft_core.train.dcp_metadata import check_checkpoint_index
 from sft_core.train.run_folder import RunFolder, RunLock, died_holding, plan_run, refuse_inside_a_checkpoint
 from tasks.caching import digest
 from tasks.data import encode_dataset, pack_dataset
@@ -479,6 +478,8 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     state = read_state(plan.resume) if plan.resume else {}
     if plan.resume:
         logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
+        from sft_core.train.dcp_metadata import check_checkpoint_index  # torch.distributed.checkpoint: 1.3 s
+
         check_checkpoint_index(plan.resume / "train_state")
     warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
     if warning:
@@ -528,6 +529,8 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
             f"`{cfg.exp_name}`); run folder `{plan.run.root}`; MLflow run `{mlflow_run.run_id}`.",
         )
 
+    # The newest value of metric_for_best_model, with its step: not every step is evaluated.
+    metric = m.SUMMARY_PREFIX + cfg.metric_for_best_model
     return {
         "exp_name": cfg.exp_name,
         "flow_run_id": flow_run_id,
@@ -540,6 +543,8 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         "model_version": checkpoints[-1]["version"],
         "tensorboard_dir": cfg.tracker_kwargs.get("log_dir", cfg.logging_dir),
         "final_metrics": history[-1] if history else {},
+        "metric_for_best_model": cfg.metric_for_best_model,
+        "last_metric": next(((h["step"], h[metric]) for h in reversed(history) if metric in h), None),
         "run_folder": str(plan.run.root),
         "total_steps": total,
     }

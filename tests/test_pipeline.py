@@ -200,11 +200,32 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     # The data again: encoding and packing come from the cache. Only the data stages matter from
     # here on, so the reruns train one step on one worker; their cache keys hold the data and how
     # it is encoded and packed, not how long or on how many workers it is trained.
+    # They run as a sweep of two learning rates (`sft run --multirun`): a run each, one after the
+    # other, into the same output_dir, both from the cache.
     rerun = (val_skip, "sft_train.training_args.max_steps=1", "sft_train.device_mapping=[0]")
-    second, _ = smoke(tmp_path, demo_copy, *rerun)
-    states = task_states(flow_run_id(second.stdout))
-    for name in ("encode-train", "encode-validation", "pack-train", "pack-validation"):
-        assert states[name] == "Cached", (name, states)
+    second, _ = smoke(
+        tmp_path, demo_copy, *rerun, "--multirun", "sft_train.training_args.learning_rate=1e-3,1e-2"
+    )
+    swept_runs = re.findall(r"runs/flow-run/([0-9a-f-]{36})", second.stdout)
+    assert len(swept_runs) == 2, second.stdout[-3000:]
+    for swept in swept_runs:
+        states = task_states(swept)
+        for name in ("encode-train", "encode-validation", "pack-train", "pack-validation"):
+            assert states[name] == "Cached", (name, states)
+    assert len(run_folders(out)) == 3
+    # Each its own MLflow run with its own learning rate and registered versions; `best` ranks all
+    # versions measured on this validation set, the sweep's and the first run's.
+    lrs = {client.get_run(client.get_model_version("smoke-sft", str(v)).run_id).data.params[
+        "sft_train.training_args.learning_rate"] for v in (3, 4)}  # fmt: skip
+    assert lrs == {"0.001", "0.01"}, lrs
+    versions = client.search_model_versions("name='smoke-sft'")
+    assert len(versions) == 4 and {v.tags["metric_data"] for v in versions} == {mv.tags["metric_data"]}
+    best = client.get_model_version_by_alias("smoke-sft", "best")
+    assert float(best.tags["val_loss"]) == min(float(v.tags["val_loss"]) for v in versions)
+    summary = second.stdout[second.stdout.index("==== sweep: 2 of 2 run(s) ran, 0 failed") :]
+    for version, lr in ((3, "0.001"), (4, "0.01")):
+        row = next(line for line in summary.splitlines() if f"models:/smoke-sft/{version}" in line)
+        assert lr in row and "(step 1)" in row, summary
 
     # A changed training file is encoded again; the unchanged validation file is still cached.
     with (demo_copy / "train.jsonl").open("a") as f:
