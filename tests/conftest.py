@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEMO, REPO
+from tests.helpers import DEMO, REPO, save_empty_prefect_database
 
 # Before anything imports Prefect, Ray or transformers.
 _SESSION_HOME = Path(os.environ.get("SFT_TEST_HOME", "/tmp/sft-tests")) / f"session-{os.getpid()}"
@@ -38,6 +38,7 @@ set_local_defaults()
 def prefect_server() -> Iterator[str]:
     """One real Prefect server for the session; PREFECT_API_URL is exported so Ray workers use it."""
     api_url, proc = start_server(_SESSION_HOME / "prefect", free_port())
+    save_empty_prefect_database(_SESSION_HOME / "prefect" / "prefect.db")
     os.environ["PREFECT_API_URL"] = api_url
     yield api_url
     os.environ.pop("PREFECT_API_URL", None)

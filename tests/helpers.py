@@ -101,6 +101,30 @@ def worker_pids(root: int) -> list[int]:
     return sorted(found)
 
 
+def _empty_prefect_db() -> Path:
+    """A migrated Prefect database with no runs yet, saved from the session's server: a test's own
+    server starts on a copy in ~7 s instead of migrating a new one (~17 s on this machine)."""
+    return Path(os.environ["SFT_HOME"]) / "prefect-empty.db"
+
+
+def save_empty_prefect_database(db: Path) -> None:
+    import sqlite3
+
+    with (
+        contextlib.closing(sqlite3.connect(db)) as src,
+        contextlib.closing(sqlite3.connect(_empty_prefect_db())) as dst,
+    ):
+        src.backup(dst)
+
+
+def new_prefect_home(home: Path) -> Path:
+    """A PREFECT_HOME for a test's own server, its database a copy of the session's empty one."""
+    home.mkdir(parents=True)
+    if _empty_prefect_db().is_file():
+        shutil.copyfile(_empty_prefect_db(), home / "prefect.db")
+    return home
+
+
 @contextlib.contextmanager
 def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[int]:
     """`ray start --head` on loopback for one test; yields its GCS port. Found only through that

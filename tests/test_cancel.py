@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime import stop_process_group
-from tests.helpers import REPO, checkpoint_path, run_folders
+from tests.helpers import REPO, checkpoint_path, new_prefect_home, run_folders
 
 pytestmark = pytest.mark.slow
 
@@ -149,16 +149,17 @@ def deploy_and_start_worker(log_path: Path, env: dict[str, str] | None = None) -
 
 
 @pytest.fixture
-def fresh_prefect_server(tmp_path: Path, monkeypatch):
+def fresh_prefect_server(prefect_server, tmp_path: Path, monkeypatch):
     """A Prefect server of this test's own. On the session's server, after the tests before this one,
     the worker twice never got the Cancelling event (CI, and a full local run; the test passed every
     time on a server of its own): the events of earlier runs still queued in the server's event
-    pipeline on this 2-core machine, is the likeliest reason."""
+    pipeline on this 2-core machine, is the likeliest reason. Its database starts as a copy of the
+    session server's empty one (`new_prefect_home`), which is why that server is up first."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.runtime import free_port, start_server
 
-    api_url, proc = start_server(tmp_path / "prefect-home", free_port())
+    api_url, proc = start_server(new_prefect_home(tmp_path / "prefect-home"), free_port())
     monkeypatch.setenv("PREFECT_API_URL", api_url)
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         yield api_url
@@ -392,14 +393,16 @@ def test_a_cancel_the_worker_never_delivers_still_stops_the_run(prefect_server, 
         kill_ray_started_since(before, left)
 
 
-def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_resume(tmp_path: Path):
+def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_resume(
+    prefect_server, tmp_path: Path
+):
     """The operator stops (or loses) the Prefect server while a run trains. The run stops with one
     clear message and exit code 75, its MLflow run FAILED and no Ray left; its flow run, which
     nobody could end, is set to Crashed (with the reason) by the next run, which resumes."""
     from flows.runtime import free_port, start_server
     from sft_core.train.run_folder import RunFolder
 
-    home, port = tmp_path / "prefect-home", free_port()
+    home, port = new_prefect_home(tmp_path / "prefect-home"), free_port()
     api_url, server = start_server(home, port)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": api_url}
