@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.errors import ConfigError, UserError
+from sft_core.secrets import move_secrets_to_env
 
 RESULT_FILE_ENV = "SFT_RESULT_FILE"  # where flows/cli.py writes a finished run's result for the sweep
 # Exit codes after which the sweep goes on: a failed run (1: a bug's traceback, 2: a user error). Not
@@ -97,6 +98,9 @@ def _words(swept: dict[str, str]) -> str:
 
 
 def run_sweep(overrides: list[str], config_name: str, config_path: str | None) -> int:
+    # A secret typed on the command line goes to the environment the runs inherit, as in `sft run`:
+    # never on their command lines, in the sweep's output or in a flow run's parameters.
+    overrides = move_secrets_to_env(overrides, os.environ)
     jobs = plan(overrides, config_name, config_path)
     print(f"sweep: {len(jobs)} run(s), one after another", flush=True)
     stopped_by: signal.Signals | None = None

@@ -70,3 +70,25 @@ def test_the_summary_names_each_runs_values_result_and_what_did_not_run(capsys):
     assert rows[1].split() == ["1", "0", "0.001", "1.2346", "(step", "6)", "models:/m/3", "/o/runs/a"]
     assert rows[2].split() == ["2", "130", "(SIGINT)", "0.01", "-", "-", "-"]
     assert rows[3].split() == ["3", "not", "run", "0.1", "-", "-", "-"]
+
+
+def test_a_secret_on_a_sweeps_command_line_reaches_its_runs_only_through_the_environment(monkeypatch):
+    import os
+
+    from flows import sweep
+
+    started: list[list[str]] = []
+
+    def fake_run(overrides, config_name, config_path):  # stands in for the `sft run` process only
+        started.append(overrides)
+        return 0, {}, None
+
+    monkeypatch.setattr(sweep, "_run_one", fake_run)
+    monkeypatch.setenv("HF_TOKEN", "")  # restored (removed) after the test, whatever the sweep set
+    monkeypatch.delenv("HF_TOKEN")
+    code = sweep.run_sweep(
+        ["+experiment=smoke", "seed=1,2", "+system_envs.HF_TOKEN=hf_secret123"], "sft_config", None
+    )
+    assert code == 0 and len(started) == 2
+    assert all("+system_envs.HF_TOKEN=${oc.env:HF_TOKEN}" in job for job in started), started
+    assert os.environ["HF_TOKEN"] == "hf_secret123"  # inherited by each run's process
