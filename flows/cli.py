@@ -222,12 +222,9 @@ def write_result_for_sweep(result: dict[str, Any]) -> None:
     from flows.sweep import RESULT_FILE_ENV
 
     if path := os.environ.get(RESULT_FILE_ENV):
-        keep = ("registered_model", "model_version", "run_folder", "mlflow_run_id", "final_checkpoint")
+        keep = ("registered_model", "model_version", "run_folder", "last_metric")
         with open(path, "w") as f:
-            json.dump({
-                **{k: result[k] for k in keep},
-                "last_metric": result["last_metric"],
-            }, f)  # fmt: skip
+            json.dump({k: result[k] for k in keep}, f)
 
 
 def entry() -> NoReturn:
