@@ -42,6 +42,7 @@ measured matmul peak on CPU; mfu_dense (6N per token only) is given beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -68,9 +69,9 @@ SHAPES = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=49152),
 }
 # Sequence length, micro-batch rows, accumulation, warm-up and timed steps, seconds allowed to each
-# contender's process. On an H200 a full-size step should take a fraction of a second, so a process is
-# mostly imports, loading, conversion (megatron) and kernel compiles (TRL's Triton LM head): about 3
-# minutes for the three is expected, not yet measured; the timeouts cap the whole at about 8. On CPU,
+# contender's process. On an H200 (2026-12-04) a full-size step takes 0.26-0.52 s and a process 23-34 s,
+# mostly imports, loading and conversion (megatron); the whole script (bench/gpu_check.sh, model built
+# included, 13-15 s) ran in 99-107 s, the device call 120-132 s. The timeouts cap it at about 8 minutes. On CPU,
 # TRL's LM head falls back to tiled torch code, and a tiny step takes it 10-30 s on two shared cores.
 RUNS = {
     "qwen2.5-0.5b": dict(seq=2048, micro=4, accum=2, warmup=4, steps=16, timeout=150),
@@ -91,6 +92,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the datasheet / measured peak")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--out", default=None, help="JSON file (default: bench/results/gpu-check-*.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over the last warm-up step of ddp_train and megatron_train: "
+                        "the top kernels and ops by device time")  # fmt: skip
     # Set by the parent for the child process that runs one contender.
     p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -306,11 +310,15 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
             micro.append(MicroBatch(ids, labels, positions, real_tokens=ids.numel()))
         batches.append((micro, step_targets(step)))
     steps = []
+    profile: dict[str, Any] = {}
     for i, ((micro, targets), rows) in enumerate(zip(batches, data, strict=True)):
+        profiling = args.profile and i == args.warmup - 1  # a warm-up step: the timed ones stay clean
+        profiler = step_profiler(device) if profiling else contextlib.nullcontext()
         sync(device)
         t = time.perf_counter()
-        out = strategy.train_step(micro, targets)
-        sync(device)
+        with profiler:
+            out = strategy.train_step(micro, targets)
+            sync(device)
         record = {
             "seconds": time.perf_counter() - t,
             "fwd_bwd": out.time_fwd_bwd,
@@ -323,14 +331,19 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
         }
         steps.append(record)
         print_step(args.contender, i, args, record)
-    extra = {}
-    if megatron:  # its step builds a [B, 1, T, T] block mask per micro-batch on the host: what that costs
+        if profiling:
+            profile = profile_summary(profiler, args.contender)  # type: ignore[arg-type]
+    extra: dict[str, Any] = {"profile": profile} if profile else {}
+    if megatron:  # its step builds a [B, 1, T, T] block mask per micro-batch on the device: what that costs
         from sft_core.strategies.megatron.batches import block_causal_mask
 
+        positions = [mb.position_ids.to(device) for mb in batches[-1][0]]
+        sync(device)
         t = time.perf_counter()
-        for mb in batches[-1][0]:
-            block_causal_mask(mb.position_ids)
-        extra["host_mask_seconds_per_step"] = time.perf_counter() - t
+        for p in positions:
+            block_causal_mask(p)
+        sync(device)
+        extra["mask_seconds_per_step"] = time.perf_counter() - t
     result = summarize(
         args,
         device,
@@ -345,6 +358,37 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
     )
     dist.destroy_process_group()
     return {**result, **extra}
+
+
+def step_profiler(device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
+
+
+def profile_summary(profiler: Any, name: str, rows: int = 25) -> dict[str, Any]:
+    """The profiled step's top ops by their own device time (on CPU, their own CPU time), printed and
+    returned with each one's share of the step's total: on GPU the kernels' time, each kernel counted
+    once (under the op that launched it)."""
+    from torch.autograd import DeviceType
+
+    events = profiler.key_averages()
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    key = "self_device_time_total" if kernels else "self_cpu_time_total"
+    total = (
+        sum(e.self_device_time_total for e in kernels) if kernels else sum(e.self_cpu_time_total for e in ops)
+    )
+    total = total or 1.0
+    top = sorted(ops, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    print(f"[{name}] profile of one step, top {rows} ops by {key} (of {total / 1e3:.1f} ms):")
+    table = []
+    for e in top:
+        ms = getattr(e, key) / 1e3
+        table.append({"op": e.key, "ms": ms, "share": ms * 1e3 / total, "calls": e.count})
+        print(f"  {ms:9.2f} ms {ms * 1e3 / total:6.1%} {e.count:6d}x  {e.key[:90]}")
+    return {"by": key, "total_ms": total / 1e3, "top": table}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:

@@ -265,6 +265,52 @@ def test_megatron_logits_equal_hf_logits_on_packed_rows(kind, llama_dir, qwen2_d
         assert torch.equal(exported[key], value), key
 
 
+def test_sdpa_core_attention_equals_megatrons_dot_product_attention(llama_dir, process_group):
+    """The core attention the layer spec uses against the one it replaces: grouped-query heads,
+    packed rows, a padding tail; outputs and the gradients of query, key and value agree."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from transformers import AutoConfig
+
+    from sft_core.model.megatron_bridge import gpt_shape
+    from sft_core.strategies.megatron.attention import SdpaAttention
+    from sft_core.strategies.megatron.batches import block_causal_mask
+    from sft_core.strategies.megatron.layout import MegatronConfig
+    from sft_core.strategies.megatron.model import transformer_config
+
+    with shim.active():
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel()
+        config = transformer_config(gpt_shape(AutoConfig.from_pretrained(llama_dir)), MegatronConfig(),
+                                    torch.float32)  # fmt: skip
+        kwargs = dict(
+            config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self"
+        )
+        ours, reference = SdpaAttention(**kwargs), DotProductAttention(**kwargs)
+        torch.manual_seed(0)
+        s, b, d = 40, 2, config.kv_channels
+        q = torch.randn(s, b, config.num_attention_heads, d, requires_grad=True)
+        k, v = (torch.randn(s, b, config.num_query_groups, d, requires_grad=True) for _ in range(2))
+        # Row 0: samples of 15 and 20 tokens and 5 of padding (a sample of its own); row 1: one of 40.
+        positions = torch.stack(
+            [torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)]), torch.arange(s)]
+        )
+        mask = block_causal_mask(positions)
+        outputs, grads = [], []
+        for attention in (ours, reference):
+            out = attention(q, k, v, mask)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            outputs.append(out.detach())
+            grads.append([t.grad.clone() for t in (q, k, v)])
+            for t in (q, k, v):
+                t.grad = None
+    assert outputs[0].shape == (s, b, config.num_attention_heads * d)
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-5
+    for g_ours, g_reference in zip(*grads, strict=True):
+        assert (g_ours - g_reference).abs().max() < 1e-5
+
+
 def test_cpu_bf16_autocast_trains_megatron_close_to_fp32(llama_dir, smollm2_tokenizer, tmp_path, monkeypatch,
                                                         process_group):  # fmt: skip
     """Autocast spans megatron's backward too (its linear layers' backward restores autocast for

@@ -81,17 +81,25 @@ class RMSNorm(torch.nn.RMSNorm):
 
 def block_spec(config: Any, vp_stage: int | None) -> Any:
     """This pipeline stage's layers: megatron's local (Transformer-Engine-free) layer spec with
-    `RMSNorm` for every norm."""
+    `RMSNorm` for every norm and SDPA for the core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
+    from sft_core.strategies.megatron.attention import SdpaAttention
+
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = layer.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SdpaAttention)
+    )
     layer = dataclasses.replace(
         layer,
-        submodules=dataclasses.replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm),
+        submodules=dataclasses.replace(
+            layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention
+        ),
     )
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=RMSNorm)
