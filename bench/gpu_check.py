@@ -1,4 +1,4 @@
-"""ddp_train and megatron_train (TP=1, PP=1) beside TRL's SFTTrainer on one device: step time,
+"""ddp_train, fsdp2_train and megatron_train (TP=1, PP=1) beside TRL's SFTTrainer on one device: step time,
 tokens/s, MFU, peak memory, losses, and the ratios between them.
 
     python3 bench/gpu_check.py                                             # one GPU, bf16
@@ -61,7 +61,7 @@ import transformers
 from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("ddp_train", "megatron_train")
+STRATEGIES = ("ddp_train", "fsdp2_train", "megatron_train")
 CONTENDERS = (*STRATEGIES, "trl")
 # Qwen2.5-0.5B, and a shape small enough to train a few steps on two CPU cores in seconds.
 SHAPES = {
@@ -71,7 +71,7 @@ SHAPES = {
 # Sequence length, micro-batch rows, accumulation, warm-up and timed steps, seconds allowed to each
 # contender's process. On an H200 (2026-12-04) a full-size step takes 0.26-0.52 s and a process 23-34 s,
 # mostly imports, loading and conversion (megatron); the whole script (bench/gpu_check.sh, model built
-# included, 13-15 s) ran in 99-107 s, the device call 120-132 s. The timeouts cap it at about 8 minutes. On CPU,
+# included, 13-15 s) ran in 99-147 s, the device call 120-173 s. The timeouts cap it at about 10 minutes. On CPU,
 # TRL's LM head falls back to tiled torch code, and a tiny step takes it 10-30 s on two shared cores.
 RUNS = {
     "qwen2.5-0.5b": dict(seq=2048, micro=4, accum=2, warmup=4, steps=16, timeout=150),
@@ -93,7 +93,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--out", default=None, help="JSON file (default: bench/results/gpu-check-*.json)")
     p.add_argument("--profile", action="store_true",
-                   help="torch.profiler over the last warm-up step of ddp_train and megatron_train: "
+                   help="torch.profiler over the last warm-up step of each of ours: "
                         "the top kernels and ops by device time")  # fmt: skip
     # Set by the parent for the child process that runs one contender.
     p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -251,7 +251,7 @@ def model_shape(args: argparse.Namespace) -> Any:
 
 
 def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
-    """ddp_train or megatron_train, driven step by step as the worker drives it."""
+    """ddp_train, fsdp2_train or megatron_train, driven step by step as the worker drives it."""
     import torch.distributed as dist
 
     from sft_core.config import validate_config
@@ -528,8 +528,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 # -- the parent: build once, run each contender, compare -----------------------------------------------
 
 
-PAIRS = (("megatron_train", "ddp_train"), ("ddp_train", "trl"), ("megatron_train", "trl"))
-SHORT = {"ddp_train": "ddp", "megatron_train": "megatron", "trl": "trl"}
+PAIRS = (
+    ("megatron_train", "ddp_train"),
+    ("fsdp2_train", "ddp_train"),
+    ("ddp_train", "trl"),
+    ("fsdp2_train", "trl"),
+    ("megatron_train", "trl"),
+)
+SHORT = {"ddp_train": "ddp", "fsdp2_train": "fsdp2", "megatron_train": "megatron", "trl": "trl"}
 
 
 def compare(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

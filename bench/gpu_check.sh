@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ddp_train and megatron_train beside TRL's SFTTrainer on one lent GPU (bench/gpu_check.py), from the
+# ddp_train, fsdp2_train and megatron_train beside TRL's SFTTrainer on one lent GPU (bench/gpu_check.py), from the
 # repo root:
 #
 #     bash bench/gpu_check.sh                  # device run, carrying .whl; extra args go to the script
