@@ -332,7 +332,7 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
         steps.append(record)
         print_step(args.contender, i, args, record)
         if profiling:
-            profile = profile_summary(profiler, args.contender)  # type: ignore[arg-type]
+            profile = profile_summary(profiler, args.contender, record["seconds"])  # type: ignore[arg-type]
     extra: dict[str, Any] = {"profile": profile} if profile else {}
     if megatron:  # its step builds a [B, 1, T, T] block mask per micro-batch on the device: what that costs
         from sft_core.strategies.megatron.batches import block_causal_mask
@@ -367,10 +367,11 @@ def step_profiler(device: torch.device) -> Any:
     return profile(activities=activities)
 
 
-def profile_summary(profiler: Any, name: str, rows: int = 25) -> dict[str, Any]:
+def profile_summary(profiler: Any, name: str, step_seconds: float, rows: int = 25) -> dict[str, Any]:
     """The profiled step's top ops by their own device time (on CPU, their own CPU time), printed and
     returned with each one's share of the step's total: on GPU the kernels' time, each kernel counted
-    once (under the op that launched it)."""
+    once (under the op that launched it). On GPU the step's wall time minus its kernel time is the
+    time the device waited on the host (launches, syncs), the profiler's own cost included."""
     from torch.autograd import DeviceType
 
     events = profiler.key_averages()
@@ -382,13 +383,16 @@ def profile_summary(profiler: Any, name: str, rows: int = 25) -> dict[str, Any]:
     )
     total = total or 1.0
     top = sorted(ops, key=lambda e: getattr(e, key), reverse=True)[:rows]
-    print(f"[{name}] profile of one step, top {rows} ops by {key} (of {total / 1e3:.1f} ms):")
+    wall_ms = step_seconds * 1e3
+    idle = f", device idle {wall_ms - total / 1e3:.1f} ms" if kernels else ""
+    print(f"[{name}] profile of one step ({wall_ms:.1f} ms wall{idle}), top {rows} ops by {key} "
+          f"(of {total / 1e3:.1f} ms):")  # fmt: skip
     table = []
     for e in top:
         ms = getattr(e, key) / 1e3
         table.append({"op": e.key, "ms": ms, "share": ms * 1e3 / total, "calls": e.count})
         print(f"  {ms:9.2f} ms {ms * 1e3 / total:6.1%} {e.count:6d}x  {e.key[:90]}")
-    return {"by": key, "total_ms": total / 1e3, "top": table}
+    return {"by": key, "total_ms": total / 1e3, "step_wall_ms": wall_ms, "top": table}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
