@@ -45,7 +45,7 @@ def _server_then_ray() -> None:
     print(
         f"Prefect server: {api_url} ({'started' if started else 'reused'} in {time.perf_counter() - t0:.1f}s)"
     )
-    from flows.ray_runner import begin_local_start
+    from flows.ray_start import begin_local_start
 
     begin_local_start()
 

@@ -20,7 +20,7 @@ from flows.cancel_watch import cancel_from_the_server, ignore_further_sigterm
 from flows.cluster_launch import ClusterLaunch
 from flows.ray_runner import SFTRayTaskRunner, wait_for_ray
 from flows.runtime import lost_prefect_api, mark_crashed
-from flows.validate import validate
+from flows.validate import run_validation
 from sft_core.cluster.cluster import Cluster, WorkerFailure
 from sft_core.config import SFTConfig
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
@@ -353,7 +353,7 @@ def train(
                 return history, checkpoints, total
             val: dict[str, float] = {}
             if artifacts.validation and cfg.eval_at_start and start == 0:
-                val = validate(cluster, 0, trackers)
+                val = run_validation(cluster, 0, trackers)
                 history.append({"step": 0, **val})
             step = start
             for end in boundaries(total, cfg.eval_steps, cfg.save_steps, after=start):
@@ -362,7 +362,7 @@ def train(
                 history.append({"step": step, **metrics})
                 val = {}  # a checkpoint is tagged (and ranked for `best`) only by its own validation
                 if artifacts.validation and (step % cfg.eval_steps == 0 or step == total):
-                    val = validate(cluster, step, trackers)
+                    val = run_validation(cluster, step, trackers)
                     history[-1].update(val)
                 if step % cfg.save_steps == 0 or step == total:
                     state = {

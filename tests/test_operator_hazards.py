@@ -533,7 +533,7 @@ def test_ray_agents_orphaned_by_a_killed_run_are_stopped_and_live_ones_kept(tmp_
     import subprocess
     import time
 
-    from flows.ray_runner import reap_orphaned_ray_agents
+    from flows.ray_start import reap_orphaned_ray_agents
 
     # An agent whose raylet was SIGKILLed: its parent is gone, it is re-parented.
     subprocess.run(
@@ -616,7 +616,7 @@ def test_a_ray_call_before_ray_is_started_fails_instead_of_starting_an_open_ray(
 STOPPED_IN_A_CALLBACK = """
 import os, signal, sys, time, weakref
 import ray
-from flows.ray_runner import RayStart, local_init_kwargs
+from flows.ray_start import RayStart, local_init_kwargs
 
 start = RayStart("local", {"namespace": "t", **local_init_kwargs()})
 start.wait()

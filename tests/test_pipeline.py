@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,34 @@ def task_states(run_id: str) -> dict[str, str]:
             ids = [run_id, *(str(f.id) for f in subflows)]
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             return {t.name: t.state.name for t in runs}
+
+    return asyncio.run(read())
+
+
+def heartbeats(run_id: str) -> dict[str, int]:
+    """Flow run name -> how many heartbeat events it sent, for the flow run and its subflows."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    async def read() -> dict[str, int]:
+        async with get_client() as client:
+            runs = [await client.read_flow_run(run_id)]
+            runs += await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+            )
+            page = await client.read_events(
+                filter=EventFilter(
+                    occurred=EventOccurredFilter(since=datetime.now(UTC) - timedelta(hours=1)),
+                    event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                    resource=EventResourceFilter(id=[f"prefect.flow-run.{r.id}" for r in runs]),
+                ),
+                limit=50,  # the most the API returns in a page; a run sends a few
+            )
+            sent = [e.resource.id.removeprefix("prefect.flow-run.") for e in page.events]
+            return {r.name: sent.count(str(r.id)) for r in runs}
 
     return asyncio.run(read())
 
@@ -126,6 +155,18 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
         assert any(n.startswith(name) for n in states), f"{name} missing from {sorted(states)}"
     assert all(s == "Completed" for s in states.values()), states
     assert sum(n.startswith("val-step") for n in states) == 3
+    # Heartbeats: the flow run sends them (crash detection); the validate subflows, inline in its
+    # process, send none (a heartbeat thread cost each up to a second at its end).
+    sent = heartbeats(run_id)
+    for _ in range(50):  # the server stores events a moment after they are sent
+        if sent[first_name := next(iter(sent))] >= 1:
+            break
+        time.sleep(0.2)
+        sent = heartbeats(run_id)
+    assert sent[first_name] >= 1, sent
+    validations = {name: n for name, n in sent.items() if name.startswith("validate-step-")}
+    assert sorted(validations) == ["validate-step-0", "validate-step-3", "validate-step-6"], sent
+    assert not any(validations.values()), sent
     # The default Prefect UI lists task runs only if no task input is a subflow run.
     assert "FlowRunResult" not in task_input_kinds(run_id), task_input_kinds(run_id)
     # The flow run's page: a metrics table and the loss chart as artifacts.
