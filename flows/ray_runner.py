@@ -27,7 +27,7 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 
-from flows.ray_start import RayStart, configured_address, init_arguments, take_early_start
+from flows.ray_start import RayStart, configured_address, init_arguments, stop_monitor, take_early_start
 from flows.runtime import set_local_defaults
 
 
@@ -93,6 +93,8 @@ class SFTRayTaskRunner(RayTaskRunner):
                 # A failed start left nothing to shut down (and the base class's check of the
                 # runtime context would start a Ray of its own).
                 self._owns_ray = ray.is_initialized()
+                if self._owns_ray and self.address == "local":
+                    stop_monitor()
             super().__exit__(*exc_info)
         finally:
             if self._start is not None:

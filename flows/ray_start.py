@@ -255,6 +255,20 @@ def _refused_for_auth(err: BaseException) -> bool:
     return False
 
 
+def stop_monitor() -> None:
+    """Kill the autoscaler monitor of the Ray this process started, ahead of `ray.shutdown`. The
+    monitor does not exit on the SIGTERM that ray.shutdown sends it, and ray.shutdown waits a whole
+    second before it kills it: a second at the end of every run. A Ray of one node on loopback has
+    nothing for it to scale. Nothing happens where this process joined a Ray started elsewhere."""
+    node = ray._private.worker._global_node
+    if node is None or not node.head:
+        return
+    for info in node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
+
+
 _early: RayStart | None = None
 
 

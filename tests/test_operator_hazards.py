@@ -659,6 +659,39 @@ def test_ray_stop_tracebacks_of_workers_are_not_shown_but_their_other_output_is(
     assert "sigterm_handler" not in text and "Traceback" not in text, text[-3000:]
 
 
+SHUT_DOWN = """
+import json, ray
+from flows.ray_start import RayStart, local_init_kwargs, stop_monitor
+
+start = RayStart("local", {"namespace": "t", **local_init_kwargs()})
+start.wait()
+processes = {kind: [i.process for i in infos] for kind, infos in ray._private.worker._global_node.all_processes.items()}
+stop_monitor()
+monitor = [p.returncode for p in processes["monitor"]]
+ray.shutdown()
+start.release()
+alive = [kind for kind, ps in processes.items() for p in ps if p.poll() is None]
+print(json.dumps({"monitor": monitor, "kinds": sorted(processes), "alive": alive}))
+"""
+
+
+def test_a_local_ray_is_shut_down_whole_with_its_monitor_killed_first():
+    """ray.shutdown waited a second at the end of every run for Ray's autoscaler monitor, which does not
+    exit on its SIGTERM; the runner kills it first. Every process the start made is gone after."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SHUT_DOWN], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["monitor"] == [-signal.SIGKILL], seen
+    assert {"gcs_server", "raylet", "log_monitor"} <= set(seen["kinds"]), seen
+    assert seen["alive"] == [], seen
+
+
 def test_a_checkpoint_the_disk_has_no_room_for_is_refused_before_anything_is_written(tmp_path):
     run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
     ckpt.check_room(run, 2)  # no checkpoint yet: nothing to measure by
