@@ -9,9 +9,11 @@ runner takes the start over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from typing import Any
@@ -266,7 +268,8 @@ def stop_monitor() -> None:
     for info in node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, []):
         if info.process.poll() is None:
             info.process.kill()
-            info.process.wait(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # ray.shutdown then sees to it
+                info.process.wait(timeout=5)
 
 
 _early: RayStart | None = None
