@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from flows.runtime import ensure_server, lost_prefect_api, server_running, set_local_defaults, stop_server
+from flows.runtime import ensure_server, lost_prefect_api, set_local_defaults, stop_server
 from sft_core.config_loader import load_config
 from sft_core.errors import user_error_in
 from sft_core.preflight import check_run_config, preflight
@@ -58,19 +58,20 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     cfg = load_config(config_name, overrides, config_path)
     if cfg.ray_address:
         os.environ["RAY_ADDRESS"] = cfg.ray_address  # read when the flow's task runner starts
-    # Ray starts in the background as soon as the server's URL is known (its processes inherit it)
-    # and comes up while the flow is imported and its run created; the flow's task runner takes it
-    # over. With a server already up that is now, under the checks below (a failed check ends the
-    # run and Ray with it); otherwise after them, so that a bad config starts no server.
-    server_up = server_running()
-    if server_up:
-        _server_then_ray()
+    # The checks first: a bad config starts no server and no Ray (a Ray stopped mid-start leaves its
+    # agents running). Then Ray starts in the background as soon as the server's URL is known (its
+    # processes inherit it) and comes up while the flow is imported and its run created; the flow's
+    # task runner takes it over.
     check_run_config(cfg)  # the flow's own check then finds this config checked
-    if not server_up:
-        _server_then_ray()
-    from flows.sft_pipeline import sft_pipeline
+    _server_then_ray()
+    try:
+        from flows.sft_pipeline import sft_pipeline
 
-    return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)
+        return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)
+    finally:
+        from flows.ray_start import discard_early_start
+
+        discard_early_start()  # stopped before the flow took Ray over (Ctrl-C, an import error)
 
 
 def preview(args: argparse.Namespace) -> None:

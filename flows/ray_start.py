@@ -290,3 +290,19 @@ def take_early_start() -> RayStart | None:
     global _early
     start, _early = _early, None
     return start
+
+
+def discard_early_start() -> None:
+    """Shut down the Ray that `begin_local_start` started where no flow run took it over (the command
+    stopped before its flow began): stopped mid-start, Ray's agents outlive the command, each
+    holding ~100 MB until the next run reaps them (`reap_orphaned_ray_agents`). Waits for the start
+    to end first: Ray's processes are only known once ray.init returns."""
+    start = take_early_start()
+    if start is None:
+        return
+    with contextlib.suppress(Exception):  # a failed start left nothing to shut down
+        start.wait()
+    if ray.is_initialized():
+        stop_monitor()
+        ray.shutdown()
+    start.release()

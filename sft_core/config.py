@@ -14,6 +14,7 @@ import difflib
 import glob
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -336,7 +337,16 @@ def parse_device_mapping(value: Any) -> list[int]:
     return list(value)
 
 
+# An NVIDIA driver (its /proc entry, its control device: what a container with GPUs is given too),
+# WSL2's GPU device, or ROCm's compute device.
+_GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
 def _gpu_count() -> int:
+    # Without a GPU driver there is nothing for torch to find, and its import takes ~2 s: the checks
+    # run before `sft run` starts anything (Ray waits for them).
+    if sys.platform == "linux" and not any(os.path.exists(p) for p in _GPU_DRIVER_PATHS):
+        return 0
     try:
         import torch
 

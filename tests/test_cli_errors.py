@@ -65,6 +65,36 @@ def test_device_mapping_larger_than_the_machine(tmp_path):
     )
 
 
+REFUSED = """
+import json, sys
+import ray
+from flows import cli, ray_start
+from sft_core.errors import ConfigError
+
+try:
+    cli.run("sft_config", sys.argv[1:], None)
+except ConfigError as err:
+    print(json.dumps({"error": str(err), "ray_started": ray_start.take_early_start() is not None or ray.is_initialized()}))
+"""
+
+
+def test_a_config_the_machine_cannot_run_starts_no_ray_with_a_server_up(prefect_server, tmp_path):
+    """With the Prefect server already up, `sft run` used to begin Ray's start before its checks: a
+    check that failed while Ray was still starting left Ray's agents running after the command."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    too_many = f"sft_train.device_mapping=[{','.join(map(str, range(129)))}]"
+    args = ["+experiment=smoke", too_many, f"output_dir={tmp_path}/out"]
+    out = subprocess.run([sys.executable, "-c", REFUSED, *args], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "sft_train.device_mapping" in seen["error"] and seen["ray_started"] is False, seen
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "needles"),

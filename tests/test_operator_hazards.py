@@ -675,6 +675,44 @@ print(json.dumps({"monitor": monitor, "kinds": sorted(processes), "alive": alive
 """
 
 
+DISCARDED = """
+import json, os, time
+from flows.ray_start import begin_local_start, discard_early_start, take_early_start
+
+def ray_processes():
+    found = set()
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            state = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and (b"ray::" in cmd or any(n in cmd for n in (b"raylet", b"gcs_server", b"ray/dashboard"))):
+            found.add(pid)
+    return found
+
+before = ray_processes()
+begin_local_start()
+time.sleep(1.5)  # mid-start: the GCS up, the raylet and its agents coming
+discard_early_start()
+print(json.dumps({"left": sorted(ray_processes() - before), "taken": take_early_start() is not None}))
+"""
+
+
+def test_a_ray_start_no_flow_took_over_is_shut_down_whole():
+    """`sft run` begins Ray's start before its flow; stopped before the flow took it over (Ctrl-C, an
+    import error), the start is waited for and shut down: stopped mid-start, Ray's agents outlived
+    the command."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", DISCARDED], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"left": [], "taken": False}, out.stdout
+
+
 def test_a_local_ray_is_shut_down_whole_with_its_monitor_killed_first():
     """ray.shutdown waited a second at the end of every run for Ray's autoscaler monitor, which does not
     exit on its SIGTERM; the runner kills it first. Every process the start made is gone after."""
