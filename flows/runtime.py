@@ -131,13 +131,6 @@ def _own_server(home: Path) -> str | None:
     return info["api_url"] if _healthy(info["api_url"]) else None
 
 
-def server_running() -> bool:
-    """Whether `ensure_server` would find a server without starting one (a cheap check)."""
-    return (
-        bool(os.environ.get("PREFECT_API_URL")) or _own_server(Path(os.environ["PREFECT_HOME"])) is not None
-    )
-
-
 def ensure_server() -> tuple[str, bool]:
     """Use PREFECT_API_URL if set; else reuse the server sft started before (recorded under
     PREFECT_HOME) or start one: on 4200 when free, else on a free port. Another program on 4200,
