@@ -1,5 +1,7 @@
 """ddp_train, fsdp2_train and megatron_train (TP=1, PP=1) beside TRL's SFTTrainer on one device: step time,
-tokens/s, MFU, peak memory, losses, and the ratios between them.
+tokens/s, MFU, peak memory, losses, and the ratios between them. ddp_compiled is ddp_train with
+`model_args.compile` (its decoder layers under torch.compile; the compile falls in the first warm-up
+step, reported as first_step_seconds).
 
     python3 bench/gpu_check.py                                             # one GPU, bf16
     PYTHONPATH=. .sft/bench-trl-venv/bin/python bench/gpu_check.py --tiny  # CPU smoke (fp32), ~5 min
@@ -62,7 +64,8 @@ from report import emit  # bench/report.py (bench/ is on sys.path when run as a 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("ddp_train", "fsdp2_train", "megatron_train")
-CONTENDERS = (*STRATEGIES, "trl")
+COMPILED = {"ddp_compiled": "ddp_train"}  # contender -> the strategy it runs with model_args.compile
+CONTENDERS = (*STRATEGIES, *COMPILED, "trl")
 # Qwen2.5-0.5B, and a shape small enough to train a few steps on two CPU cores in seconds.
 SHAPES = {
     "qwen2.5-0.5b": dict(layers=24, hidden=896, heads=14, kv_heads=2, ffn=4864, vocab=151936),
@@ -229,6 +232,7 @@ def summarize(
         "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores)",
         "dtype": "bf16" if on_gpu else "fp32",
         "step_seconds_mean": seconds / len(timed),
+        "first_step_seconds": steps[0]["seconds"],
         "step_seconds_min": min(s["seconds"] for s in timed),
         "fwd_bwd_seconds_mean": statistics.mean(s["fwd_bwd"] for s in timed),
         "optimizer_seconds_mean": statistics.mean(s["optimizer"] for s in timed),
@@ -277,7 +281,7 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
             "sequence_length": args.seq,
             "sft_train": {
                 "device_mapping": [0],
-                "model_args": {"dtype": "bf16" if on_gpu else "fp32"},
+                "model_args": {"dtype": "bf16" if on_gpu else "fp32", "compile": args.contender in COMPILED},
                 "training_args": {
                     "per_device_train_batch_size": args.micro,
                     "gradient_accumulation_steps": args.accum,
@@ -287,7 +291,7 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 "data_args": {"file_name": "synthetic"},  # required by the config, never read here
                 "strategy_args": {
-                    "strategy_name": args.contender,
+                    "strategy_name": COMPILED.get(args.contender, args.contender),
                     "strategy_config": {"tensor_model_parallel_size": 1} if megatron else {},
                 },
             },
@@ -533,13 +537,21 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PAIRS = (
+    ("ddp_compiled", "ddp_train"),
     ("megatron_train", "ddp_train"),
     ("fsdp2_train", "ddp_train"),
     ("ddp_train", "trl"),
     ("fsdp2_train", "trl"),
     ("megatron_train", "trl"),
+    ("ddp_compiled", "trl"),
 )
-SHORT = {"ddp_train": "ddp", "fsdp2_train": "fsdp2", "megatron_train": "megatron", "trl": "trl"}
+SHORT = {
+    "ddp_compiled": "ddp_compiled",
+    "ddp_train": "ddp",
+    "fsdp2_train": "fsdp2",
+    "megatron_train": "megatron",
+    "trl": "trl",
+}
 
 
 def compare(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -561,11 +573,12 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def print_table(runs: dict[str, dict[str, Any]], comparison: dict[str, dict[str, float]]) -> None:
-    head = f"{'contender':<16}{'tokens/s':>12}{'MFU':>8}{'step s':>9}{'fwd+bwd s':>11}{'optim s':>9}{'mem GiB':>9}{'loss first':>12}{'loss last':>11}"
+    head = f"{'contender':<16}{'tokens/s':>12}{'MFU':>8}{'step s':>9}{'fwd+bwd s':>11}{'optim s':>9}{'1st step s':>11}{'mem GiB':>9}{'loss first':>12}{'loss last':>11}"
     print("\n" + head + "\n" + "-" * len(head))
     for name, r in runs.items():
         print(f"{name:<16}{r['tokens_per_sec']:>12,.0f}{r['mfu']:>8.1%}{r['step_seconds_mean']:>9.3f}"
-              f"{r['fwd_bwd_seconds_mean']:>11.3f}{r['optimizer_seconds_mean']:>9.3f}{r['peak_memory_gib']:>9.2f}"
+              f"{r['fwd_bwd_seconds_mean']:>11.3f}{r['optimizer_seconds_mean']:>9.3f}{r['first_step_seconds']:>11.2f}"
+              f"{r['peak_memory_gib']:>9.2f}"
               f"{r['losses'][0]:>12.5f}{r['losses'][-1]:>11.5f}")  # fmt: skip
     for pair, c in comparison.items():
         print(f"{pair.replace('_over_', '/')}: tokens/s x{c['tokens_per_sec']:.3f}, memory x{c['peak_memory']:.3f}; "

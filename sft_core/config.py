@@ -52,6 +52,10 @@ class ModelArgs(StrictModel):
     dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     lora: LoraArgs | None = None  # null: full fine-tuning
+    # torch.compile each decoder layer (ddp_train, fsdp2_train): fuses the elementwise work between
+    # the matmuls (norms, rotary, SwiGLU, autocast's casts) and cuts the kernel launches. For GPUs;
+    # on a CPU it adds compile time and no speed (docs/benchmarks.md). The first step waits for it.
+    compile: bool = False
 
 
 class TrainingArgs(StrictModel):
@@ -261,6 +265,12 @@ class SFTConfig(StrictModel):
             raise ValueError(
                 f"sft_train.model_args.lora: LoRA is not supported with {strategy.strategy_name} yet; "
                 f"use {with_lora}, or drop the lora block for full fine-tuning"
+            )
+        if self.sft_train.model_args.compile and not strategy.supports_compile:
+            with_compile = ", ".join(a.name() for a in ARGS if a.supports_compile)
+            raise ValueError(
+                f"sft_train.model_args.compile: not supported with {strategy.strategy_name} (megatron-core "
+                f"brings its own fused kernels); use {with_compile}, or set it to false"
             )
         if problem := strategy.strategy_config.world_problem(self.sft_train.world_size):
             raise ValueError(f"sft_train.device_mapping: {problem}")

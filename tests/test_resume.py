@@ -34,6 +34,12 @@ CASES = {
     "ddp-resumed-by-sft-run": ([], "sft run"),
     # Only the adapter (and its Adam state) is in the resume state; the base comes from the pretrained folder.
     "ddp-lora-restarted-by-the-flow": ([LORA], "restart"),
+    # Decoder layers under torch.compile, inside activation checkpointing: the restarted workers
+    # compile the same kernels, load the state into the compiled layers and recompute alike.
+    "ddp-compiled-checkpointed-restarted-by-the-flow": (
+        ["sft_train.model_args.compile=true", "sft_train.training_args.gradient_checkpointing=true"],
+        "restart",
+    ),
     # Sharded weights and Adam state; the full weights come back from the checkpoint's HF folder.
     "fsdp2-restarted-by-the-flow": (["sft_train.strategy_args.strategy_name=fsdp2_train"], "restart"),
     # Two data-parallel replicas whose Adam state is sharded between them (megatron's own state).

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sft_core.model.lora import base_model
-from sft_core.strategies.torch_native import TorchStrategy
+from sft_core.strategies.torch_native import TorchStrategy, decoder_layers
 
 
 class FSDP2Strategy(TorchStrategy):
@@ -24,7 +23,7 @@ class FSDP2Strategy(TorchStrategy):
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
         # One FSDP unit per decoder layer (all-gathered just in time), then the rest (embeddings,
         # final norm, a tied LM head) as the root unit.
-        for layer in _decoder_layers(model):
+        for layer in decoder_layers(model, self.name):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
@@ -51,12 +50,3 @@ class FSDP2Strategy(TorchStrategy):
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    layers = getattr(getattr(base_model(model), "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"fsdp2_train: cannot find decoder layers (model.model.layers) in {type(model).__name__}"
-        )
-    return list(layers)

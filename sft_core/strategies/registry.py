@@ -31,6 +31,7 @@ class _Args(StrictModel):
     strategy_config: StrategyConfig
     implementation: ClassVar[str]  # "module:Class", imported only when a run needs it
     supports_lora: ClassVar[bool] = True
+    supports_compile: ClassVar[bool] = True  # model_args.compile
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +76,7 @@ class MegatronArgs(_Args):
     strategy_config: MegatronConfig = Field(default_factory=MegatronConfig)
     implementation = "sft_core.strategies.megatron.strategy:MegatronStrategy"
     supports_lora = False
+    supports_compile = False
 
 
 ARGS: tuple[type[_Args], ...] = (DDPArgs, FSDP2Args, MegatronArgs)

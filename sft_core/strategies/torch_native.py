@@ -67,7 +67,9 @@ class TorchStrategy(Strategy):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model: torch.nn.Module = lora.apply_lora(base, self.lora) if self.lora else base
         model.to(self.ctx.device)
-        self.logits_at_targets_only = projects_selected_positions(base)
+        self.logits_at_targets_only = projects_selected_positions(base)  # a probe: before compiling
+        if self.cfg.sft_train.model_args.compile:
+            compile_layers(model)
         self.module = model
         self.num_params = count_parameters(model)  # before sharding: the full model's size
         self.model = self._wrap(model)
@@ -325,3 +327,20 @@ def clip_(grads: list[torch.Tensor], max_norm: float, total_norm: float) -> None
     if max_norm > 0 and coef < 1.0:
         for g in grads:
             g.mul_(coef)
+
+
+def decoder_layers(model: torch.nn.Module, who: str) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (inside a peft wrapper too)."""
+    layers = getattr(getattr(lora.base_model(model), "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{who}: cannot find decoder layers (model.model.layers) in {type(model).__name__}")
+    return list(layers)
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (parameter names and the state dict unchanged). The
+    layers run the same code with their parameters as graph inputs, so they share one compiled graph
+    per mode (train, eval): compile time is about one layer's. The embedding, the LM head and the loss
+    stay eager: how many positions have a target changes their shapes every micro-batch."""
+    for layer in decoder_layers(model, "sft_train.model_args.compile"):
+        layer.compile()
