@@ -30,3 +30,11 @@ def tokenizers() -> Path:
 def mlflow_templates() -> Path:
     """Empty migrated MLflow databases, one per MLflow version (tracking/mlflow_store.py)."""
     return sft_home() / "mlflow"
+
+
+def inductor_cache() -> Path:
+    """torch.compile's kernel cache. Inductor's default, /tmp/torchinductor_<user>, is a name any user
+    of the machine can create first and fill with compiled code that this user's workers would load."""
+    path = sft_home() / "inductor"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path

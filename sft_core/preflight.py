@@ -29,6 +29,8 @@ def preflight(cfg: SFTConfig) -> None:
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
     for key, folder in (("output_dir", cfg.output_dir), ("logging_dir", cfg.logging_dir)):
         check_writable_folder(key, Path(folder))
+    if cfg.sft_train.model_args.compile:
+        check_compiler()
     p = cfg.pretrain
     if pretrain_kind(p) == "path" and not Path(p).expanduser().exists():
         raise ModelError(f"config key 'pretrain': '{p}' does not exist.")
@@ -44,6 +46,27 @@ def preflight(cfg: SFTConfig) -> None:
         tokenizer = load_tokenizer(resolve_pretrained(cfg.pretrain))  # resolved once, cached on disk
         for name in builtins:
             check_template_tokens(name, tokenizer)
+
+
+def check_compiler() -> None:
+    """torch.compile builds its kernels with the machine's C/C++ compiler (C++ on CPU, C for Triton's
+    launcher on GPU): without one the first step would fail inside every worker."""
+    import shutil
+
+    from sft_core.errors import ConfigError
+
+    names = [os.environ[v] for v in ("CXX", "CC") if os.environ.get(v)] + [
+        "g++",
+        "c++",
+        "clang++",
+        "gcc",
+        "cc",
+    ]
+    if not any(shutil.which(n) for n in names):
+        raise ConfigError(
+            "config key 'sft_train.model_args.compile': torch.compile needs a C/C++ compiler and none was "
+            f"found ({', '.join(names)} on PATH). Install one (e.g. apt install g++) or set compile: false."
+        )
 
 
 def check_writable_folder(key: str, folder: Path) -> None:

@@ -8,6 +8,7 @@ the largest weight difference after them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 
 from sft_core.config_loader import load_config
 from sft_core.errors import ConfigError
+from sft_core.home import inductor_cache
+from sft_core.preflight import check_compiler
 from sft_core.strategies.base import DistContext
 from sft_core.strategies.registry import create_strategy
 from tests.helpers import encoded_demo
@@ -70,6 +73,9 @@ def test_compiled_layers_train_what_eager_ones_do(tmp_path, tiny_model_dir, smol
 
     layers = strategy.module.model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers), "layers were not compiled"
+    # Kernels were cached in the project's home, not in /tmp where another user could plant them.
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor_cache())
+    assert any(inductor_cache().rglob("*.py")), "nothing compiled into the cache"
     assert eager_losses[-1] < eager_losses[0], "training did not lower the loss"
     for step, (a, b) in enumerate(zip(losses, eager_losses, strict=True)):
         assert abs(a - b) / b < LOSS_RTOL, f"step {step}: compiled {a:.7f} vs eager {b:.7f}"
@@ -97,3 +103,16 @@ def test_compile_is_refused_with_megatron_by_its_key():
             ],
             base_dir=Path.cwd(),
         )
+
+
+def test_compile_without_a_compiler_on_the_machine_is_refused_before_workers_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, gcc, cc, clang++
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(
+        ConfigError, match=r"'sft_train\.model_args\.compile': torch\.compile needs a C/C\+\+ compiler"
+    ):
+        check_compiler()
+    (tmp_path / "g++").write_text("#!/bin/sh\n")
+    (tmp_path / "g++").chmod(0o755)
+    check_compiler()  # one compiler on PATH is enough
