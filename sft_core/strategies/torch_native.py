@@ -343,9 +343,9 @@ def compile_layers(model: torch.nn.Module) -> None:
     layers run the same code with their parameters as graph inputs, so they share one compiled graph
     per mode (train, eval): compile time is about one layer's. The embedding, the LM head and the loss
     stay eager: how many positions have a target changes their shapes every micro-batch."""
-    from sft_core.home import inductor_cache
-
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from sft_core.home import inductor_cache
 
     # Unless the user chose a cache (torch writes its default into the variable when it first looks).
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
