@@ -25,9 +25,9 @@ from tests.helpers import encoded_demo
 
 CPU = torch.device("cpu")
 STEPS = 4
-# Measured (lr 1e-3, 4 steps, with and without gradient checkpointing): the losses equal to the
-# last bit, the weights up to 1.5e-6 apart (Adam's update turns a last-bit gradient difference into
-# up to ~lr); the bounds leave room for other CPUs' vector widths.
+# Measured (lr 1e-3, 4 steps, with and without gradient checkpointing; the loss compiled too):
+# losses within 2e-7 relative, weights up to 1.5e-6 apart (Adam's update turns a last-bit gradient
+# difference into up to ~lr); the bounds leave room for other CPUs' vector widths.
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 

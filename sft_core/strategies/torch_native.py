@@ -24,7 +24,7 @@ from sft_core.model import lora
 from sft_core.model.load import DTYPES, count_parameters, load_causal_lm
 from sft_core.strategies.base import DistContext, Strategy
 from sft_core.strategies.precision import autocast_dtype
-from sft_core.train.loss import next_token_targets, summed_token_loss
+from sft_core.train.loss import next_token_targets, summed_token_loss, token_loss_sum
 from sft_core.train.schedule import build_scheduler, follow_schedule
 from sft_core.train.stats import EvalSums, StepStats
 
@@ -69,8 +69,12 @@ class TorchStrategy(Strategy):
         model: torch.nn.Module = lora.apply_lora(base, self.lora) if self.lora else base
         model.to(self.ctx.device)
         self.logits_at_targets_only = projects_selected_positions(base)  # a probe: before compiling
+        self.loss_sum = token_loss_sum
         if self.cfg.sft_train.model_args.compile:
             compile_layers(model)
+            # Fused: the fp32 upcast, log-softmax and its gradient never stored as [targets, vocab]
+            # tensors. Dynamic: the count of targets changes every micro-batch.
+            self.loss_sum = torch.compile(token_loss_sum, dynamic=True)
         self.module = model
         self.num_params = count_parameters(model)  # before sharding: the full model's size
         self.model = self._wrap(model)
@@ -117,7 +121,7 @@ class TorchStrategy(Strategy):
                 targets = targets[keep]
             else:
                 out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids)
-        return summed_token_loss(out.logits, targets)
+        return summed_token_loss(out.logits, targets, self.loss_sum)
 
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[MicroBatch], num_targets: int) -> StepStats:
@@ -341,8 +345,8 @@ def decoder_layers(model: torch.nn.Module, who: str) -> list[torch.nn.Module]:
 def compile_layers(model: torch.nn.Module) -> None:
     """torch.compile each decoder layer in place (parameter names and the state dict unchanged). The
     layers run the same code with their parameters as graph inputs, so they share one compiled graph
-    per mode (train, eval): compile time is about one layer's. The embedding, the LM head and the loss
-    stay eager: how many positions have a target changes their shapes every micro-batch."""
+    per mode (train, eval): compile time is about one layer's. The embedding and the LM head stay
+    eager: how many positions have a target changes their shapes every micro-batch."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from sft_core.home import inductor_cache

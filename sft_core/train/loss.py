@@ -9,6 +9,8 @@ answers more).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -22,10 +24,18 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy of logits [..., V] against targets [...] (IGNORE_INDEX skipped), and
-    the number of supervised targets. The logits are either every position's or only those of the
-    supervised targets (see TorchStrategy._summed_loss); the sum is the same."""
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy of logits [..., V] (in fp32) against targets [...], IGNORE_INDEX skipped."""
     flat_logits = logits.reshape(-1, logits.size(-1)).float()
-    loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def summed_token_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_loss_sum,
+) -> tuple[torch.Tensor, int]:
+    """token_loss_sum (or a compiled copy of it), and the number of supervised targets. The logits
+    are either every position's or only those of the supervised targets (see
+    TorchStrategy._summed_loss); the sum is the same."""
+    return loss_sum(logits, targets), int((targets != IGNORE_INDEX).sum())
