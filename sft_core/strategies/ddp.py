@@ -19,10 +19,7 @@ class DDPStrategy(TorchStrategy):
         if self.ctx.world_size == 1:
             return model
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        # DDP broadcasts rank 0's weights when it wraps them: 2.6 s for SmolLM2-135M over gloo on
-        # this project's CPU. Every rank loaded the same files, so only where they disagree (weights
-        # a checkpoint lacked, initialized at random per rank) is that copy needed.
-        ddp = DDP(model, device_ids=device_ids, init_sync=not replicas_agree(model))
+        ddp = DDP(model, device_ids=device_ids)
         self._comm: dict[str, float] = {}
         ddp.register_comm_hook(self._comm, _timed_allreduce)
         return ddp
@@ -59,16 +56,3 @@ def _timed_allreduce(state: dict[str, float], bucket):  # noqa: ANN001, ANN202
         return f.value()[0]
 
     return future.then(done)
-
-
-@torch.no_grad()
-def replicas_agree(model: torch.nn.Module) -> bool:
-    """Whether every rank holds the same parameters and buffers, by a fingerprint of each tensor
-    (sum and sum of squares in float64; equal only if equal on every rank). Any NaN reads as a
-    disagreement, so the caller copies rank 0's state: the safe side."""
-    tensors = [*model.parameters(), *model.buffers()]
-    local = torch.stack([t.double().sum() for t in tensors] + [t.double().square().sum() for t in tensors])
-    high, low = local.clone(), local.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    return bool(torch.equal(high, low))
