@@ -56,7 +56,8 @@ class Strategy(abc.ABC):
     @classmethod
     def describe(cls, cfg: SFTConfig) -> str:
         """The strategy and its layout, one line for the run log."""
-        return f"{cls.name}: {cfg.sft_train.world_size} data-parallel worker(s)"
+        compiled = ", decoder layers and loss under torch.compile" if cfg.sft_train.model_args.compile else ""
+        return f"{cls.name}: {cfg.sft_train.world_size} data-parallel worker(s){compiled}"
 
     @classmethod
     def compute_dtype(cls, cfg: SFTConfig, device: torch.device) -> torch.dtype:
