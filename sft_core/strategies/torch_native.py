@@ -355,4 +355,4 @@ def compile_layers(model: torch.nn.Module) -> None:
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache())  # Triton's cache goes inside it
     for layer in decoder_layers(model, "sft_train.model_args.compile"):
-        layer.compile()
+        layer.compile(dynamic=True)
