@@ -1,6 +1,6 @@
 """ddp_train, fsdp2_train and megatron_train (TP=1, PP=1) beside TRL's SFTTrainer on one device: step time,
-tokens/s, MFU, peak memory, losses, and the ratios between them. ddp_compiled is ddp_train with
-`model_args.compile` (its decoder layers under torch.compile; the compile falls in the first warm-up
+tokens/s, MFU, peak memory, losses, and the ratios between them. ddp_compiled (fsdp2_compiled) is
+ddp_train (fsdp2_train) with `model_args.compile` (its decoder layers under torch.compile; the compile falls in the first warm-up
 step, reported as first_step_seconds).
 
     python3 bench/gpu_check.py                                             # one GPU, bf16
@@ -64,7 +64,10 @@ from report import emit  # bench/report.py (bench/ is on sys.path when run as a 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("ddp_train", "fsdp2_train", "megatron_train")
-COMPILED = {"ddp_compiled": "ddp_train"}  # contender -> the strategy it runs with model_args.compile
+COMPILED = {
+    "ddp_compiled": "ddp_train",
+    "fsdp2_compiled": "fsdp2_train",
+}  # contender -> the strategy it runs with model_args.compile
 CONTENDERS = (*STRATEGIES, *COMPILED, "trl")
 # Qwen2.5-0.5B, and a shape small enough to train a few steps on two CPU cores in seconds.
 SHAPES = {
@@ -538,6 +541,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 PAIRS = (
     ("ddp_compiled", "ddp_train"),
+    ("fsdp2_compiled", "fsdp2_train"),
     ("megatron_train", "ddp_train"),
     ("fsdp2_train", "ddp_train"),
     ("ddp_train", "trl"),
@@ -547,6 +551,7 @@ PAIRS = (
 )
 SHORT = {
     "ddp_compiled": "ddp_compiled",
+    "fsdp2_compiled": "fsdp2_compiled",
     "ddp_train": "ddp",
     "fsdp2_train": "fsdp2",
     "megatron_train": "megatron",
