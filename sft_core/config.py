@@ -52,9 +52,10 @@ class ModelArgs(StrictModel):
     dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     lora: LoraArgs | None = None  # null: full fine-tuning
-    # torch.compile each decoder layer (ddp_train, fsdp2_train): fuses the elementwise work between
-    # the matmuls (norms, rotary, SwiGLU, autocast's casts) and cuts the kernel launches. For GPUs;
-    # on a CPU it adds compile time and no speed (docs/benchmarks.md). The first step waits for it.
+    # torch.compile each decoder layer and the loss (ddp_train, fsdp2_train): fuses the elementwise
+    # work between the matmuls (norms, rotary, SwiGLU, autocast's casts, the fp32 log-softmax) and
+    # cuts the kernel launches. For GPUs; on a CPU it adds compile time and no speed
+    # (docs/benchmarks.md). The first step and the first validation wait for it.
     compile: bool = False
 
 

@@ -347,12 +347,16 @@ def compile_layers(model: torch.nn.Module) -> None:
     layers run the same code with their parameters as graph inputs, so they share one compiled graph
     per mode (train, eval): compile time is about one layer's. The embedding and the LM head stay
     eager: how many positions have a target changes their shapes every micro-batch."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     from sft_core.home import inductor_cache
 
+    try:  # a private module of torch's: where it moved, only an unset variable counts as unset
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default: str | None = default_cache_dir()
+    except ImportError:
+        torch_default = None
     # Unless the user chose a cache (torch writes its default into the variable when it first looks).
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, torch_default):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache())  # Triton's cache goes inside it
     for layer in decoder_layers(model, "sft_train.model_args.compile"):
         layer.compile(dynamic=True)
