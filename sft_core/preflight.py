@@ -48,6 +48,9 @@ def preflight(cfg: SFTConfig) -> None:
             check_template_tokens(name, tokenizer)
 
 
+_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (C++) and Triton (C) look for
+
+
 def check_compiler() -> None:
     """torch.compile builds its kernels with the machine's C/C++ compiler (C++ on CPU, C for Triton's
     launcher on GPU): without one the first step would fail inside every worker."""
@@ -55,13 +58,7 @@ def check_compiler() -> None:
 
     from sft_core.errors import ConfigError
 
-    names = [os.environ[v] for v in ("CXX", "CC") if os.environ.get(v)] + [
-        "g++",
-        "c++",
-        "clang++",
-        "gcc",
-        "cc",
-    ]
+    names = [os.environ[v] for v in ("CXX", "CC") if os.environ.get(v)] + list(_COMPILERS)
     if not any(shutil.which(n) for n in names):
         raise ConfigError(
             "config key 'sft_train.model_args.compile': torch.compile needs a C/C++ compiler and none was "
