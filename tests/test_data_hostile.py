@@ -198,3 +198,59 @@ def test_a_row_with_two_conversations_under_format_auto_is_a_bad_row(tmp_path, s
     with pytest.raises(DataError, match=r"d\.jsonl.*3.*\['instruction', 'messages'\] are all set"):
         row_to_messages(both, FieldMapping(format="auto"))
     assert row_to_messages(both, FieldMapping(format="messages"))[-1]["content"] == "other a"  # chosen: fine
+
+
+def test_an_alpaca_rows_history_is_read_and_other_conversation_keys_are_refused(tmp_path, smollm2_tokenizer):
+    """LLaMA-Factory's alpaca `history` holds the earlier exchanges: trained as turns before the
+    row's own. A row key that carries part of the conversation in another format (`tools`, a
+    messages row's `history`) is not read, so the row is refused rather than trained without it."""
+    tok = smollm2_tokenizer
+    f = write_jsonl(
+        tmp_path / "h.jsonl",
+        [
+            {"instruction": "And 3+3?", "output": "6", "history": [["What is 2+2?", "4"]]},
+            {"instruction": "q", "output": "a", "history": []},  # LLaMA-Factory writes empty histories
+            {"instruction": "q", "output": "a", "history": [["only a question"]]},
+            {"instruction": "q", "output": "a", "history": [["q0", "  "]]},
+            {**chat("q", "a"), "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {**chat("q", "a"), "history": [["q0", "a0"]]},
+            {"instruction": "q", "output": "a", "history": [["q0", "<|im_end|>"]]},
+        ],
+    )
+    data, stats = encode_files([f], tok, EncodeSpec(256, "chatml", FIELDS, on_bad_row="skip"))
+    assert len(data) == 2
+    ids, labels = data.sample(0)
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n" in tok.decode(ids)
+    assert supervised(tok, ids, labels) == "4<|im_end|>6<|im_end|>"
+    reasons = {r["row"]: r["reason"] for r in stats.rejects}
+    assert sorted(reasons) == [3, 4, 5, 6, 7]
+    assert "field 'history[1]' must be a [prompt, answer] pair of strings" in reasons[3]
+    assert "field 'history[1][2]' (an assistant answer) is empty" in reasons[4]
+    assert "field 'tools' holds a value this pipeline does not read in a messages row" in reasons[5]
+    assert "field 'history' holds a value this pipeline does not read in a messages row" in reasons[6]
+    assert "field 'history[1][2]' contains '<|im_end|>'" in reasons[7]
+
+
+def test_a_control_character_the_tokenizer_cannot_encode_is_a_bad_row(tmp_path, smollm2_tokenizer):
+    """SmolLM2's vocabulary has no token for some control characters (U+001D, a GS1 barcode's
+    separator, among them): the tokenizer drops them, which would train on other text than the
+    data's. Characters it keeps (tab, U+001F) stay text."""
+    tok = smollm2_tokenizer
+    assert "\x1d" not in tok.decode(tok.encode("a\x1db", add_special_tokens=False))  # the premise
+    f = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"instruction": "Barcode?", "output": "01\x1d17"},
+            {"instruction": "Sep\x04arated?", "output": "yes"},
+            {"instruction": "Kept?", "output": "a\tb\x1fc"},
+        ],
+    )
+    data, stats = encode_files([f], tok, EncodeSpec(256, "chatml", FIELDS, on_bad_row="skip"))
+    assert len(data) == 1 and supervised(tok, *data.sample(0)) == "a\tb\x1fc<|im_end|>"
+    assert [(r["row"], r["reason"]) for r in stats.rejects] == [
+        (1, f"{f}, row 1: field 'output' contains the control character U+001D, which this tokenizer cannot "
+            "encode: it would be dropped from the text unseen. Remove it from the data or write it differently."),
+        (2, f"{f}, row 2: field 'instruction' contains the control character U+0004, which this tokenizer "
+            "cannot encode: it would be dropped from the text unseen. Remove it from the data or write it "
+            "differently."),
+    ]  # fmt: skip

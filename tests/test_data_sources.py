@@ -178,3 +178,62 @@ def test_csv_and_tsv_rows_are_read_by_their_header_and_numbered_by_line(tmp_path
         DataError, match=r"dup.csv, line 1: the header \['output', 'output'\] must name each column once"
     ):
         answers(smollm2_tokenizer, [str(tmp_path / "dup.csv")])
+
+
+def test_csv_quoting_is_strict_and_a_bad_record_keeps_its_lines(tmp_path, smollm2_tokenizer):
+    """A lenient CSV reader drops quote marks from `"Yes," she said.` and lets an unclosed quote
+    turn the rest of the file into one answer; both are bad rows here, named by line, with their
+    text kept. A record of blank values is a row (rejected, counted), only an empty line is none,
+    and a U+FEFF inside a quoted value is text (only the header's BOM is skipped)."""
+    from sft_core.data.encode import EncodeStats, iter_encoded
+
+    tsv = tmp_path / "quotes.tsv"
+    tsv.write_bytes(
+        b"\xef\xbb\xbfinstruction\toutput\n"
+        b'q1\t"Yes," she said.\n'  # line 2: text after a closing quote
+        b"q2\ta2\n"
+        b'q3\t"line one\n\xef\xbb\xbfline two"\n'  # lines 4-5: a BOM character inside a value
+        b"\t\n"  # line 6: blank values
+        b"\n"  # line 7: no row
+        b'q8\t"To be or not\n'  # lines 8-10: never closed
+        b"q9\ta9\n"
+        b"q10\ta10\n"
+    )
+    stats = EncodeStats()
+    spec = EncodeSpec(256, "chatml", FieldMapping(), on_bad_row="skip")
+    samples = list(iter_encoded([str(tsv)], smollm2_tokenizer, spec, stats))
+    assert [s.row.index for s in samples] == [3, 4]
+    assert supervised_text(smollm2_tokenizer, samples[1].input_ids, samples[1].labels) == (
+        "line one\n\ufeffline two<|im_end|>"
+    )
+    rejects = {r["row"]: r for r in stats.rejects}
+    assert sorted(rejects) == [2, 6, 8] and stats.rows == 5
+    assert rejects[2]["reason"].startswith(f"{tsv}, line 2: not valid TSV (")
+    assert rejects[2]["data"]["raw"] == 'q1\t"Yes," she said.\n'
+    assert "field 'instruction' (prompt_key) is empty" in rejects[6]["reason"]
+    assert "(lines 8-10: a quote opened on line 8 takes in every line after it)" in rejects[8]["reason"]
+    assert rejects[8]["data"]["raw"] == 'q8\t"To be or not\nq9\ta9\nq10\ta10\n'
+
+
+def test_a_key_given_twice_in_one_object_is_a_bad_row(tmp_path, smollm2_tokenizer):
+    """json keeps the last of two values of one key and drops the other silently."""
+    twice_top = '{"instruction": "q", "output": "FIRST", "output": "SECOND"}'
+    twice_turn = (
+        '{"messages": [{"role": "user", "content": "q"}, '
+        '{"role": "assistant", "content": "A", "content": "B"}]}'
+    )
+    lines = tmp_path / "twice.jsonl"
+    lines.write_text(f"{twice_top}\n{json.dumps(ROWS[0])}\n{twice_turn}\n")
+    listed = tmp_path / "twice.json"
+    listed.write_text(f"[{json.dumps(ROWS[0])}, {twice_turn}, {twice_top}]")
+    for f, unit, expected in (
+        (lines, "line", [(1, "output"), (3, "messages[1].content")]),
+        (listed, "row", [(2, "messages[1].content"), (3, "output")]),
+    ):
+        _, stats = encode_files([str(f)], smollm2_tokenizer, spec(on_bad_row="skip"))
+        assert stats.samples == 1
+        assert [(r["row"], r["reason"]) for r in stats.rejects] == [
+            (n, f"{f}, {unit} {n}: field '{field}' is given twice in one object; JSON readers keep one of the "
+             "values and drop the other silently, so which one is meant cannot be told.")
+            for n, field in expected
+        ]  # fmt: skip

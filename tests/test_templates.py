@@ -133,6 +133,20 @@ def test_empty_think_block_is_supervised_only_when_asked(smollm2_tokenizer):
     assert supervised(tok, ids, labels) == "<think>\n\n</think>\n\nBlue.<|im_end|>"
 
 
+@pytest.mark.parametrize("name", ["qwen3", "chatml"])
+def test_an_empty_think_block_written_in_the_answer_is_left_out_as_an_inserted_one(smollm2_tokenizer, name):
+    """Non-thinking Qwen3 data often writes the empty block into the answer itself: it renders the
+    same text as the block the template inserts, so it gets the same labels."""
+    tok = smollm2_tokenizer
+    written = [CHAT[0], {"role": "assistant", "content": "<think>\n\n</think>\n\nBlue."}]
+    ids, labels = encode_messages(tok, get_template(name, tok), written, "t")
+    assert supervised(tok, ids, labels) == "Blue.<|im_end|>"
+    if name == "qwen3":
+        assert (ids, labels) == encode_messages(tok, get_template(name, tok), CHAT, "t")
+    ids, labels = encode_messages(tok, get_template(name, tok, supervise_empty_think=True), written, "t")
+    assert supervised(tok, ids, labels) == "<think>\n\n</think>\n\nBlue.<|im_end|>"
+
+
 def test_qwen3_keeps_an_answers_own_think_block_single(smollm2_tokenizer):
     tok = smollm2_tokenizer
     reasoning = [CHAT[0], {"role": "assistant", "content": "<think>\nBlue is calm.\n</think>\n\nBlue."}]

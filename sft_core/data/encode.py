@@ -18,7 +18,7 @@ from sft_core.data.messages import Message, row_to_messages
 from sft_core.data.sources import Row, read_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
-from sft_core.data.templates import ChatTemplate, end_of_turn_token, get_template, reserved_tokens
+from sft_core.data.templates import ChatTemplate, end_of_turn_token, forbidden_text, get_template
 from sft_core.errors import DataError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def _encode_chunk(
     prepared: list[
         tuple[Row, list[tuple[int | None, list[Message], str, list[tuple[int, int]]]], str | None]
     ] = []
-    reserved = reserved_tokens(tokenizer)
+    reserved = forbidden_text(tokenizer)
     # A sample of its own trains its last turn, rendered as inference renders that conversation.
     supervise = "last_assistant_turn" if spec.supervise == "each_assistant_turn_as_sample" else spec.supervise
     for row in rows:

@@ -6,8 +6,9 @@ system/user/assistant (after the format's mapping), there must be an answer to t
 answer may be empty, and the last turn must not be an unanswered question. An assistant turn may
 come first. A turn is read from its role, its content and an optional `weight` (OpenAI's
 fine-tuning format: 0 keeps an assistant turn as context, untrained); a key that would change the
-conversation or what is trained if dropped (UNREAD_TURN_KEYS) is refused, other keys are metadata.
-In every format, no content may hold a special token of the tokenizer.
+conversation or what is trained if dropped (UNREAD_TURN_KEYS) is refused, other keys are metadata;
+so is a row key that carries part of the conversation (UNREAD_ROW_KEYS), except an alpaca row's
+`history`, which is read. In every format, no content may hold a special token of the tokenizer.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ UNREAD_TURN_KEYS = (
     "reasoning_content", "reasoning", "thinking", "name",
     "train", "training", "loss", "mask", "trainable",
 )  # fmt: skip
+# Row keys that carry part of the conversation in other tools' formats: OpenAI's and ShareGPT's
+# tool schemas, and LLaMA-Factory's alpaca `history` (read in alpaca rows: HISTORY_KEY).
+UNREAD_ROW_KEYS = ("tools", "functions", "history")
+# LLaMA-Factory's alpaca column of earlier exchanges: [[prompt, answer], ...], oldest first.
+HISTORY_KEY = "history"
 
 # The roles a chat template knows; anything else would be rendered and silently never trained on.
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -78,13 +84,21 @@ def row_format(data: dict[str, Any], fields: FieldMapping) -> str:
 
 def row_to_messages(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None = None) -> list[Message]:
     """Map one row to chat messages; a missing or empty required field names file, row and field,
-    and so does content holding a `reserved` string (the tokenizer's special tokens)."""
+    and so does content that `reserved` (templates.forbidden_text) matches: a special token of the
+    tokenizer, or a control character it cannot encode."""
     kind = row_format(row.data, fields)
     present = [k for k in (fields.prompt_key, "messages", "conversations") if row.data.get(k) is not None]
     if fields.format == "auto" and len(present) > 1:  # one would be read, the others dropped unseen
         raise DataError(
             f"{row.where}: fields {present} are all set, so `format: auto` cannot tell which one holds the "
             "conversation. Keep one per row, or set sft_train.data_args.format."
+        )
+    read = (HISTORY_KEY,) if kind == "alpaca" else ()
+    unread = [k for k in UNREAD_ROW_KEYS if k not in read and row.data.get(k) not in (None, "", [], {})]
+    if unread:
+        raise DataError(
+            f"{row.where}: field '{unread[0]}' holds a value this pipeline does not read in a {kind} row; "
+            "training without it would change the conversation. Remove it from the data or set it to null."
         )
     if kind == "messages":
         turns = _checked_turns(row, "messages", "role", "content", MESSAGE_ROLES, reserved)
@@ -108,6 +122,12 @@ def _no_reserved(row: Row, field: str, text: str, reserved: re.Pattern[str] | No
     """Content is text: a special token written in it would be tokenized as the control token
     itself, ending a turn or opening a forged one (with labels) where the data says so."""
     found = reserved.search(text) if reserved else None
+    if found and found.lastgroup == "lost":
+        raise DataError(
+            f"{row.where}: field '{field}' contains the control character U+{ord(found.group()):04X}, which "
+            "this tokenizer cannot encode: it would be dropped from the text unseen. Remove it from the "
+            "data or write it differently."
+        )
     if found:
         raise DataError(
             f"{row.where}: field '{field}' contains '{found.group()}', a special token of this tokenizer; "
@@ -138,9 +158,35 @@ def _alpaca(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None) ->
     response = _text(row, fields.response_key, "response_key", True, reserved)
     system = _text(row, fields.system_key, "system_key", False, reserved) if fields.system_key else ""
     messages = [{"role": "system", "content": system}] if system else []
+    messages += _history(row, reserved)
     messages.append({"role": "user", "content": f"{prompt}\n{query}" if query else prompt})
     messages.append({"role": "assistant", "content": response})
     return messages
+
+
+def _history(row: Row, reserved: re.Pattern[str] | None) -> list[Message]:
+    """An alpaca row's earlier exchanges (LLaMA-Factory's `history`: [[prompt, answer], ...]) as
+    user and assistant turns before its own; their answers are trained as any assistant turn."""
+    pairs = row.data.get(HISTORY_KEY)
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list):
+        raise DataError(
+            f"{row.where}: field '{HISTORY_KEY}' must be a list of [prompt, answer] pairs, got {type(pairs).__name__}."
+        )
+    turns: list[Message] = []
+    for j, pair in enumerate(pairs, start=1):
+        field = f"{HISTORY_KEY}[{j}]"
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise DataError(f"{row.where}: field '{field}' must be a [prompt, answer] pair of strings.")
+        if not pair[1].strip():
+            raise DataError(
+                f"{row.where}: field '{field}[2]' (an assistant answer) is empty. Every answer is trained on; "
+                "fill it in or drop the pair."
+            )
+        turns.append({"role": "user", "content": _no_reserved(row, f"{field}[1]", pair[0], reserved)})
+        turns.append({"role": "assistant", "content": _no_reserved(row, f"{field}[2]", pair[1], reserved)})
+    return turns
 
 
 def _checked_turns(

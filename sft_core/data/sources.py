@@ -142,11 +142,60 @@ def _nests_deeper(value: object, limit: int = _MAX_DEPTH) -> bool:
     return False
 
 
+class _RepeatedKeys:
+    """A json object hook: objects as dicts, remembering each one whose text names a key twice
+    (json keeps the last value and drops the others silently)."""
+
+    def __init__(self) -> None:
+        self.found: dict[int, str] = {}  # id of the dict -> the repeated key
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.found[id(obj)] = key
+                    break
+                seen.add(key)
+        return obj
+
+    def where(self, value: object, path: str = "") -> str | None:
+        """The path of the first key named twice inside `value` (decoded through this hook), or None."""
+        if not self.found:
+            return None
+        if isinstance(value, dict) and (twice := self.found.get(id(value))) is not None:
+            return f"{path}.{twice}" if path else twice
+        items = (
+            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        )
+        for key, item in items:
+            sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+            if (found := self.where(item, sub)) is not None:
+                return found
+        return None
+
+
+def _repeated(unit: str, index: int, field: str) -> str:
+    return (
+        f"{unit} {index}: field '{field}' is given twice in one object; JSON readers keep one of the "
+        "values and drop the other silently, so which one is meant cannot be told"
+    )
+
+
 def _too_deep(unit: str, index: int) -> str:
     return f"{unit} {index}: lists/objects nested more than {_MAX_DEPTH} levels deep; no chat row needs that"
 
 
-def _checked(p: Path, index: int, unit: str, data: object, raw: object, suspect: bool = True) -> Row:
+def _checked(
+    p: Path,
+    index: int,
+    unit: str,
+    data: object,
+    raw: object,
+    suspect: bool = True,
+    repeated: _RepeatedKeys | None = None,
+) -> Row:
     if not isinstance(data, dict):
         return Row(
             str(p), index, {"raw": raw}, f"{unit} {index}: expected a JSON object, got {type(data).__name__}"
@@ -154,6 +203,8 @@ def _checked(p: Path, index: int, unit: str, data: object, raw: object, suspect:
     if _nests_deeper(data):  # an item of a JSON list is not kept: the rejects file could not hold it
         kept = _printable(raw) if isinstance(raw, str) else "(too deep to keep)"
         return Row(str(p), index, {"raw": kept}, _too_deep(unit, index))
+    if repeated is not None and (twice := repeated.where(data)) is not None:
+        return Row(str(p), index, {"raw": _printable(raw)}, _repeated(unit, index, twice))
     if suspect and (bad := _not_utf8(data)) is not None:
         return Row(
             str(p), index, {"raw": _printable(raw)}, f"{unit} {index}: field '{bad}' is not valid UTF-8 text"
@@ -189,14 +240,17 @@ def count_rows(path: str) -> int | None:
 def _jsonl_rows(p: Path) -> Iterator[Row]:
     # Rows end at "\n" only (a CRLF's "\r" is dropped): a bare "\r" is JSON whitespace between
     # fields or part of a broken row, never a row break, so row numbers stay the file's line numbers.
+    repeated = _RepeatedKeys()
+    decoder = json.JSONDecoder(object_pairs_hook=repeated)
     for line_no, raw in enumerate(_lines(p), start=1):
+        repeated.found.clear()
         line = raw.decode("utf-8", _ERRORS).removesuffix("\n").removesuffix("\r")
         # A UTF-8 BOM on any line, not only the first: files joined with `cat` keep each one's BOM.
         line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            data = decoder.decode(line)
         except json.JSONDecodeError as e:
             error = f"line {line_no}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
             yield Row(str(p), line_no, {"raw": _printable(line)}, error)
@@ -206,7 +260,7 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
             continue
         # Only a line holding a surrogate (or its escape) needs the field-by-field look.
         suspect = bool(_SURROGATE.search(line) or _SURROGATE_ESCAPE.search(line))
-        yield _checked(p, line_no, "line", data, line, suspect)
+        yield _checked(p, line_no, "line", data, line, suspect, repeated)
 
 
 _DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -214,33 +268,48 @@ _DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 def _delimited_rows(p: Path, delimiter: str) -> Iterator[Row]:
     """CSV/TSV rows as {column: text}, numbered by the line each starts on (the header is line 1,
-    as an editor or a spreadsheet shows it). A record with more or fewer fields than the header is a
-    bad row: its columns cannot be told apart."""
+    as an editor or a spreadsheet shows it). Quoting is strict: a quote inside an unquoted value,
+    or text after a closing quote, is a bad row (a lenient reader drops the quote marks), and an
+    opening quote never closed is one bad row naming every line it took in (a lenient reader would
+    make the rest of the file part of one answer). A record with more or fewer fields than the
+    header is a bad row: its columns cannot be told apart."""
     csv.field_size_limit(1 << 30)  # an answer may be longer than the module's 128 KiB default
-    lines = (raw.decode("utf-8", _ERRORS).removeprefix("\ufeff") for raw in _lines(p))
-    reader = csv.reader(lines, delimiter=delimiter)
+    taken: list[str] = []  # the lines of the record being read, so a bad one keeps its text
+
+    def lines() -> Iterator[str]:
+        for n, raw in enumerate(_lines(p)):
+            line = raw.decode("utf-8", _ERRORS)
+            # A BOM only before the header: later, a U+FEFF may sit inside a quoted value.
+            taken.append(line.removeprefix("\ufeff") if n == 0 else line)
+            yield taken[-1]
+
+    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+    kind = _format_suffix(p)[1:].upper()
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as err:
-        raise DataError(
-            f"{p}, line 1: the header cannot be read as {_format_suffix(p)[1:].upper()} ({err})."
-        ) from None
+        raise DataError(f"{p}, line 1: the header cannot be read as {kind} ({err}).") from None
     if len(set(header)) != len(header) or not all(h.strip() for h in header):
         raise DataError(f"{p}, line 1: the header {header} must name each column once.")
     start = reader.line_num + 1
     while True:
+        taken.clear()
         try:
             fields = next(reader)
         except StopIteration:
             return
         except csv.Error as err:
+            end = reader.line_num
+            span = f" (lines {start}-{end}: a quote opened on line {start} takes in every line after it)"
             yield Row(
-                str(p), start, {"raw": ""}, f"line {start}: not valid {_format_suffix(p)[1:].upper()} ({err})"
-            )
+                str(p), start, {"raw": _printable("".join(taken))},
+                f"line {start}: not valid {kind} ({err}){span if end > start else ''}",
+            )  # fmt: skip
         else:
-            if any(f.strip() for f in fields):  # a blank line is no row
+            # Only a line with nothing on it is no row; a record of blank values is a row (and bad).
+            if fields and (len(fields) > 1 or fields[0].strip()):
                 if len(fields) != len(header):
                     yield Row(
                         str(p), start, {"raw": _printable(delimiter.join(fields))},
@@ -256,8 +325,9 @@ def _delimited_rows(p: Path, delimiter: str) -> Iterator[Row]:
 
 def _json_rows(p: Path) -> Iterator[Row]:
     text = b"".join(_lines(p)).decode(_ENCODING, _ERRORS)
+    repeated = _RepeatedKeys()
     try:
-        data = json.loads(text)
+        data = json.JSONDecoder(object_pairs_hook=repeated).decode(text)
     except (json.JSONDecodeError, RecursionError) as e:
         if not text.lstrip().startswith("["):  # objects one per line in a .json file: read as JSON lines
             yield from _jsonl_rows(p)
@@ -276,7 +346,7 @@ def _json_rows(p: Path) -> Iterator[Row]:
     if not isinstance(data, list):
         raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}.")
     for i, item in enumerate(data, start=1):
-        yield _checked(p, i, "row", item, item)
+        yield _checked(p, i, "row", item, item, repeated=repeated)
 
 
 def _parquet_rows(p: Path) -> Iterator[Row]:

@@ -193,16 +193,29 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return cache[1]
 
 
-def reserved_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
-    """A pattern matching the tokenizer's special tokens (the control tokens a template writes),
-    or None if it has none. The tokenizer reads these strings as control tokens wherever they are,
-    so in a row's content they would forge turn boundaries and labels. Cached per tokenizer."""
-    cache: tuple[int, re.Pattern[str] | None] | None = getattr(tokenizer, "_sft_reserved_tokens", None)
+# Control characters a vocabulary may lack (tab, newline and carriage return are left to the
+# tokenizer's own normalisation, which real data relies on).
+_CONTROL_CHARS = [chr(c) for c in (*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0))]
+
+
+def forbidden_text(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
+    """A pattern matching what a row's content may not hold, or None: the tokenizer's special
+    tokens (group `special`; the tokenizer reads these strings as control tokens wherever they are,
+    so in content they would forge turn boundaries and labels) and the control characters it cannot
+    encode (group `lost`; it would drop them from the text unseen). Cached per tokenizer."""
+    cache: tuple[int, re.Pattern[str] | None] | None = getattr(tokenizer, "_sft_forbidden_text", None)
     if cache is None or cache[0] != len(tokenizer):  # first call, or tokens were added since
         added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         tokens = sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
-        cache = (len(tokenizer), re.compile("|".join(map(re.escape, tokens))) if tokens else None)
-        tokenizer._sft_reserved_tokens = cache
+        lost = [
+            c
+            for c in _CONTROL_CHARS
+            if c not in tokenizer.decode(tokenizer.encode(f"a{c}b", add_special_tokens=False))
+        ]
+        parts = [f"(?P<special>{'|'.join(map(re.escape, tokens))})"] if tokens else []
+        parts += [f"(?P<lost>[{''.join(map(re.escape, lost))}])"] if lost else []
+        cache = (len(tokenizer), re.compile("|".join(parts)) if parts else None)
+        tokenizer._sft_forbidden_text = cache
     return cache[1]
 
 
@@ -219,6 +232,7 @@ def end_of_turn_token(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
 
 
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
+_LEADING_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")
 
 
 def supervised_char_spans(
@@ -306,11 +320,19 @@ def supervised_char_spans(
                 "given (it rewrites it), so its span cannot be located."
             )
         # Between the generation prompt and the content: whitespace or a think block the model
-        # generates, so supervised (an empty think block only when asked).
+        # generates, so supervised (an empty think block only when asked). An empty block the data
+        # writes at the start of the answer renders the same text as one the template inserts, so
+        # it is left out the same way.
         between = text[start:pos]
+        end = pos + len(content)
         if opening or (_EMPTY_THINK.match(between) and not template.supervise_empty_think):
             start = pos
-        end = pos + len(content)
+        if (
+            not between.strip()
+            and not template.supervise_empty_think
+            and (lead := _LEADING_EMPTY_THINK.match(text, pos, end))
+        ):
+            start = lead.end()
         # Whitespace a template puts between the content and its end-of-turn token is generated
         # too: the end token must be supervised whatever the answer ends with.
         after = text[end : len(turn)]
