@@ -473,25 +473,35 @@ def resolve_paths(cfg: SFTConfig, base: Path) -> SFTConfig:
             str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(os.path.expanduser(p)) else p
         )
 
-    def files(names: list[str]) -> list[str]:
+    def files(names: list[str], key: str) -> list[str]:
         # A pattern (`data/*.jsonl`, `shards/**/*.parquet`) is the files it matches now, sorted: a
         # scheduled run reads the shards present when it starts. A name that exists is itself, even
         # with [ ] in it; a pattern that matches nothing is kept, for the check that names it.
-        out = []
+        out: list[str] = []
+        matched_by: dict[str, str] = {}  # file -> the entry that gave it
         for name in map(absolute, names):
             found = (
                 [] if os.path.exists(name) or not glob.has_magic(name) else glob.glob(name, recursive=True)
             )
-            out += sorted(f for f in found if os.path.isfile(f)) or [name]
+            for f in sorted({f for f in found if os.path.isfile(f)}) or [name]:
+                # An entry written twice is read twice (upsampling, as written); a file reached by
+                # two different entries (overlapping patterns) is an overlap nobody wrote: refused.
+                if matched_by.get(f, name) != name:
+                    raise ConfigError(
+                        f"config key '{key}': file '{f}' is matched by both '{matched_by[f]}' and '{name}', "
+                        "so it would be read twice. Narrow the patterns (or name the file twice to mean it)."
+                    )
+                matched_by[f] = name
+                out.append(f)
         return out
 
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = absolute(cfg.output_dir)
     cfg.logging_dir = absolute(cfg.logging_dir)
     data = cfg.sft_train.data_args
-    data.file_name = files(data.files())
+    data.file_name = files(data.files(), "sft_train.data_args.file_name")
     if cfg.validation and cfg.validation.data_args.file_name:
-        cfg.validation.data_args.file_name = files(cfg.validation_files)
+        cfg.validation.data_args.file_name = files(cfg.validation_files, "validation.data_args.file_name")
     if cfg.global_template and cfg.global_template.endswith(".jinja"):
         cfg.global_template = absolute(cfg.global_template)
     for args in (data, cfg.validation.data_args if cfg.validation else None):

@@ -57,6 +57,24 @@ def test_a_data_file_pattern_is_the_files_it_matches_when_the_run_starts(tmp_pat
         preflight(load("sft_train.data_args.file_name=shards/*.parquet", f"output_dir={tmp_path}/out"))
     with pytest.raises(DataError, match="give a pattern such as"):
         preflight(load(f"sft_train.data_args.file_name={shards}", f"output_dir={tmp_path}/out"))
+    # An entry written twice is read twice (as written); a file two different entries reach is refused.
+    twice = load(
+        "sft_train.data_args.file_name=[shards/a.jsonl,shards/a.jsonl,shards/m*/*.jsonl,shards/m*/*.jsonl]"
+    )
+    assert (
+        twice.sft_train.data_args.files()
+        == [str(shards / "a.jsonl")] * 2 + [str(shards / "more/c.jsonl")] * 2
+    )
+    for overlap in (
+        "[shards/*.jsonl,shards/a.jsonl]",
+        "[shards/a.jsonl,shards/*.jsonl]",
+        "[shards/*.jsonl,shards/a*.jsonl]",
+    ):
+        with pytest.raises(ConfigError, match=(
+            r"config key 'sft_train.data_args.file_name': file '.*shards/a.jsonl' is matched by both '.*' and "
+            r"'.*', so it would be read twice"
+        )):  # fmt: skip
+            load(f"sft_train.data_args.file_name={overlap}")
 
 
 def test_misspelled_key_is_named_with_a_suggestion():
