@@ -25,7 +25,7 @@ from sft_core.cluster.cluster import Cluster, WorkerFailure
 from sft_core.config import SFTConfig
 from sft_core.data.spec import SPLIT_ARGS, EncodeSpec
 from sft_core.data.splits import EncodedSplit, PackedSplit
-from sft_core.data.store import EncodedData
+from sft_core.data.store import EncodedData, stored_digest
 from sft_core.errors import ConfigError, exception_chain
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.preflight import load_run_config
@@ -39,13 +39,21 @@ from sft_core.tracking.mlflow_tracker import (
     default_tracking_uri,
     fail_if_running,
     lost_tracking_server,
+    write_whole,
 )
 from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
-from sft_core.train.checkpoint import check_data_fingerprint, check_training_args, latest_in_run, read_state
+from sft_core.train.checkpoint import (
+    check_data_fingerprint,
+    check_global_batch,
+    check_same_model,
+    check_training_args,
+    latest_in_run,
+    read_state,
+)
 from sft_core.train.run_folder import RunFolder, RunLock, died_holding, plan_run, refuse_inside_a_checkpoint
-from tasks.caching import digest
+from tasks.caching import digest, file_digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
 from tasks.train import (
@@ -136,8 +144,20 @@ def report_data(
 
 
 def data_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:
-    """What the run trains on: the encode cache keys (file contents, template, encoding settings,
-    tokenizer, data code) and the packing plans. A resume over other data shows as another value."""
+    """What the run trains on, by content: each split's encoded samples (tokens and labels) and its
+    packing plan. Another file, template, tokenizer or encoding setting gives another value; an
+    update of the pipeline's code that encodes and packs the same data does not."""
+    return digest(
+        sorted(
+            (split, stored_digest(enc.path), file_digest(packed[split].path))
+            for split, enc in encoded.items()
+        )
+    )
+
+
+def key_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:
+    """The fingerprint of checkpoints saved before it was taken by content: the encode cache keys,
+    which cover the pipeline's data code too, and the plans' names."""
     return digest(sorted((split, enc.key, Path(packed[split].path).name) for split, enc in encoded.items()))
 
 
@@ -153,7 +173,7 @@ def metric_data(cfg: SFTConfig, encoded: dict[str, EncodedSplit]) -> str:
     split = (
         "validation" if cfg.metric_for_best_model.startswith("val_") and "validation" in encoded else "train"
     )
-    return EncodedData.load(encoded[split].path).digest()
+    return stored_digest(encoded[split].path)
 
 
 def version_provenance(cfg: SFTConfig) -> dict[str, str]:
@@ -252,21 +272,42 @@ def start_tracking(
     tags = {"prefect.flow_run_id": flow_run_id, "sft.run_folder": str(run.root)}
     if branched_from:
         tags["sft.branched_from"] = branched_from
-    mlflow_run = MLflowTracker(
-        default_tracking_uri(cfg.output_dir),
-        cfg.exp_name,
-        str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
-        run_name=f"{cfg.exp_name}-{run.name}",
-        tags=tags,
-        resume_run_id=resume_run_id,
-        resume_step=state.get("global_step", 0),
-    )
-    run.update_info(mlflow_run_id=mlflow_run.run_id)
+
+    def open_run() -> MLflowTracker:
+        tracker = MLflowTracker(
+            default_tracking_uri(cfg.output_dir),
+            cfg.exp_name,
+            str(Path(cfg.output_dir) / "mlflow" / "artifacts"),
+            run_name=f"{cfg.exp_name}-{run.name}",
+            tags=tags,
+            resume_run_id=resume_run_id,
+            resume_step=state.get("global_step", 0),
+        )
+        run.update_info(mlflow_run_id=tracker.run_id)
+        return tracker
+
+    # Created and recorded in one write: a stop that lands meanwhile still finds the run to end.
+    mlflow_run = write_whole(open_run)
     step = state.get("global_step", 0)
     tensorboard = TensorBoardTracker(str(Path(log_dir) / run.name), purge_step=step + 1 if step else None)
     trackers = Trackers([mlflow_run, tensorboard])
     trackers.log_params(cfg.model_dump(exclude={"hydra"}))
     return mlflow_run, trackers
+
+
+def end_unopened_tracking(cfg: SFTConfig, run: RunFolder, status: str, why: str) -> None:
+    """End the MLflow run of a run whose trackers were never handed over (a stop or an error while
+    they were opened): the one its folder names, created whole on the write thread, if RUNNING."""
+    from mlflow import MlflowClient
+
+    def end() -> None:
+        run_id = run.info().get("mlflow_run_id")
+        client = MlflowClient(default_tracking_uri(cfg.output_dir))
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "sft.failure", why)
+            client.set_terminated(run_id, status=status)
+
+    write_whole(end)
 
 
 def register(
@@ -300,12 +341,19 @@ def register_resumed(
 ) -> int | None:
     """The registered version of the checkpoint the run resumes from. One of the run's own that was
     saved but never registered (the run stopped in between: killed, a server lost) is registered
-    now, so no checkpoint is left out of the registry. None for the pretrained model, or for another
-    run's checkpoint (a branch: that run's to register)."""
-    if resume is None or not resume.is_relative_to(run.root):
+    now, so no checkpoint is left out of the registry. None for the pretrained model; for another
+    run's checkpoint (a branch: that run's to register), the version that run registered, if any."""
+    if resume is None:
         return None
     saved = SavedCheckpoint.at(resume, state.get("cluster_name", cfg.sft_train.name))
     step = state["global_step"]
+    if not resume.is_relative_to(run.root):
+        origin = state.get("mlflow_run_id")
+        return (
+            checkpoint_version(mlflow_run.tracking_uri, cfg.exp_name, saved.path, origin, step)
+            if origin
+            else None
+        )
     found = checkpoint_version(mlflow_run.tracking_uri, cfg.exp_name, saved.path, mlflow_run.run_id, step)
     if found is not None:
         return found
@@ -370,6 +418,8 @@ def train(
                         "cluster_name": cluster.name,
                         "mlflow_run_id": mlflow_run.run_id,
                         **data_tags,
+                        "data_fingerprint_by": "content",
+                        "global_batch_size": cfg.global_batch_size,
                         "training_args": cfg.sft_train.training_args.model_dump(),
                         "history": history,
                     }
@@ -481,20 +531,30 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
         from sft_core.train.dcp_metadata import check_checkpoint_index  # torch.distributed.checkpoint: 1.3 s
 
         check_checkpoint_index(plan.resume / "train_state")
-    warning = check_data_fingerprint(state, fingerprint, cfg.resume_data_check)
+    warning = check_data_fingerprint(
+        state, fingerprint, cfg.resume_data_check, legacy=lambda: key_fingerprint(encoded, packed)
+    )
     if warning:
         logger.warning("%s; continuing (resume_data_check: warn)", warning)
+    if plan.resume:
+        check_same_model(plan.resume, state, model_dir, cfg.pretrain)
+        t = cfg.sft_train.training_args
+        check_global_batch(plan.resume, state, cfg.global_batch_size, (
+            f"per_device_train_batch_size {t.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{t.gradient_accumulation_steps} x {cfg.data_parallel_size} data-parallel worker(s)"
+        ))  # fmt: skip
     for change in check_training_args(state, cfg.sft_train.training_args.model_dump()):
         logger.warning("%s", change)
     with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:
         plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
         report_crashed_holder(lock, flow_run_id)
-        mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
-        report_runs_that_died(cfg.output_dir, plan.run, mlflow_run)
-        trackers.log_metrics(data_metrics, 0)
         status = "FAILED"
         server_lost = False
+        opened: tuple[MLflowTracker, Trackers] | None = None
         try:
+            opened = mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
+            report_runs_that_died(cfg.output_dir, plan.run, mlflow_run)
+            trackers.log_metrics(data_metrics, 0)
             history, checkpoints, total = train(
                 cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, data_tags, launch
             )
@@ -509,18 +569,25 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
                     f"{str(lost_api) or 'no answer'}), so its flow run "
                     f"could not be ended; the run stopped with its newest checkpoint in {plan.run.root}"
                 )
-            server_lost = lost_tracking_server(err, mlflow_run.tracking_uri) is not None
+            tracking_uri = default_tracking_uri(cfg.output_dir)
+            server_lost = lost_tracking_server(err, tracking_uri) is not None
+            if opened is None and not server_lost:
+                try:
+                    end_unopened_tracking(cfg, plan.run, status, f"{type(err).__name__} while it started")
+                except Exception as end_err:  # the run's own failure is the one to report
+                    logger.warning("the MLflow run could not be ended %s: %s", status, end_err)
             raise
         finally:
             # A tracking server that just failed after MLflow's minutes of retries is not asked
             # again to end the run: it stays RUNNING, and the resume continues it.
             try:
-                trackers.close(status, skip=mlflow_run if server_lost else None)
+                if opened is not None:
+                    opened[1].close(status, skip=opened[0] if server_lost else None)
             except Exception as err:
-                if status == "FINISHED" or not lost_tracking_server(err, mlflow_run.tracking_uri):
+                if status == "FINISHED" or not lost_tracking_server(err, opened[0].tracking_uri):
                     raise
                 # The run's own failure is the one to report.
-                logger.warning("the MLflow run %s could not be ended %s: %s", mlflow_run.run_id, status, err)
+                logger.warning("the MLflow run %s could not be ended %s: %s", opened[0].run_id, status, err)
         final = checkpoints[-1]
         publish_run_artifacts(
             cfg.exp_name,

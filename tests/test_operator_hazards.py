@@ -788,3 +788,49 @@ def test_a_disk_that_fills_during_a_checkpoint_gets_a_clear_error_and_its_space_
     client = MlflowClient(tracking_uri=default_tracking_uri(str(out)))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "cancel"])
+def test_a_stop_while_the_mlflow_run_is_created_leaves_no_run_running(tmp_path, stop):
+    """A stop that lands while the MLflow run is being created reaches the flow before the run's
+    id does (the creation finishes on the write thread): the id is recorded in run.json in the
+    same write, so the flow's stop path finds the run and ends it, instead of leaving it RUNNING."""
+    from mlflow import MlflowClient
+    from prefect.exceptions import TerminationSignal
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from flows.sft_pipeline import end_unopened_tracking, start_tracking
+
+    cfg = load_config("sft_config", ["+experiment=smoke", f"output_dir={tmp_path}"])
+    run = plan_run(cfg.output_dir, False, "aaaaaaaa-1111").run
+    sig, handler, raised, status = {
+        "ctrl-c": (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt, "KILLED"),
+        "cancel": (signal.SIGTERM, _raise_termination, TerminationSignal, "KILLED"),
+    }[stop]
+    fired: list[bool] = []
+
+    def commit(conn):  # the stop arrives as the run's creation commits
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), sig)
+            time.sleep(0.2)
+
+    previous = signal.signal(sig, handler)
+    event.listen(Engine, "commit", commit)
+    try:
+        with pytest.raises(raised):
+            start_tracking(cfg, "aaaaaaaa-1111", run, {})
+        # What the flow's stop path does next; it queues behind the creation on the write thread.
+        end_unopened_tracking(cfg, run, status, "KeyboardInterrupt while it started")
+    finally:
+        event.remove(Engine, "commit", commit)
+        signal.signal(sig, previous)
+    assert fired
+    run_id = run.info()["mlflow_run_id"]
+    client = MlflowClient(default_tracking_uri(cfg.output_dir))
+    assert client.get_run(run_id).info.status == status
+    assert client.get_run(run_id).data.tags["sft.failure"] == "KeyboardInterrupt while it started"
+    assert [r.info.status for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [
+        status
+    ]

@@ -130,11 +130,54 @@ def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run
 
 
 def test_resume_over_changed_data_is_refused_or_warned(tmp_path):
-    state = {"global_step": 4, "data_fingerprint": "a" * 32}
-    assert ckpt.check_data_fingerprint(state, "a" * 32, "error") is None
+    state = {"global_step": 4, "data_fingerprint": "a" * 32, "data_fingerprint_by": "content"}
+    assert ckpt.check_data_fingerprint(state, "a" * 32, "error", legacy=lambda: "x" * 32) is None
     with pytest.raises(ConfigError, match="resume_data_check"):
         ckpt.check_data_fingerprint(state, "b" * 32, "error")
     assert "data differs" in ckpt.check_data_fingerprint(state, "b" * 32, "warn")
+    # Saved before fingerprints were taken by content: compared with the old kind, and a difference
+    # may be a code update alone, which the message says.
+    old = {"global_step": 4, "data_fingerprint": "k" * 32}
+    assert ckpt.check_data_fingerprint(old, "a" * 32, "error", legacy=lambda: "k" * 32) is None
+    with pytest.raises(
+        ConfigError, match=r"k{12} -> l{12}: .*or only the pipeline's code: this checkpoint was saved"
+    ):
+        ckpt.check_data_fingerprint(old, "a" * 32, "error", legacy=lambda: "l" * 32)
+
+
+def test_the_data_fingerprint_follows_the_data_not_the_code(tmp_path):
+    """A code update changes every encode cache key (they cover the data code) but not what a run
+    trains on: a resume after `git pull` must not be refused as "the data changed"."""
+    import numpy as np
+
+    from flows.sft_pipeline import data_fingerprint
+    from sft_core.data.splits import EncodedSplit, PackedSplit
+    from sft_core.data.store import EncodedData
+
+    def split(key: str, tokens: list[int], plan: str) -> tuple[EncodedSplit, PackedSplit]:
+        folder = tmp_path / key
+        folder.mkdir()
+        EncodedData.from_samples([np.array(tokens, dtype=np.int32)], [np.array(tokens, dtype=np.int32)]).save(
+            folder / "encoded.npz"
+        )
+        (folder / "plan.json").write_text(plan)
+        encoded = EncodedSplit("train", key, str(folder / "encoded.npz"), 1, 1, 3, 3, 0, 0, 0, "", "")
+        return encoded, PackedSplit("train", str(folder / "plan.json"), 1, 1, 0.0)
+
+    def fingerprint(key: str, tokens: list[int], plan: str = '{"rows": [[0]]}') -> str:
+        encoded, packed = split(key, tokens, plan)
+        return data_fingerprint({"train": encoded}, {"train": packed})
+
+    same = fingerprint("key-before-update", [1, 2, 3])
+    assert fingerprint("key-after-update", [1, 2, 3]) == same
+    assert fingerprint("other-tokens", [1, 2, 4]) != same
+    assert fingerprint("other-plan", [1, 2, 3], '{"rows": [[0], []]}') != same
+    # A split saved before the digest was kept beside it gets it, the same, when first asked.
+    kept = tmp_path / "key-after-update" / "encoded.digest"
+    kept.unlink()
+    encoded = EncodedSplit("train", "k", str(kept.with_suffix(".npz")), 1, 1, 3, 3, 0, 0, 0, "", "")
+    packed = PackedSplit("train", str(kept.parent / "plan.json"), 1, 1, 0.0)
+    assert data_fingerprint({"train": encoded}, {"train": packed}) == same and kept.is_file()
 
 
 def test_resume_refuses_training_args_its_optimizer_state_would_override(tmp_path):
@@ -206,3 +249,52 @@ def test_tensorboard_shows_a_resumed_run_once_per_step(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 600.0)
     ]  # fmt: skip
+
+
+def test_a_resume_must_keep_the_global_batch(tmp_path):
+    """The resume's data position counts global batches: 2 workers x 2 rows resumed by 1 worker x
+    2 rows would train rows of the epoch again and skip others. The same product is fine; a
+    ddp/fsdp2 checkpoint saved before the size was recorded gives it by its rank files."""
+    args = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}
+    checkpoint = tmp_path / "checkpoint-4"
+    (checkpoint / "train_state").mkdir(parents=True)
+    for rank in (0, 1):
+        (checkpoint / "train_state" / f"rank{rank}.pt").write_bytes(b"")
+    recorded = {"global_step": 4, "global_batch_size": 4, "training_args": args}
+    legacy = {"global_step": 4, "training_args": args}
+    for state in (recorded, legacy):
+        assert ckpt.saved_global_batch(checkpoint, state) == 4
+        ckpt.check_global_batch(checkpoint, state, 4, "2 x 2 x 1 worker")  # e.g. accumulation 2, one worker
+        with pytest.raises(ConfigError, match=(
+            r"config key 'sft_train': the checkpoint at step 4 was trained with a global batch of 4 rows a "
+            r"step, this config gives 2 \(how\)\. The data position of a resume counts global batches"
+        )):  # fmt: skip
+            ckpt.check_global_batch(checkpoint, state, 2, "how")
+    # Nothing recorded and no rank files that say it (megatron's): no check.
+    assert ckpt.saved_global_batch(tmp_path, legacy) is None
+    ckpt.check_global_batch(tmp_path, legacy, 2, "how")
+
+
+def test_a_resume_into_a_model_of_another_shape_is_refused_naming_pretrain(tmp_path):
+    """Two models that share a tokenizer (the data fingerprint matches) but not their shapes: the
+    load would fail deep in torch with a size mismatch; it is refused up front instead."""
+    import json
+
+    checkpoint = tmp_path / "checkpoint-6"
+    (checkpoint / "sft_train").mkdir(parents=True)
+    tiny = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 49152}
+    (checkpoint / "sft_train" / "config.json").write_text(json.dumps(tiny))
+    same, other = tmp_path / "same", tmp_path / "other"
+    for folder, config in (
+        (same, {**tiny, "rope_theta": 1e5}),
+        (other, {**tiny, "hidden_size": 576, "num_hidden_layers": 30}),
+    ):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    state = {"global_step": 6, "cluster_name": "sft_train"}
+    ckpt.check_same_model(checkpoint, state, str(same), "my-model")  # other settings may differ
+    with pytest.raises(ConfigError, match=(
+        r"config key 'pretrain': the checkpoint at step 6 was trained from a model of another shape than "
+        r"'embedded:smollm2-135m-instruct' \(hidden_size 64 -> 576, num_hidden_layers 2 -> 30\)"
+    )):  # fmt: skip
+        ckpt.check_same_model(checkpoint, state, str(other), "embedded:smollm2-135m-instruct")

@@ -63,14 +63,39 @@ class EncodedData:
         )
 
     def save(self, path: Path) -> None:
+        _digest_file(path).unlink(missing_ok=True)  # never a digest of what was there before
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)
         tmp.replace(path)
+        _write_digest(path, self.digest())
 
     @classmethod
     def load(cls, path: str | Path) -> EncodedData:
         with np.load(path) as z:
             return cls(z["input_ids"], z["labels"], z["offsets"])
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_suffix(".digest")
+
+
+def _write_digest(path: Path, value: str) -> None:
+    tmp = _digest_file(path).with_suffix(".digest.tmp")
+    tmp.write_text(value)
+    tmp.replace(_digest_file(path))
+
+
+def stored_digest(path: str | Path) -> str:
+    """EncodedData.digest of the split stored at `path`, kept beside it (`encoded.digest`) when it
+    is saved: what a run trains on is compared by content on every run and resume, and a large
+    split is hashed once. A split saved before the digest was kept gets it now."""
+    p = Path(path)
+    try:
+        return _digest_file(p).read_text()
+    except FileNotFoundError:
+        value = EncodedData.load(p).digest()
+        _write_digest(p, value)
+        return value
 
 
 def write_jsonl(entries: list[dict[str, Any]], path: Path) -> None:

@@ -203,16 +203,29 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
-def check_data_fingerprint(state: dict[str, Any], fingerprint: str, policy: str) -> str | None:
+def check_data_fingerprint(
+    state: dict[str, Any], fingerprint: str, policy: str, legacy: Callable[[], str] | None = None
+) -> str | None:
     """Resume over other data than the checkpoint was trained on: refuse (policy 'error') or return a
-    warning to log (policy 'warn'). None when they match or the checkpoint predates fingerprints."""
+    warning to log (policy 'warn'). None when they match or the checkpoint predates fingerprints.
+
+    A checkpoint saved before the fingerprint was taken by content (no `data_fingerprint_by`) holds
+    one that covers the pipeline's data code too: it is compared with `legacy()`, and a difference
+    may be a code update alone, which the message says."""
     saved = state.get("data_fingerprint")
-    if saved is None or saved == fingerprint:
+    by_content = state.get("data_fingerprint_by") == "content"
+    current = fingerprint if by_content or legacy is None else legacy()
+    if saved is None or saved == current:
         return None
+    what = "a data file, the template or an encoding setting changed" + (
+        ""
+        if by_content
+        else ", or only the pipeline's code: this checkpoint was saved by an earlier "
+        "version, whose fingerprint covered its code too"
+    )
     message = (
         f"the data differs from what the checkpoint at step {state.get('global_step')} was trained on "
-        f"(data fingerprint {saved[:12]} -> {fingerprint[:12]}: a data file, the template or an encoding "
-        "setting changed)"
+        f"(data fingerprint {saved[:12]} -> {current[:12]}: {what})"
     )
     if policy == "error":
         raise ConfigError(
@@ -249,3 +262,60 @@ def check_training_args(state: dict[str, Any], current: dict[str, Any]) -> list[
         f"{state.get('global_step')}; it applies from there on"
         for k, (old, new) in changed.items()
     ]
+
+
+def saved_global_batch(checkpoint: Path, state: dict[str, Any]) -> int | None:
+    """The global batch (rows per optimizer step) the checkpoint was trained with: recorded, or for
+    a ddp/fsdp2 checkpoint saved before it was, per-device batch x accumulation x its rank files."""
+    if "global_batch_size" in state:
+        return int(state["global_batch_size"])
+    args = state.get("training_args") or {}
+    ranks = len(list((checkpoint / "train_state").glob("rank*.pt")))
+    if not ranks or "per_device_train_batch_size" not in args:
+        return None  # megatron's rank files do not say its data-parallel size
+    return int(args["per_device_train_batch_size"]) * int(args.get("gradient_accumulation_steps", 1)) * ranks
+
+
+def check_global_batch(checkpoint: Path, state: dict[str, Any], current: int, how: str) -> None:
+    """A resume must keep the global batch: the epoch's order is cut into global batches and the
+    resume continues at the checkpoint's step, so another size would train some rows of the epoch
+    again and skip others. `how` says how the current size comes about."""
+    saved = saved_global_batch(checkpoint, state)
+    if saved is not None and saved != current:
+        raise ConfigError(
+            f"config key 'sft_train': the checkpoint at step {state.get('global_step')} was trained with a "
+            f"global batch of {saved} rows a step, this config gives {current} ({how}). The data position "
+            "of a resume counts global batches, so another size would train some rows again and skip "
+            "others. Resume with the same product (e.g. more gradient_accumulation_steps for fewer "
+            "workers), or start a new run (resume_from_checkpoint: false) from its Hugging Face folder "
+            "(pretrain: <checkpoint>/sft_train)."
+        )
+
+
+# Config keys that fix a model's weight shapes: a resume loads the checkpoint's weights into the
+# model `pretrain` builds, so any difference fails deep inside the load.
+SHAPE_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+)  # fmt: skip
+
+
+def check_same_model(checkpoint: Path, state: dict[str, Any], model_dir: str, pretrain: str) -> None:
+    """Refuse to resume a checkpoint into a model of another shape than it was trained from. A LoRA
+    checkpoint holds its adapter (no config.json): its base is pretrain's folder, as in training."""
+    saved_config = checkpoint / state.get("cluster_name", "sft_train") / "config.json"
+    if not saved_config.is_file():
+        return
+    saved = json.loads(saved_config.read_text())
+    current = json.loads((Path(model_dir) / "config.json").read_text())
+    changed = [
+        f"{k} {saved[k]} -> {current[k]}"
+        for k in SHAPE_KEYS
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+    if changed:
+        raise ConfigError(
+            f"config key 'pretrain': the checkpoint at step {state.get('global_step')} was trained from a model "
+            f"of another shape than '{pretrain}' ({', '.join(changed)}). Resume with the pretrain it was "
+            "trained from, or start a new run (resume_from_checkpoint: false)."
+        )
