@@ -136,6 +136,7 @@ def run_ours(rows: Path, model: Path, a: dict, workers: int) -> dict:
     overrides = [
         f"pretrain={model}", "exp_name=bench-compare", f"output_dir={work}/out", f"logging_dir={work}/tb",
         f"sequence_length={a['seq']}", f"sft_train.data_args.file_name={rows}", "validation=null",
+        "metric_for_best_model=loss",
         "eval_at_start=false", "save_steps=100000", "eval_steps=100000", "logging_steps=1",
         f"sft_train.training_args.max_steps={a['steps']}", "sft_train.training_args.per_device_train_batch_size=1",
         f"sft_train.training_args.gradient_accumulation_steps={a['accum'] // workers}",

@@ -21,6 +21,7 @@ import atexit
 import faulthandler
 import json
 import os
+import shlex
 import signal
 import sys
 import textwrap
@@ -105,14 +106,15 @@ def print_summary(result: dict[str, Any], wall: float) -> None:
     mlflow_ui = (
         f"{uri}   (the tracking server's own UI)"
         if is_tracking_server(uri)
-        else f"mlflow ui --backend-store-uri '{uri}' --port 5000   then http://127.0.0.1:5000"
+        else f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000   then http://127.0.0.1:5000"
     )
+    # The commands paste as they are: paths quoted for the shell, the checkpoint as a Python literal.
     print(
         textwrap.dedent(f"""
         ==== sft-pipeline: '{result["exp_name"]}' finished in {wall:.0f}s ({result["total_steps"]} steps)
         Checkpoint (Hugging Face folder):
           {result["final_checkpoint"]}
-          load it: AutoModelForCausalLM.from_pretrained("{result["final_checkpoint"]}")
+          load it: AutoModelForCausalLM.from_pretrained({result["final_checkpoint"]!r})
         MLflow:
           tracking URI      {uri}
           run               {result["mlflow_run_id"]} (experiment {result["mlflow_experiment_id"]})
@@ -122,9 +124,17 @@ def print_summary(result: dict[str, Any], wall: float) -> None:
           flow run          {ui}/runs/flow-run/{result["flow_run_id"]}
           the server keeps running for the UI; stop it with `sft server stop`
         TensorBoard:
-          tensorboard --logdir {result["tensorboard_dir"]}
+          tensorboard --logdir {shlex.quote(result["tensorboard_dir"])}
     """)
     )
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     prev_p = sub.add_parser("preview", help="show encoded samples with the supervised spans marked")
     prev_p.add_argument("--config-path", "--config_path", dest="config_path", default=None)
     prev_p.add_argument("--config-name", "--config_name", dest="config_name", default="sft_config")
-    prev_p.add_argument("-n", type=int, default=3, help="how many samples")
+    prev_p.add_argument("-n", type=count, default=3, help="how many samples")
     prev_p.add_argument("--split", choices=["train", "validation"], default="train")
     prev_p.add_argument(
         "--json", action="store_true", help="one JSON object per sample (per packed row if packing)"

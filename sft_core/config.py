@@ -13,6 +13,7 @@ import ast
 import difflib
 import glob
 import os
+import posixpath
 import re
 import sys
 from pathlib import Path
@@ -25,12 +26,14 @@ from sft_core.model.source import pretrain_kind
 from sft_core.strategies.config_schema import StrategyConfig
 from sft_core.strategies.registry import ARGS, DEFAULT_STRATEGY, DDPArgs, StrategyArgs, known_strategy_name
 from sft_core.strict import StrictModel
+from sft_core.train.metrics import SUMMARY_PREFIX, TRAIN_SUMMARY, VAL_SUMMARY
 
 UNSUPPORTED_TRACKERS = {
     "wandb": "Weights & Biases is not supported (no hub access, and MLflow is the registry here)",
     "swanlab": "SwanLab is not supported",
     "stdout": "stdout tracking is always on",
 }
+_MAX_EXP_NAME = 500  # MLflow's MAX_EXPERIMENT_NAME_LENGTH
 
 
 class LoraArgs(StrictModel):
@@ -171,7 +174,7 @@ class ValidationConfig(StrictModel):
 
 class SFTConfig(StrictModel):
     exp_name: str = "sft"
-    seed: int = 42
+    seed: int = Field(42, ge=0)  # numpy's generators take no negative seed
     logging_dir: str = "./output/logs"
     output_dir: str = "./output"
     system_envs: dict[str, str] = Field(default_factory=dict)
@@ -192,7 +195,8 @@ class SFTConfig(StrictModel):
     # error refuses, warn continues and logs it.
     resume_data_check: Literal["error", "warn"] = "error"
     # The registry's `best` alias moves to a new version only when this metric (a key of the
-    # version's tags: val_loss, loss) improves on the version it points at, across runs.
+    # version's tags: val_loss, loss, ...: metrics.py's TRAIN_SUMMARY and VAL_SUMMARY) improves on the
+    # version it points at, across runs. Unset without a validation split: loss.
     metric_for_best_model: str = "val_loss"
     greater_is_better: bool = False
 
@@ -224,14 +228,36 @@ class SFTConfig(StrictModel):
     @field_validator("exp_name")
     @classmethod
     def _registry_name(cls, name: str) -> str:
-        # It names the MLflow experiment and registered model: the registry refuses '/' and ':', and
-        # its search filters (pruning) can quote a name holding ' or " but not one holding both.
-        if not name.strip() or re.search(r"[/:%]", name) or ("'" in name and '"' in name):
+        # It names the MLflow experiment and registered model: the registry refuses '/' and ':' and a
+        # name that is not its own path component ('.', '..', '..x': MLflow's path_not_unique), an
+        # experiment's name has at most 500 characters, and the registry's search filters (pruning)
+        # can quote a name holding ' or " but not one holding both.
+        if len(name) > _MAX_EXP_NAME:
+            raise ValueError(
+                f"{len(name)} characters, more than the {_MAX_EXP_NAME} an MLflow experiment name may have"
+            )
+        norm = posixpath.normpath(name)
+        path_like = norm != name or norm == "." or norm.startswith(("..", "/"))
+        if not name.strip() or re.search(r"[/:%]", name) or ("'" in name and '"' in name) or path_like:
             raise ValueError(
                 f"'{name}' cannot name an MLflow registered model (no '/', ':' or '%', not both ' and \", "
-                "not empty); use letters, digits, '-', '_' or '.'"
+                "not '.' or starting with '..', not empty); use letters, digits, '-', '_' or '.'"
             )
         return name
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _best_metric(cls, name: str) -> str:
+        # Versions are tagged with the short names; the MLflow UI's sft_train/val_loss is val_loss.
+        short = name.removeprefix(SUMMARY_PREFIX)
+        if short in TRAIN_SUMMARY + VAL_SUMMARY:
+            return short
+        close = difflib.get_close_matches(short, TRAIN_SUMMARY + VAL_SUMMARY, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"'{name}' is not a metric a checkpoint is tagged with{hint}; use one of "
+            f"{', '.join(TRAIN_SUMMARY + VAL_SUMMARY)}"
+        )
 
     @field_validator("resume_from_checkpoint")
     @classmethod
@@ -275,6 +301,15 @@ class SFTConfig(StrictModel):
             )
         if problem := strategy.strategy_config.world_problem(self.sft_train.world_size):
             raise ValueError(f"sft_train.device_mapping: {problem}")
+        if self.metric_for_best_model in VAL_SUMMARY and not self.validation_files:
+            if "metric_for_best_model" not in self.model_fields_set:
+                self.metric_for_best_model = "loss"  # the default, where nothing is validated
+            else:
+                raise ValueError(
+                    f"metric_for_best_model: '{self.metric_for_best_model}' is measured on the validation "
+                    "split and this config has none (validation is null or names no file), so `best` "
+                    "would never move; set metric_for_best_model=loss, or give validation.data_args.file_name"
+                )
         return self
 
     @property
@@ -406,6 +441,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple"}
+_KEYED = re.compile(r"([\w.]+): (.*)", re.DOTALL)  # a cross check's message: "<dotted.key>: <why>"
 
 
 def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> str:
@@ -425,6 +461,8 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> st
             lines.append(f"config key '{key}': required but not set")
         else:
             msg = e["msg"].removeprefix("Value error, ")
+            if not loc and (keyed := _KEYED.fullmatch(msg)):  # the whole config's checks name their key
+                key, msg = keyed.groups()
             got = e.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict | list) and got is not None else ""
             lines.append(f"config key '{key}': {msg}{shown}")

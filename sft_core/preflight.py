@@ -27,7 +27,10 @@ def preflight(cfg: SFTConfig) -> None:
         for f in files:
             if not f.startswith("hf://") and not Path(f).is_file():  # missing, or a folder
                 next(read_rows(f, key), None)  # raises the DataError naming file and key
-    for key, folder in (("output_dir", cfg.output_dir), ("logging_dir", cfg.logging_dir)):
+    folders = {"output_dir": cfg.output_dir, "logging_dir": cfg.logging_dir}
+    if "log_dir" in cfg.tracker_kwargs:  # TensorBoard's folder, where it is set
+        folders["tracker_kwargs.log_dir"] = str(cfg.tracker_kwargs["log_dir"])
+    for key, folder in folders.items():
         check_writable_folder(key, Path(folder))
     if cfg.sft_train.model_args.compile:
         check_compiler()

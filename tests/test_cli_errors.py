@@ -36,12 +36,17 @@ def test_missing_data_file(tmp_path):
     [
         ("output_dir", "notes.txt", "'{d}/notes.txt' is a file, not a folder"),
         ("logging_dir", "notes.txt/tb", "'{d}/notes.txt/tb' cannot be made: {d}/notes.txt is a file"),
+        (
+            "+tracker_kwargs.log_dir",
+            "notes.txt/tb",
+            "'{d}/notes.txt/tb' cannot be made: {d}/notes.txt is a file",
+        ),
     ],
 )
 def test_an_output_folder_that_is_a_file_is_named_before_anything_starts(tmp_path, key, value, says):
     (tmp_path / "notes.txt").write_text("keep me")
     result = run_cli(["run", f"{key}={value}"], tmp_path)
-    assert_user_error(result, f"config key '{key}'", says.format(d=tmp_path))
+    assert_user_error(result, f"config key '{key.removeprefix('+')}'", says.format(d=tmp_path))
     text = result.stdout + result.stderr
     assert "Beginning flow run" not in text and "Ray:" not in text and "started in" not in text, text[-2000:]
     assert (tmp_path / "notes.txt").read_text() == "keep me"

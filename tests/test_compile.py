@@ -92,7 +92,7 @@ def test_compiled_layers_train_what_eager_ones_do(tmp_path, tiny_model_dir, smol
 
 def test_compile_is_refused_with_megatron_by_its_key():
     with pytest.raises(
-        ConfigError, match=r"sft_train\.model_args\.compile: not supported with megatron_train"
+        ConfigError, match=r"config key 'sft_train\.model_args\.compile': not supported with megatron_train"
     ):
         load_config(
             "sft_config",

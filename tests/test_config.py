@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_core.config import check_runnable, parse_device_mapping
+from sft_core.config import check_runnable, parse_device_mapping, validate_config
 from sft_core.config_loader import load_config
 from sft_core.errors import ConfigError
 
@@ -94,6 +94,7 @@ def test_misspelled_key_is_named_with_a_suggestion():
         ("sft_train.device_mapping='list(range(0,2)); import os'", "sft_train.device_mapping"),
         ("sft_train.model_args.dtype=fp8", "sft_train.model_args.dtype"),
         ("sft_train.training_args.max_steps=0", "sft_train.training_args"),
+        ("seed=-1", "config key 'seed': Input should be greater than or equal to 0 (got -1)"),
     ],
 )
 def test_impossible_values_name_the_key(override, key):
@@ -219,3 +220,113 @@ def test_a_config_is_checked_once_per_process_whoever_asks(monkeypatch):
     again = pf.load_run_config("sft_config", ["seed=7"])
     pf.load_run_config("sft_config", ["seed=8"])
     assert first == again and checked == [7, 8]
+
+
+def with_value(key: str, value) -> dict:
+    """The default config as a plain dict with one top-level key set (no Hydra parsing of the value)."""
+    return {**load().model_dump(), key: value}
+
+
+NAME_RULES = (
+    "cannot name an MLflow registered model (no '/', ':' or '%', not both ' and \", not '.' or starting "
+    "with '..', not empty); use letters, digits, '-', '_' or '.'"
+)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...v2", "..x", " "])
+def test_an_exp_name_mlflow_would_read_as_a_path_is_refused_at_config_time(name):
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'exp_name': '{name}' {NAME_RULES}")):
+        validate_config(with_value("exp_name", name))
+
+
+def test_an_exp_name_longer_than_mlflow_takes_is_refused_at_config_time():
+    with pytest.raises(ConfigError, match=re.escape(
+        "config key 'exp_name': 501 characters, more than the 500 an MLflow experiment name may have"
+    )):  # fmt: skip
+        validate_config(with_value("exp_name", "x" * 501))
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", "...v2", "..x", "a..b", ".hidden", "a.", "x" * 500, "x" * 501, " "]
+)
+def test_exp_name_takes_what_mlflow_takes_for_an_experiment_and_a_registered_model(name):
+    """The same rules as MLflow's own checks, which run only when the run creates the experiment and
+    registers its first checkpoint (after training)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    try:
+        _validate_experiment_name(name)
+        _validate_model_name(name)
+        mlflow_takes = True
+    except MlflowException:
+        mlflow_takes = False
+    try:
+        validate_config(with_value("exp_name", name))
+        config_takes = True
+    except ConfigError:
+        config_takes = False
+    assert config_takes == mlflow_takes
+
+
+METRICS = (
+    "loss, grad_norm, lr, tokens_per_sec, supervised_tokens_per_sec, supervised_tokens, mfu, pad_ratio, "
+    "skipped_steps, epoch, val_loss, val_supervised_tokens"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [("eval_loss", " (did you mean 'val_loss'?)"), ("sft_train/eval_loss", " (did you mean 'val_loss'?)"),
+     ("time/step_train", "")],
+)  # fmt: skip
+def test_a_metric_for_best_model_no_checkpoint_is_tagged_with_is_refused(name, hint):
+    with pytest.raises(ConfigError, match=re.escape(
+        f"config key 'metric_for_best_model': '{name}' is not a metric a checkpoint is tagged with{hint}; "
+        f"use one of {METRICS}"
+    )):  # fmt: skip
+        load(f"metric_for_best_model={name}")
+
+
+def test_metric_for_best_model_as_the_mlflow_ui_names_it_is_the_same_metric():
+    assert load("metric_for_best_model=sft_train/val_loss").metric_for_best_model == "val_loss"
+    assert load("metric_for_best_model=sft_train/loss").metric_for_best_model == "loss"
+
+
+@pytest.mark.parametrize("no_validation", ["validation=null", "validation.data_args.file_name=null"])
+def test_a_validation_metric_without_a_validation_split_is_refused_saying_what_to_set(no_validation):
+    with pytest.raises(ConfigError, match=re.escape(
+        "config key 'metric_for_best_model': 'val_loss' is measured on the validation split and this "
+        "config has none (validation is null or names no file), so `best` would never move; set "
+        "metric_for_best_model=loss, or give validation.data_args.file_name"
+    )):  # fmt: skip
+        load(no_validation)
+    assert load(no_validation, "metric_for_best_model=loss").metric_for_best_model == "loss"
+    # Not set at all: the default follows the splits there are.
+    assert load(no_validation, "~metric_for_best_model").metric_for_best_model == "loss"
+    assert load("~metric_for_best_model").metric_for_best_model == "val_loss"
+
+
+def test_the_metric_names_the_config_takes_are_those_a_checkpoint_is_tagged_with():
+    """What the pipeline tags a registered version with: the step's and validation's metrics under
+    SUMMARY_PREFIX, without it."""
+    from sft_core.train import metrics as m
+    from sft_core.train.stats import EvalSums, RankStep, StepStats
+
+    stats = StepStats(loss_sum=1.0, targets=1, grad_norm=1.0, lr=1e-5, skipped_steps=0, time_fwd_bwd=0.1,
+                      time_optimizer=0.1)  # fmt: skip
+    step = RankStep(rank=0, stats=stats, num_targets=1, tokens=2, real_tokens=2, flops=1.0, peak_flops=1.0,
+                    time_data=0.1, time_step=0.1, epoch=0, peak_memory_mb=1.0)  # fmt: skip
+    logged = {**m.train_metrics([step]), **m.val_metrics([EvalSums(1.0, 1)])}
+    tagged = [k.removeprefix(m.SUMMARY_PREFIX) for k in logged if k.startswith(m.SUMMARY_PREFIX)]
+    assert sorted(tagged) == sorted(m.TRAIN_SUMMARY + m.VAL_SUMMARY) == sorted(METRICS.split(", "))
+
+
+@pytest.mark.parametrize(
+    ("config_path", "overrides"),
+    [(None, []), (None, ["+experiment=smoke"]), (None, ["+experiment=smoke_lora"]),
+     ("smollm2-135M-sft_ddp", []), ("smollm2-135M-sft_megatron", []), (str(HERE / "configs" / "seed_megatron"), [])],
+)  # fmt: skip
+def test_every_shipped_config_validates(config_path, overrides):
+    """conf/ (also as prefect.yaml's deployments use it), examples/ and the seed-shaped test config."""
+    assert load_config("sft_config", overrides, config_path=config_path).metric_for_best_model == "val_loss"

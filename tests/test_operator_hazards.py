@@ -56,7 +56,7 @@ def registered_sources(uri: str, exp_name: str) -> dict[int, Path]:
     return {int(v.version): Path(url2pathname(urlparse(v.source).path)) for v in versions}
 
 
-@pytest.mark.parametrize("folder", ["my runs", "100% #1"])
+@pytest.mark.parametrize("folder", ["my runs", "100% #1", "q?v=1"])
 def test_pruning_keeps_the_best_checkpoint_when_output_dir_needs_percent_encoding(tmp_path, folder):
     out = tmp_path / folder
     uri, run = registered_run(out, "m")
@@ -64,6 +64,28 @@ def test_pruning_keeps_the_best_checkpoint_when_output_dir_needs_percent_encodin
     assert [p.name for p in ckpt.checkpoints_in_run(run)] == ["checkpoint-2", "checkpoint-4"]
     sources = registered_sources(uri, "m")
     assert sorted(sources) == [2, 4] and all(p.is_dir() for p in sources.values())
+
+
+@pytest.mark.parametrize("folder", ["q?v=1", "p%41", "h#1", "100% #1", "my runs"])
+def test_the_tracking_database_stays_inside_an_output_dir_that_needs_percent_encoding(tmp_path, folder):
+    """In a sqlite URI a '?' starts SQLAlchemy's query and %XX is decoded: such a path is quoted."""
+    import sqlite3
+
+    from sft_core.tracking.mlflow_store import registry_lock, sqlite_path
+
+    out = tmp_path / folder
+    db = out / "mlflow" / "mlflow.db"
+    uri = default_tracking_uri(str(out))
+    MLflowTracker(uri, "e", str(out / "artifacts"), "r", {})  # SQLAlchemy opens the database
+    assert sqlite_path(uri) == db
+    with sqlite3.connect(db) as c:
+        assert ("e",) in c.execute("SELECT name FROM experiments").fetchall()
+    with registry_lock(uri):
+        assert db.with_name("mlflow.db.registry.lock").is_file()
+    # No file outside output_dir: a quoted URI only gets the empty folders MLflow makes as it spells it.
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(out)]
+    if folder in ("h#1", "100% #1", "my runs"):  # a path SQLAlchemy reads as it is is written so
+        assert uri == f"sqlite:///{db}" and list(tmp_path.iterdir()) == [out]
 
 
 def test_pruning_a_model_named_with_a_quote_removes_folders_and_their_versions_together(tmp_path):
@@ -74,6 +96,31 @@ def test_pruning_a_model_named_with_a_quote_removes_folders_and_their_versions_t
     assert [p.name for p in ckpt.checkpoints_in_run(run)] == ["checkpoint-2", "checkpoint-4"]
     sources = registered_sources(uri, "it's")
     assert sorted(sources) == [2, 4] and all(p.is_dir() for p in sources.values())
+
+
+def test_the_run_summary_commands_paste_as_they_are_whatever_the_paths(capsys):
+    import ast
+    import shlex
+
+    from flows.cli import print_summary
+
+    odd = '/tmp/sp ace/it\'s "q" $HOME'
+    result = {
+        "exp_name": "e", "total_steps": 1, "final_checkpoint": f"{odd}/checkpoint-1/sft_train",
+        "mlflow_tracking_uri": f"sqlite:///{odd}/mlflow.db", "mlflow_run_id": "r", "mlflow_experiment_id": "1",
+        "registered_model": "e", "model_version": 1, "flow_run_id": "f", "tensorboard_dir": f"{odd}/tensorboard",
+    }  # fmt: skip
+    print_summary(result, 1.0)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    tensorboard = next(line for line in lines if line.startswith("tensorboard "))
+    assert shlex.split(tensorboard) == ["tensorboard", "--logdir", result["tensorboard_dir"]]
+    load = next(line for line in lines if line.startswith("load it: "))
+    call = load.removeprefix("load it: AutoModelForCausalLM.from_pretrained(").removesuffix(")")
+    assert ast.literal_eval(call) == result["final_checkpoint"]
+    ui = next(line for line in lines if line.startswith("open the UI"))
+    command = ui.removeprefix("open the UI").split("   then")[0]
+    assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", result["mlflow_tracking_uri"],
+                                    "--port", "5000"]  # fmt: skip
 
 
 def test_a_registry_error_while_pruning_removes_no_checkpoint_folder(tmp_path):

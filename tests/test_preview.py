@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_cli
 
 
@@ -67,3 +69,24 @@ def test_preview_of_a_split_with_no_usable_sample_fails_as_a_run_would(tmp_path)
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "(config key 'validation.data_args.file_name'): 1 rows read, 1 bad rows skipped" in bad.stderr
     assert "field 'output' (response_key) is empty" in bad.stderr
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_preview_refuses_fewer_than_one_sample(n, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["preview", "+experiment=smoke", "-n", n])
+    assert stop.value.code == 2
+    assert f"sft preview: error: argument -n: must be at least 1, got {n}" in capsys.readouterr().err
+
+
+def test_preview_of_the_validation_split_says_when_the_config_has_none(capsys):
+    from flows.cli import main
+
+    args = ["preview", "+experiment=smoke", "validation=null", "metric_for_best_model=loss"]
+    assert main([*args, "--split", "validation"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sft: error: config key 'validation': this config has no validation split (validation is null "
+        "or names no file); preview --split train, or set validation.data_args.file_name"
+    )

@@ -20,7 +20,7 @@ from sft_core.data.encode import EncodeStats, iter_encoded, no_samples_message
 from sft_core.data.packing import build_row, plan_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData
-from sft_core.errors import DataError
+from sft_core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,6 +45,11 @@ def encode_preview(
     the counts of the rows read up to there (skipped bad rows, dropped samples). A split without
     any usable sample is the DataError a run would stop with."""
     files = cfg.sft_train.data_args.files() if split == "train" else cfg.validation_files
+    if not files:  # only validation can have none (the config requires training data)
+        raise ConfigError(
+            "config key 'validation': this config has no validation split (validation is null or names "
+            "no file); preview --split train, or set validation.data_args.file_name"
+        )
     samples: list[Shown] = []
     stats = EncodeStats()
     spec = EncodeSpec.from_config(cfg, split)

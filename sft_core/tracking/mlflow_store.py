@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 from sft_core.home import mlflow_templates
 
@@ -24,14 +25,15 @@ _SQLITE = "sqlite:///"
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
-    """The file of a `sqlite:///<path>` URI (relative to the working directory unless absolute);
-    None for any other store, in-memory databases and URIs with query options."""
+    """The file of a `sqlite:///<path>` URI (relative to the working directory unless absolute),
+    percent-decoded as SQLAlchemy decodes it; None for any other store, in-memory databases and
+    URIs with query options."""
     if not tracking_uri.startswith(_SQLITE):
         return None
     rest = tracking_uri.removeprefix(_SQLITE)
     if not rest or rest == ":memory:" or "?" in rest:
         return None
-    return Path(rest)
+    return Path(unquote(rest))
 
 
 @contextlib.contextmanager

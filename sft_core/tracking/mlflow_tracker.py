@@ -19,7 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import quote as percent_quote
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from sft_core.errors import exception_chain
@@ -104,7 +105,19 @@ def uninterrupted(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def default_tracking_uri(output_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir) / 'mlflow' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(Path(output_dir) / "mlflow" / "mlflow.db")
+
+
+def sqlite_uri(path: Path) -> str:
+    """The URI of a sqlite database at `path`. SQLAlchemy ends the path at a '?' (its query) and
+    decodes %XX in it: such a path is percent-quoted (MLflow then also makes an empty folder named as
+    the URI spells it, beside the real one); any other path is written as it is.
+
+    >>> sqlite_uri(Path("/out/q?v=1/m.db")), sqlite_uri(Path("/out/100% #1/m.db"))
+    ('sqlite:////out/q%3Fv%3D1/m.db', 'sqlite:////out/100% #1/m.db')
+    """
+    text = str(path)
+    return f"sqlite:///{percent_quote(text) if '?' in text or unquote(text) != text else text}"
 
 
 def is_tracking_server(tracking_uri: str) -> bool:

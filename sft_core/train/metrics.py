@@ -3,7 +3,6 @@ the per-rank step and validation results turned into them."""
 
 from __future__ import annotations
 
-from sft_core.train.mfu import mfu
 from sft_core.train.stats import EvalSums, RankStep
 
 LOSS = "sft_train/loss"
@@ -27,6 +26,14 @@ TIME_VAL = "time/val"
 TIME_CHECKPOINT = "time/checkpoint"
 # The training metrics a registered version and the run's history keep (short name: the part after '/').
 SUMMARY_PREFIX = "sft_train/"
+# The short names a registered version is tagged with at every checkpoint, and validation's, there
+# where the run validates: the only names metric_for_best_model can match.
+TRAIN_SUMMARY = tuple(
+    name.removeprefix(SUMMARY_PREFIX)
+    for name in (LOSS, GRAD_NORM, LR, TOKENS_PER_SEC, SUPERVISED_TOKENS_PER_SEC, SUPERVISED_TOKENS, MFU,
+                 PAD_RATIO, SKIPPED_STEPS, EPOCH)
+)  # fmt: skip
+VAL_SUMMARY = tuple(name.removeprefix(SUMMARY_PREFIX) for name in (VAL_LOSS, VAL_SUPERVISED_TOKENS))
 
 
 def peak_memory(rank: int) -> str:
@@ -42,6 +49,8 @@ def data_metric(split: str, what: str) -> str:
 def train_metrics(results: list[RankStep]) -> dict[str, float]:
     """Aggregate one step over ranks: each rank's loss_sum is already divided by the global target
     count in its gradient, so the step loss is sum(loss_sum) / num_targets."""
+    from sft_core.train.mfu import mfu  # imports torch: here, so that the config can read the names
+
     first = results[0]
     num_targets = first.num_targets
     step_time = max(r.time_step for r in results)
