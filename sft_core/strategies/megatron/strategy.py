@@ -77,18 +77,21 @@ class MegatronStrategy(Strategy):
         self.dtype = requested if on_gpu else torch.float32
         self.cpu_autocast = None if on_gpu else autocast_dtype(requested, ctx.device)
         if self.cpu_autocast is not None and self.compute_dtype(cfg, ctx.device) == torch.float32:
-            log.warning(
-                "megatron_train with sequence_parallel on CPU trains in fp32: megatron's sequence-"
-                "parallel backward reduce-scatters into a buffer of its weights' dtype, which bf16 "
-                "autocast over fp32 weights breaks"
+            # Megatron sizes these buffers by its weights' dtype; bf16 autocast over fp32 weights breaks them.
+            why = (
+                "sequence_parallel: its backward reduce-scatters into a buffer of the weights' dtype"
+                if self.layout.sequence_parallel
+                else "pipeline stages: a stage's activations are received into buffers of the weights' dtype"
             )
+            log.warning("megatron_train trains in fp32 on CPU with %s", why)
             self.cpu_autocast = None
         self.step = 0  # optimizer steps taken (the lr schedule's position)
 
     # -- decided before workers start ------------------------------------------------------------
     @classmethod
     def compute_dtype(cls, cfg: SFTConfig, device: torch.device) -> torch.dtype:
-        if device.type != "cuda" and cls.layout_of(cfg).sequence_parallel:
+        layout = cls.layout_of(cfg)
+        if device.type != "cuda" and (layout.sequence_parallel or layout.pipeline_model_parallel_size > 1):
             return torch.float32  # see __init__
         return super().compute_dtype(cfg, device)
 
