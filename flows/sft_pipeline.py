@@ -30,6 +30,7 @@ from sft_core.errors import ConfigError, exception_chain
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.preflight import load_run_config
 from sft_core.secrets import literal_secret_overrides, redact
+from sft_core.strategies.megatron.layout import MegatronConfig
 from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import (
@@ -47,6 +48,8 @@ from sft_core.train.artifacts import SplitFiles, TrainArtifacts
 from sft_core.train.checkpoint import (
     check_data_fingerprint,
     check_global_batch,
+    check_same_adapter,
+    check_same_layout,
     check_same_model,
     check_training_args,
     latest_in_run,
@@ -153,6 +156,20 @@ def data_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedS
             for split, enc in encoded.items()
         )
     )
+
+
+def lora_settings(cfg: SFTConfig) -> dict[str, Any] | None:
+    """The LoRA settings a checkpoint records (None: full fine-tuning)."""
+    lora = cfg.sft_train.model_args.lora
+    return lora.model_dump() if lora else None
+
+
+def parallel_layout(cfg: SFTConfig) -> dict[str, Any]:
+    """The strategy and, for megatron_train, the layout its per-rank resume state is sharded by."""
+    name = cfg.sft_train.strategy_args.strategy_name
+    layout = cfg.strategy_config
+    sharded = layout.state_layout(cfg.data_parallel_size) if isinstance(layout, MegatronConfig) else None
+    return {"strategy_name": name, "layout": sharded}
 
 
 def key_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:
@@ -420,6 +437,8 @@ def train(
                         **data_tags,
                         "data_fingerprint_by": "content",
                         "global_batch_size": cfg.global_batch_size,
+                        "lora": lora_settings(cfg),
+                        "parallel": parallel_layout(cfg),
                         "training_args": cfg.sft_train.training_args.model_dump(),
                         "history": history,
                     }
@@ -537,7 +556,10 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     if warning:
         logger.warning("%s; continuing (resume_data_check: warn)", warning)
     if plan.resume:
+        check_same_layout(plan.resume, state, parallel_layout(cfg))
         check_same_model(plan.resume, state, model_dir, cfg.pretrain)
+        for change in check_same_adapter(plan.resume, state, lora_settings(cfg)):
+            logger.warning("%s", change)
         t = cfg.sft_train.training_args
         check_global_batch(plan.resume, state, cfg.global_batch_size, (
             f"per_device_train_batch_size {t.per_device_train_batch_size} x gradient_accumulation_steps "

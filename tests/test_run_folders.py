@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -298,3 +299,86 @@ def test_a_resume_into_a_model_of_another_shape_is_refused_naming_pretrain(tmp_p
         r"'embedded:smollm2-135m-instruct' \(hidden_size 64 -> 576, num_hidden_layers 2 -> 30\)"
     )):  # fmt: skip
         ckpt.check_same_model(checkpoint, state, str(other), "embedded:smollm2-135m-instruct")
+
+
+def test_a_resume_keeps_the_lora_adapters_it_saved(tmp_path):
+    """Other target_modules dropped the adapters of the others unseen (28 tensors -> 8), another
+    rank failed deep in DCP, LoRA switched on or off failed on missing keys: each is refused by key.
+    Dropout and merge_at_end may change (logged)."""
+    import json
+
+    lora = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear", "merge_at_end": True}
+    checkpoint = tmp_path / "checkpoint-6"
+    (checkpoint / "sft_train").mkdir(parents=True)
+    state = {"global_step": 6, "cluster_name": "sft_train", "lora": lora}
+    assert ckpt.check_same_adapter(checkpoint, state, dict(lora)) == []
+    assert ckpt.check_same_adapter(checkpoint, state, {**lora, "dropout": 0.1}) == [
+        "sft_train.model_args.lora.dropout changed from 0.0 to 0.1 since the checkpoint at step 6"
+    ]
+    for change, shown in (("target_modules", ["q_proj", "v_proj"]), ("rank", 16), ("alpha", 64.0)):
+        with pytest.raises(ConfigError, match=(
+            rf"config key 'sft_train.model_args.lora': the checkpoint at step 6 saved adapters with other "
+            rf"settings \({change} {re.escape(str(lora[change]))} -> {re.escape(str(shown))}\)"
+        )):  # fmt: skip
+            ckpt.check_same_adapter(checkpoint, state, {**lora, change: shown})
+    with pytest.raises(ConfigError, match="was trained with LoRA adapters, this config trains without"):
+        ckpt.check_same_adapter(checkpoint, state, None)
+    full = {"global_step": 6, "cluster_name": "sft_train", "lora": None}
+    with pytest.raises(ConfigError, match="was trained without LoRA adapters, this config trains with"):
+        ckpt.check_same_adapter(checkpoint, full, lora)
+    # Saved before the settings were recorded: the folder tells (an adapter's rank and alpha, or a full model).
+    (checkpoint / "sft_train" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16.0}))
+    legacy = {"global_step": 6, "cluster_name": "sft_train"}
+    assert ckpt.check_same_adapter(checkpoint, legacy, dict(lora)) == []
+    with pytest.raises(ConfigError, match=r"\(rank 8 -> 4\)"):
+        ckpt.check_same_adapter(checkpoint, legacy, {**lora, "rank": 4})
+    (checkpoint / "sft_train" / "adapter_config.json").unlink()
+    (checkpoint / "sft_train" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="was trained without LoRA adapters"):
+        ckpt.check_same_adapter(checkpoint, legacy, lora)
+
+
+def test_a_resume_keeps_the_strategy_family_and_megatron_layout_its_state_was_sharded_by(tmp_path):
+    """A megatron layout change failed in a worker after the cluster started (a 222-line log), a
+    distributed optimizer's DP2 -> DP1 loaded half of Adam's state and crashed at the first step, a
+    strategy change a bare FileNotFoundError: each is refused by key before anything starts.
+    Recompute settings (memory only) may change."""
+    from sft_core.strategies.megatron.layout import MegatronConfig
+
+    def megatron(dp: int = 1, **kw) -> dict:
+        return {"strategy_name": "megatron_train", "layout": MegatronConfig(**kw).state_layout(dp)}
+
+    checkpoint = tmp_path / "checkpoint-4"
+    (checkpoint / "train_state").mkdir(parents=True)
+    state = {"global_step": 4, "parallel": megatron(tensor_model_parallel_size=2)}
+    ckpt.check_same_layout(
+        checkpoint, state, megatron(tensor_model_parallel_size=2, recompute_granularity="selective")
+    )
+    with pytest.raises(ConfigError, match=(
+        r"config key 'sft_train.strategy_args.strategy_config': the checkpoint at step 4 holds each rank's "
+        r"shards of another megatron layout \(tensor_model_parallel_size 2 -> 1\)"
+    )):  # fmt: skip
+        ckpt.check_same_layout(checkpoint, state, megatron())
+    sharded = {"global_step": 4, "parallel": megatron(2, use_distributed_optimizer=True)}
+    ckpt.check_same_layout(checkpoint, sharded, megatron(2, use_distributed_optimizer=True))
+    with pytest.raises(ConfigError, match=r"\(data_parallel_size 2 -> 1\)"):
+        ckpt.check_same_layout(checkpoint, sharded, megatron(1, use_distributed_optimizer=True))
+    ckpt.check_same_layout(
+        checkpoint, {"global_step": 4, "parallel": megatron(2)}, megatron(1)
+    )  # DP: no shards
+    ddp = {"strategy_name": "ddp_train", "layout": None}
+    with pytest.raises(
+        ConfigError, match=r"saved by megatron_train, whose resume state ddp_train cannot read"
+    ):
+        ckpt.check_same_layout(checkpoint, state, ddp)
+    torch_state = {"global_step": 4, "parallel": {"strategy_name": "fsdp2_train", "layout": None}}
+    ckpt.check_same_layout(checkpoint, torch_state, ddp)  # one format, resharded on load
+    with pytest.raises(
+        ConfigError, match=r"saved by ddp_train/fsdp2_train, whose resume state megatron_train"
+    ):
+        ckpt.check_same_layout(checkpoint, torch_state, megatron())
+    # Saved before the layout was recorded: megatron's rank files tell the strategy's family.
+    (checkpoint / "train_state" / "megatron_rank0.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"saved by megatron_train"):
+        ckpt.check_same_layout(checkpoint, {"global_step": 4}, ddp)
+    ckpt.check_same_layout(checkpoint, {"global_step": 4}, megatron())  # the worker checks the layout

@@ -319,3 +319,88 @@ def check_same_model(checkpoint: Path, state: dict[str, Any], model_dir: str, pr
             f"of another shape than '{pretrain}' ({', '.join(changed)}). Resume with the pretrain it was "
             "trained from, or start a new run (resume_from_checkpoint: false)."
         )
+
+
+# LoRA settings that decide what the saved adapter is: another value would load it into other
+# adapters (shapes, scale, modules), or drop part of it unseen.
+ADAPTER_KEYS = ("rank", "alpha", "target_modules")
+
+
+def saved_lora(checkpoint: Path, state: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """(known, the checkpoint's LoRA settings or None for full fine-tuning): recorded, or read from
+    the folder of a checkpoint saved before they were (its adapter_config.json, or a full model)."""
+    if "lora" in state:
+        return True, state["lora"]
+    folder = checkpoint / state.get("cluster_name", "sft_train")
+    if (folder / "adapter_config.json").is_file():
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        return True, {"rank": adapter.get("r"), "alpha": adapter.get("lora_alpha"), "target_modules": None}
+    return (folder / "config.json").is_file(), None
+
+
+def check_same_adapter(checkpoint: Path, state: dict[str, Any], lora: dict[str, Any] | None) -> list[str]:
+    """Refuse to resume with LoRA switched on or off, or another rank, alpha or target_modules than
+    the checkpoint's adapter; one warning line per other LoRA change (dropout, merge_at_end)."""
+    known, saved = saved_lora(checkpoint, state)
+    step = state.get("global_step")
+    if not known:
+        return []
+    if (saved is None) != (lora is None):
+        trained, given = ("with", "without") if saved else ("without", "with")
+        raise ConfigError(
+            f"config key 'sft_train.model_args.lora': the checkpoint at step {step} was trained {trained} LoRA "
+            f"adapters, this config trains {given}. Resume as it was trained, or start a new run "
+            "(resume_from_checkpoint: false) from its Hugging Face folder."
+        )
+    if saved is None or lora is None:
+        return []
+    changed = [
+        f"{k} {saved[k]} -> {lora[k]}"
+        for k in ADAPTER_KEYS
+        if saved.get(k) is not None and saved[k] != lora[k]
+    ]
+    if changed:
+        raise ConfigError(
+            f"config key 'sft_train.model_args.lora': the checkpoint at step {step} saved adapters with other "
+            f"settings ({', '.join(changed)}): resumed, they would be loaded into other adapters or partly "
+            "dropped. Resume with its settings, or start a new run (resume_from_checkpoint: false)."
+        )
+    return [
+        f"sft_train.model_args.lora.{k} changed from {saved[k]} to {lora[k]} since the checkpoint at step {step}"
+        for k in lora
+        if k not in ADAPTER_KEYS and k in saved and saved[k] != lora[k]
+    ]
+
+
+def check_same_layout(checkpoint: Path, state: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume whose strategy cannot read the checkpoint's per-rank state: megatron_train's
+    and the torch strategies' (ddp_train, fsdp2_train: one format, resharded on load) differ, and
+    megatron's is sharded by its layout (`current`: {"strategy_name", "layout"}, as recorded)."""
+    step = state.get("global_step")
+    saved = state.get("parallel")
+    if saved is None:  # saved before it was recorded: the rank files tell the strategy's family
+        megatron = any((checkpoint / "train_state").glob("megatron_rank*.pt"))
+        saved = {"strategy_name": "megatron_train" if megatron else None, "layout": None}
+    was_megatron, is_megatron = (
+        saved["strategy_name"] == "megatron_train",
+        current["strategy_name"] == "megatron_train",
+    )
+    if was_megatron != is_megatron:
+        raise ConfigError(
+            f"config key 'sft_train.strategy_args.strategy_name': the checkpoint at step {step} was saved by "
+            f"{'megatron_train' if was_megatron else 'ddp_train/fsdp2_train'}, whose resume state "
+            f"{current['strategy_name']} cannot read. Resume with the strategy it was trained with, or start a "
+            "new run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)."
+        )
+    if was_megatron and saved["layout"] is not None and saved["layout"] != current["layout"]:
+        changed = [
+            f"{k} {saved['layout'].get(k)} -> {current['layout'].get(k)}"
+            for k in sorted(set(saved["layout"]) | set(current["layout"]))
+            if saved["layout"].get(k) != current["layout"].get(k)
+        ]
+        raise ConfigError(
+            f"config key 'sft_train.strategy_args.strategy_config': the checkpoint at step {step} holds each "
+            f"rank's shards of another megatron layout ({', '.join(changed)}). Resume with its layout, or "
+            "start a new run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: "
+            "<checkpoint>/sft_train)."
+        )

@@ -39,6 +39,17 @@ class MegatronConfig(StrategyConfig):
             raise ValueError("recompute_granularity 'full' needs recompute_method and recompute_num_layers")
         return self
 
+    def state_layout(self, data_parallel_size: int) -> dict[str, object]:
+        """What decides how the per-rank resume state is sharded: the parallel sizes, and the data-
+        parallel size too where the distributed optimizer shards Adam's state over it. Recompute
+        settings change memory only, so a resume may change them."""
+        layout = self.model_dump(
+            exclude={"recompute_granularity", "recompute_method", "recompute_num_layers"}
+        )
+        if self.use_distributed_optimizer:
+            layout["data_parallel_size"] = data_parallel_size
+        return layout
+
     def world_problem(self, world_size: int) -> str | None:
         if world_size % self.model_parallel_size:
             return (

@@ -341,7 +341,7 @@ class MegatronStrategy(Strategy):
             model=[c.state_dict() for c in self.modules],
             optimizer=[o.optimizer.state_dict() for o in _optimizers(self.optimizer)],
             step=self.step,
-            layout=self.layout.model_dump(),
+            layout=self.layout.state_layout(self.cfg.data_parallel_size),
         )
 
     def load_state(self, state_dir: Path, hf_dir: Path) -> None:
@@ -353,9 +353,12 @@ class MegatronStrategy(Strategy):
                 f"{path}: no megatron state for rank {self.ctx.rank} (was the layout changed?)"
             )
         own = self.read_rank_state(path)
-        if own["layout"] != self.layout.model_dump():
+        # Checked by the flow before any worker starts (check_same_layout); this is the backstop
+        # for checkpoints saved before trainer_state.json recorded the layout.
+        saved = {k: v for k, v in own["layout"].items() if not k.startswith("recompute_")}
+        if saved != (layout := self.layout.state_layout(self.cfg.data_parallel_size)):
             raise ValueError(
-                f"{path}: saved with megatron layout {own['layout']}, this run uses {self.layout.model_dump()}. "
+                f"{path}: saved with megatron layout {saved}, this run uses {layout}. "
                 "Exact resume needs the same layout; start a new run from the checkpoint's HF folder instead."
             )
         with in_megatron():
