@@ -291,3 +291,24 @@ def test_lora_resume_state_holds_only_the_adapter_and_continues_exactly(tiny_mod
     assert got.loss_sum == expected.loss_sum and got.grad_norm == expected.grad_norm
     for (k, v), w in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+def test_lora_target_modules_are_checked_against_the_model_before_workers_start(tiny_model_dir):
+    """A misspelt module was dropped unseen by peft where another name matched (or failed in every
+    worker with a traceback where none did); `lm_head` on a model with tied embeddings merged its
+    delta into the input embeddings too (merged vs base + adapter: max |logit diff| 0.45)."""
+    from sft_core.config import LoraArgs
+    from sft_core.errors import ConfigError
+    from sft_core.model.lora import check_targets
+
+    check_targets(LoraArgs(target_modules=["q_proj", "v_proj"]), str(tiny_model_dir))
+    check_targets(LoraArgs(target_modules="all-linear"), str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=(
+        r"config key 'sft_train.model_args.lora.target_modules': \['vproj'\] name no module of .*"
+        r"\(its weights' modules: .*q_proj.*v_proj"
+    )):  # fmt: skip
+        check_targets(LoraArgs(target_modules=["q_proj", "vproj"]), str(tiny_model_dir))
+    with pytest.raises(
+        ConfigError, match=r"\['lm_head'\] in a model whose LM head and input embeddings share"
+    ):
+        check_targets(LoraArgs(target_modules=["q_proj", "lm_head"]), str(tiny_model_dir))

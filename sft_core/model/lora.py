@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 from sft_core.config import LoraArgs
+from sft_core.errors import ConfigError
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -68,3 +69,43 @@ def save_merged(
     merged = fresh.merge_and_unload()
     merged.config.use_cache = True  # the exported model generates with its KV cache
     merged.save_pretrained(out_dir, safe_serialization=True)
+
+
+# Module names whose weight a tied-embedding model shares: an adapter merged into one changes both.
+_TIED = ("lm_head", "embed_tokens")
+
+
+def check_targets(args: LoraArgs, model_dir: str) -> None:
+    """Refuse target_modules that would fail or silently do less inside the workers: a name no
+    weight of the model ends with (peft adapts the names it finds and drops a misspelt one unseen,
+    or fails with a traceback when none match), and the LM head or embeddings of a model that ties
+    them (the merged model would fold the head's delta into the input embeddings too)."""
+    import json
+
+    from safetensors import safe_open
+
+    if args.target_modules == "all-linear":  # peft leaves out the output head itself
+        return
+    key = "sft_train.model_args.lora.target_modules"
+    stored: set[str] = set()  # modules with a weight of their own in the folder
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as weights:
+            stored.update(k.removesuffix(".weight") for k in weights.keys() if k.endswith(".weight"))  # noqa: SIM118 (not a dict)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    # Unset in config.json, the model class's default decides; a head stored apart is not tied.
+    tie = config.get("tie_word_embeddings", bool(stored) and "lm_head" not in stored)
+    tied = [t for t in args.target_modules if t in _TIED]
+    if tied and tie:
+        raise ConfigError(
+            f"config key '{key}': {tied} in a model whose LM head and input embeddings share one weight "
+            "(tie_word_embeddings): the merged model would change both. Leave it out."
+        )
+    if stored:  # a folder of .bin weights only: left to peft
+        names = stored | {"lm_head"}  # a tied head is a module too, its weight stored as the embeddings'
+        modules = {n.rsplit(".", 1)[-1] for n in names}
+        missing = [t for t in args.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            raise ConfigError(
+                f"config key '{key}': {missing} name no module of {model_dir} (its weights' modules: "
+                f"{', '.join(sorted(modules))})"
+            )

@@ -44,6 +44,11 @@ class TorchStrategy(Strategy):
         self.lora = cfg.sft_train.model_args.lora
 
     # -- what subclasses provide -------------------------------------------------------------
+    @classmethod
+    def preflight(cls, cfg: SFTConfig, model_dir: str) -> None:
+        if cfg.sft_train.model_args.lora:
+            lora.check_targets(cfg.sft_train.model_args.lora, model_dir)
+
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
 
