@@ -115,8 +115,8 @@ def save_checkpoint(
     try:
         seconds = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
         for folder in (staged / cluster.name, staged / f"{cluster.name}-merged"):
-            if (folder / "config.json").is_file():  # a full model (not a LoRA adapter): an MLflow model too
-                write_mlflow_model(folder)
+            if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+                write_mlflow_model(folder)  # a full model or a LoRA adapter: an MLflow model too
         path = ckpt.publish(run, step, state, cluster.world_size)
     except Exception as err:
         full = ckpt.failed_write(run, step)

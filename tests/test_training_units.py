@@ -275,6 +275,15 @@ def test_lora_trains_only_the_adapter_and_its_exports_load_as_the_trained_model(
         assert not any("lora" in k for k in merged.state_dict())
         torch.testing.assert_close(adapter(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    # Each checkpoint's adapter is an MLflow model too (its registered version loads): base + adapter.
+    import mlflow
+
+    from sft_core.tracking.mlflow_model import write_mlflow_model
+
+    write_mlflow_model(out)
+    loaded = mlflow.transformers.load_model(str(out), return_type="components")["model"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_resume_state_holds_only_the_adapter_and_continues_exactly(tiny_model_dir, tmp_path):

@@ -22,23 +22,35 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
 
 
-def _requirements() -> list[str]:
+def _version(package: str) -> str:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("mlflow", "transformers", "torch", "safetensors", "accelerate")]
+    return version(package)
+
+
+def _requirements() -> list[str]:
+    return [f"{p}=={_version(p)}" for p in ("mlflow", "transformers", "torch", "safetensors", "accelerate")]
 
 
 def write_mlflow_model(hf_dir: Path) -> None:
-    """Add MLmodel, its environment files and components/tokenizer to a Hugging Face model folder."""
+    """Add MLmodel, its environment files and components/tokenizer to a Hugging Face model folder,
+    or to a LoRA adapter's folder: MLflow then loads the base model from the folder the adapter
+    names (as from_pretrained does, so while it exists) and applies the adapter."""
     import json
 
-    config = json.loads((hf_dir / "config.json").read_text())
+    adapter_config = hf_dir / "adapter_config.json"
+    base = (
+        Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+        if adapter_config.is_file()
+        else None
+    )
+    config = json.loads(((base or hf_dir) / "config.json").read_text())
     components = hf_dir / "components" / "tokenizer"
     components.mkdir(parents=True, exist_ok=True)
     for name in _TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, components / name)
-    requirements = _requirements()
+    requirements = _requirements() + (["peft==" + _version("peft")] if base else [])
     versions = dict(r.split("==") for r in requirements)  # not `import transformers`: seconds, for a string
     (hf_dir / "requirements.txt").write_text("\n".join(requirements) + "\n")
     python = platform.python_version()
@@ -67,7 +79,12 @@ def write_mlflow_model(hf_dir: Path) -> None:
                 "code": None,
                 "components": ["tokenizer"],
                 "instance_type": "TextGenerationPipeline",
-                "model_binary": ".",  # the weights are this folder's own
+                # The weights: this folder's own, or the base model's with this folder's adapter.
+                **(
+                    {"model_binary": "."}
+                    if base is None
+                    else {"local_base_model_path": str(base), "peft_adaptor": "."}
+                ),
                 "pipeline_model_type": (config.get("architectures") or ["AutoModelForCausalLM"])[0],
                 "source_model_name": str(hf_dir),
                 "task": "text-generation",
