@@ -30,7 +30,6 @@ from sft_core.errors import ConfigError, exception_chain
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.preflight import load_run_config
 from sft_core.secrets import literal_secret_overrides, redact
-from sft_core.strategies.megatron.layout import MegatronConfig
 from sft_core.strategies.registry import strategy_for
 from sft_core.tracking import Trackers
 from sft_core.tracking.mlflow_tracker import (
@@ -165,11 +164,14 @@ def lora_settings(cfg: SFTConfig) -> dict[str, Any] | None:
 
 
 def parallel_layout(cfg: SFTConfig) -> dict[str, Any]:
-    """The strategy and, for megatron_train, the layout its per-rank resume state is sharded by."""
-    name = cfg.sft_train.strategy_args.strategy_name
-    layout = cfg.strategy_config
-    sharded = layout.state_layout(cfg.data_parallel_size) if isinstance(layout, MegatronConfig) else None
-    return {"strategy_name": name, "layout": sharded}
+    """The strategy, the format of its per-rank resume state and the layout that state is sharded
+    by where a resume cannot reshard it (megatron's)."""
+    strategy = strategy_for(cfg)
+    return {
+        "strategy_name": strategy.name,
+        "state_format": strategy.state_format,
+        "layout": strategy.state_layout(cfg),
+    }
 
 
 def key_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:

@@ -342,43 +342,47 @@ def test_a_resume_keeps_the_strategy_family_and_megatron_layout_its_state_was_sh
     """A megatron layout change failed in a worker after the cluster started (a 222-line log), a
     distributed optimizer's DP2 -> DP1 loaded half of Adam's state and crashed at the first step, a
     strategy change a bare FileNotFoundError: each is refused by key before anything starts.
-    Recompute settings (memory only) may change."""
-    from sft_core.strategies.megatron.layout import MegatronConfig
+    Recompute settings (memory only) may change; ddp_train and fsdp2_train share DCP's format."""
+    from flows.sft_pipeline import parallel_layout
+    from sft_core.config_loader import load_config
 
-    def megatron(dp: int = 1, **kw) -> dict:
-        return {"strategy_name": "megatron_train", "layout": MegatronConfig(**kw).state_layout(dp)}
+    def layout(strategy: str = "megatron_train", *overrides: str) -> dict:
+        keys = [f"+sft_train.strategy_args.strategy_config.{o}" for o in overrides]
+        return parallel_layout(
+            load_config("sft_config", [f"sft_train.strategy_args.strategy_name={strategy}", *keys])
+        )
 
     checkpoint = tmp_path / "checkpoint-4"
     (checkpoint / "train_state").mkdir(parents=True)
-    state = {"global_step": 4, "parallel": megatron(tensor_model_parallel_size=2)}
+    state = {"global_step": 4, "parallel": layout("megatron_train", "tensor_model_parallel_size=2")}
     ckpt.check_same_layout(
-        checkpoint, state, megatron(tensor_model_parallel_size=2, recompute_granularity="selective")
+        checkpoint,
+        state,
+        layout("megatron_train", "tensor_model_parallel_size=2", "recompute_granularity=selective"),
     )
     with pytest.raises(ConfigError, match=(
         r"config key 'sft_train.strategy_args.strategy_config': the checkpoint at step 4 holds each rank's "
-        r"shards of another megatron layout \(tensor_model_parallel_size 2 -> 1\)"
+        r"shards of another layout \(tensor_model_parallel_size 2 -> 1\)"
     )):  # fmt: skip
-        ckpt.check_same_layout(checkpoint, state, megatron())
-    sharded = {"global_step": 4, "parallel": megatron(2, use_distributed_optimizer=True)}
-    ckpt.check_same_layout(checkpoint, sharded, megatron(2, use_distributed_optimizer=True))
+        ckpt.check_same_layout(checkpoint, state, layout())
+    sharded = {"global_step": 4, "parallel": layout("megatron_train", "use_distributed_optimizer=true")}
+    ckpt.check_same_layout(checkpoint, sharded, layout("megatron_train", "use_distributed_optimizer=true"))
+    one_worker = parallel_layout(load_config("sft_config", [
+        "sft_train.strategy_args.strategy_name=megatron_train", "sft_train.device_mapping=[0]",
+        "+sft_train.strategy_args.strategy_config.use_distributed_optimizer=true",
+    ]))  # fmt: skip
     with pytest.raises(ConfigError, match=r"\(data_parallel_size 2 -> 1\)"):
-        ckpt.check_same_layout(checkpoint, sharded, megatron(1, use_distributed_optimizer=True))
-    ckpt.check_same_layout(
-        checkpoint, {"global_step": 4, "parallel": megatron(2)}, megatron(1)
-    )  # DP: no shards
-    ddp = {"strategy_name": "ddp_train", "layout": None}
+        ckpt.check_same_layout(checkpoint, sharded, one_worker)
     with pytest.raises(
-        ConfigError, match=r"saved by megatron_train, whose resume state ddp_train cannot read"
+        ConfigError, match=r"saved by megatron_train \(megatron resume state\), which ddp_train cannot"
     ):
-        ckpt.check_same_layout(checkpoint, state, ddp)
-    torch_state = {"global_step": 4, "parallel": {"strategy_name": "fsdp2_train", "layout": None}}
-    ckpt.check_same_layout(checkpoint, torch_state, ddp)  # one format, resharded on load
-    with pytest.raises(
-        ConfigError, match=r"saved by ddp_train/fsdp2_train, whose resume state megatron_train"
-    ):
-        ckpt.check_same_layout(checkpoint, torch_state, megatron())
-    # Saved before the layout was recorded: megatron's rank files tell the strategy's family.
+        ckpt.check_same_layout(checkpoint, state, layout("ddp_train"))
+    torch_state = {"global_step": 4, "parallel": layout("fsdp2_train")}
+    ckpt.check_same_layout(checkpoint, torch_state, layout("ddp_train"))  # one format, resharded on load
+    with pytest.raises(ConfigError, match=r"saved by fsdp2_train \(dcp resume state\), which megatron_train"):
+        ckpt.check_same_layout(checkpoint, torch_state, layout())
+    # Saved before the layout was recorded: megatron's rank files tell the format.
     (checkpoint / "train_state" / "megatron_rank0.pt").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"saved by megatron_train"):
-        ckpt.check_same_layout(checkpoint, {"global_step": 4}, ddp)
-    ckpt.check_same_layout(checkpoint, {"global_step": 4}, megatron())  # the worker checks the layout
+    with pytest.raises(ConfigError, match=r"saved by an earlier run \(megatron resume state\)"):
+        ckpt.check_same_layout(checkpoint, {"global_step": 4}, layout("ddp_train"))
+    ckpt.check_same_layout(checkpoint, {"global_step": 4}, layout())  # the worker checks the layout

@@ -40,6 +40,8 @@ class Strategy(abc.ABC):
     # Whether the LM head runs only at positions that have a target (else at every token): the
     # FLOP count of the step (train/mfu.py) follows it.
     logits_at_targets_only: bool = False
+    # The format of the per-rank resume state: a checkpoint resumes only into a strategy of its format.
+    state_format: ClassVar[str] = "dcp"
 
     def __init__(self, cfg: SFTConfig, ctx: DistContext):
         self.cfg = cfg
@@ -52,6 +54,12 @@ class Strategy(abc.ABC):
     def preflight(cls, cfg: SFTConfig, model_dir: str) -> None:
         """Stop (ConfigError / ModelError) when this model cannot run with this layout."""
         return None  # nothing to check for strategies that take any model the loader takes
+
+    @classmethod
+    def state_layout(cls, cfg: SFTConfig) -> dict[str, Any] | None:
+        """What the per-rank resume state is sharded by, where a resume cannot reshard it (None: any
+        layout resumes, as DCP reshards on load)."""
+        return None
 
     @classmethod
     def describe(cls, cfg: SFTConfig) -> str:

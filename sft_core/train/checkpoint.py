@@ -373,34 +373,34 @@ def check_same_adapter(checkpoint: Path, state: dict[str, Any], lora: dict[str, 
 
 
 def check_same_layout(checkpoint: Path, state: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a resume whose strategy cannot read the checkpoint's per-rank state: megatron_train's
-    and the torch strategies' (ddp_train, fsdp2_train: one format, resharded on load) differ, and
-    megatron's is sharded by its layout (`current`: {"strategy_name", "layout"}, as recorded)."""
+    """Refuse a resume whose strategy cannot read the checkpoint's per-rank state: another state
+    format (megatron_train's against the torch strategies', which DCP reshards between them), or
+    another layout where the format is sharded by it (`current`: parallel_layout's record)."""
     step = state.get("global_step")
     saved = state.get("parallel")
-    if saved is None:  # saved before it was recorded: the rank files tell the strategy's family
+    if saved is None:  # saved before it was recorded: the rank files tell the format
         megatron = any((checkpoint / "train_state").glob("megatron_rank*.pt"))
-        saved = {"strategy_name": "megatron_train" if megatron else None, "layout": None}
-    was_megatron, is_megatron = (
-        saved["strategy_name"] == "megatron_train",
-        current["strategy_name"] == "megatron_train",
-    )
-    if was_megatron != is_megatron:
+        saved = {
+            "strategy_name": "an earlier run",
+            "state_format": "megatron" if megatron else "dcp",
+            "layout": None,
+        }
+    if saved["state_format"] != current["state_format"]:
         raise ConfigError(
             f"config key 'sft_train.strategy_args.strategy_name': the checkpoint at step {step} was saved by "
-            f"{'megatron_train' if was_megatron else 'ddp_train/fsdp2_train'}, whose resume state "
-            f"{current['strategy_name']} cannot read. Resume with the strategy it was trained with, or start a "
-            "new run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)."
+            f"{saved['strategy_name']} ({saved['state_format']} resume state), which {current['strategy_name']} "
+            "cannot read. Resume with the strategy it was trained with, or start a new run "
+            "(resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)."
         )
-    if was_megatron and saved["layout"] is not None and saved["layout"] != current["layout"]:
+    was, now = saved["layout"], current["layout"]
+    if was is not None and now is not None and was != now:
         changed = [
-            f"{k} {saved['layout'].get(k)} -> {current['layout'].get(k)}"
-            for k in sorted(set(saved["layout"]) | set(current["layout"]))
-            if saved["layout"].get(k) != current["layout"].get(k)
+            f"{k} {was.get(k)} -> {now.get(k)}"
+            for k in sorted(set(was) | set(now))
+            if was.get(k) != now.get(k)
         ]
         raise ConfigError(
             f"config key 'sft_train.strategy_args.strategy_config': the checkpoint at step {step} holds each "
-            f"rank's shards of another megatron layout ({', '.join(changed)}). Resume with its layout, or "
-            "start a new run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: "
-            "<checkpoint>/sft_train)."
+            f"rank's shards of another layout ({', '.join(changed)}). Resume with its layout, or start a new "
+            "run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)."
         )

@@ -66,6 +66,7 @@ def in_megatron() -> Iterator[None]:
 
 class MegatronStrategy(Strategy):
     name = "megatron_train"
+    state_format = "megatron"  # megatron_rank<r>.pt: each rank's shards as megatron holds them
 
     def __init__(self, cfg: SFTConfig, ctx: DistContext):
         super().__init__(cfg, ctx)
@@ -94,6 +95,10 @@ class MegatronStrategy(Strategy):
         if device.type != "cuda" and (layout.sequence_parallel or layout.pipeline_model_parallel_size > 1):
             return torch.float32  # see __init__
         return super().compute_dtype(cfg, device)
+
+    @classmethod
+    def state_layout(cls, cfg: SFTConfig) -> dict[str, Any] | None:
+        return cls.layout_of(cfg).state_layout(cfg.data_parallel_size)
 
     @staticmethod
     def layout_of(cfg: SFTConfig) -> MegatronConfig:
@@ -341,7 +346,7 @@ class MegatronStrategy(Strategy):
             model=[c.state_dict() for c in self.modules],
             optimizer=[o.optimizer.state_dict() for o in _optimizers(self.optimizer)],
             step=self.step,
-            layout=self.layout.state_layout(self.cfg.data_parallel_size),
+            layout=self.state_layout(self.cfg),
         )
 
     def load_state(self, state_dir: Path, hf_dir: Path) -> None:
@@ -356,7 +361,7 @@ class MegatronStrategy(Strategy):
         # Checked by the flow before any worker starts (check_same_layout); this is the backstop
         # for checkpoints saved before trainer_state.json recorded the layout.
         saved = {k: v for k, v in own["layout"].items() if not k.startswith("recompute_")}
-        if saved != (layout := self.layout.state_layout(self.cfg.data_parallel_size)):
+        if saved != (layout := self.state_layout(self.cfg)):
             raise ValueError(
                 f"{path}: saved with megatron layout {saved}, this run uses {layout}. "
                 "Exact resume needs the same layout; start a new run from the checkpoint's HF folder instead."
