@@ -157,6 +157,8 @@ def test_impossible_layouts_stop_with_a_message(llama_dir):
         ConfigError, match="virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2"
     ):
         load(*megatron_overrides(virtual_pipeline_model_parallel_size=2))
+    with pytest.raises(ConfigError, match="take effect only with recompute_granularity 'full'"):
+        load(*megatron_overrides(recompute_method="uniform"))  # alone it would do nothing, unseen
     with pytest.raises(ConfigError, match="applies to megatron_train only"):
         load("+sft_train.strategy_args.strategy_config.tensor_model_parallel_size=2")
 

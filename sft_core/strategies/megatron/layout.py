@@ -37,6 +37,11 @@ class MegatronConfig(StrategyConfig):
             raise ValueError("sequence_parallel needs tensor_model_parallel_size >= 2")
         if self.recompute_granularity == "full" and not (self.recompute_method and self.recompute_num_layers):
             raise ValueError("recompute_granularity 'full' needs recompute_method and recompute_num_layers")
+        if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
+            # Megatron reads them only with full recompute: set alone, they would do nothing, unseen.
+            raise ValueError(
+                "recompute_method and recompute_num_layers take effect only with recompute_granularity 'full'"
+            )
         return self
 
     def state_layout(self, data_parallel_size: int) -> dict[str, object]:
