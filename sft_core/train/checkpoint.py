@@ -7,7 +7,8 @@ Inside a run folder (run_folder.py):
     sft_train/checkpoint-<step>/train_state/      exact resume: DCP optimizer (and a LoRA adapter),
                                                   scheduler and RNG per rank; full weights are read
                                                   back from the Hugging Face folder (fp32, exact)
-    sft_train/checkpoint-<step>/trainer_state.json step, metric history, MLflow run id, data fingerprint
+    sft_train/checkpoint-<step>/trainer_state.json step, metric history, MLflow run id, data fingerprint,
+                                                   what a resume must keep (global batch, LoRA, layout)
     sft_train/checkpoint-<step>/manifest.json     every file above with its size
 
 Workers write into the run's hidden `.checkpoint-<step>.tmp` folder; `publish` writes the manifest,
