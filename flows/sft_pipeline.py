@@ -44,15 +44,14 @@ from sft_core.tracking.mlflow_tracker import (
 from sft_core.tracking.tensorboard import TensorBoardTracker
 from sft_core.train import metrics as m
 from sft_core.train.artifacts import SplitFiles, TrainArtifacts
-from sft_core.train.checkpoint import (
+from sft_core.train.checkpoint import latest_in_run, read_state
+from sft_core.train.resume_checks import (
     check_data_fingerprint,
     check_global_batch,
     check_same_adapter,
     check_same_layout,
     check_same_model,
     check_training_args,
-    latest_in_run,
-    read_state,
 )
 from sft_core.train.run_folder import RunFolder, RunLock, died_holding, plan_run, refuse_inside_a_checkpoint
 from tasks.caching import digest, file_digest

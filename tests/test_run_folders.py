@@ -13,6 +13,7 @@ import pytest
 
 from sft_core.errors import ConfigError
 from sft_core.train import checkpoint as ckpt
+from sft_core.train import resume_checks
 from sft_core.train.run_folder import (
     RunFolder,
     RunFolderBusy,
@@ -132,18 +133,18 @@ def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run
 
 def test_resume_over_changed_data_is_refused_or_warned(tmp_path):
     state = {"global_step": 4, "data_fingerprint": "a" * 32, "data_fingerprint_by": "content"}
-    assert ckpt.check_data_fingerprint(state, "a" * 32, "error", legacy=lambda: "x" * 32) is None
+    assert resume_checks.check_data_fingerprint(state, "a" * 32, "error", legacy=lambda: "x" * 32) is None
     with pytest.raises(ConfigError, match="resume_data_check"):
-        ckpt.check_data_fingerprint(state, "b" * 32, "error")
-    assert "data differs" in ckpt.check_data_fingerprint(state, "b" * 32, "warn")
+        resume_checks.check_data_fingerprint(state, "b" * 32, "error")
+    assert "data differs" in resume_checks.check_data_fingerprint(state, "b" * 32, "warn")
     # Saved before fingerprints were taken by content: compared with the old kind, and a difference
     # may be a code update alone, which the message says.
     old = {"global_step": 4, "data_fingerprint": "k" * 32}
-    assert ckpt.check_data_fingerprint(old, "a" * 32, "error", legacy=lambda: "k" * 32) is None
+    assert resume_checks.check_data_fingerprint(old, "a" * 32, "error", legacy=lambda: "k" * 32) is None
     with pytest.raises(
         ConfigError, match=r"k{12} -> l{12}: .*or only the pipeline's code: this checkpoint was saved"
     ):
-        ckpt.check_data_fingerprint(old, "a" * 32, "error", legacy=lambda: "l" * 32)
+        resume_checks.check_data_fingerprint(old, "a" * 32, "error", legacy=lambda: "l" * 32)
 
 
 def test_the_data_fingerprint_follows_the_data_not_the_code(tmp_path):
@@ -186,11 +187,15 @@ def test_resume_refuses_training_args_its_optimizer_state_would_override(tmp_pat
 
     trained = TrainingArgs(learning_rate=1e-4, max_steps=10).model_dump()
     state = {"global_step": 4, "training_args": trained}
-    assert ckpt.check_training_args(state, trained) == []
-    assert ckpt.check_training_args({"global_step": 4}, trained) == []  # a checkpoint from before the record
+    assert resume_checks.check_training_args(state, trained) == []
+    assert (
+        resume_checks.check_training_args({"global_step": 4}, trained) == []
+    )  # a checkpoint from before the record
     with pytest.raises(ConfigError, match=r"learning_rate 0\.0001 -> 1e-05.*start a new run"):
-        ckpt.check_training_args(state, TrainingArgs(learning_rate=1e-5, max_steps=10).model_dump())
-    longer = ckpt.check_training_args(state, TrainingArgs(learning_rate=1e-4, max_steps=20).model_dump())
+        resume_checks.check_training_args(state, TrainingArgs(learning_rate=1e-5, max_steps=10).model_dump())
+    longer = resume_checks.check_training_args(
+        state, TrainingArgs(learning_rate=1e-4, max_steps=20).model_dump()
+    )
     assert longer == [
         "sft_train.training_args.max_steps changed from 10 to 20 since the checkpoint at step 4; "
         "it applies from there on"
@@ -264,16 +269,18 @@ def test_a_resume_must_keep_the_global_batch(tmp_path):
     recorded = {"global_step": 4, "global_batch_size": 4, "training_args": args}
     legacy = {"global_step": 4, "training_args": args}
     for state in (recorded, legacy):
-        assert ckpt.saved_global_batch(checkpoint, state) == 4
-        ckpt.check_global_batch(checkpoint, state, 4, "2 x 2 x 1 worker")  # e.g. accumulation 2, one worker
+        assert resume_checks.saved_global_batch(checkpoint, state) == 4
+        resume_checks.check_global_batch(
+            checkpoint, state, 4, "2 x 2 x 1 worker"
+        )  # e.g. accumulation 2, one worker
         with pytest.raises(ConfigError, match=(
             r"config key 'sft_train': the checkpoint at step 4 was trained with a global batch of 4 rows a "
             r"step, this config gives 2 \(how\)\. The data position of a resume counts global batches"
         )):  # fmt: skip
-            ckpt.check_global_batch(checkpoint, state, 2, "how")
+            resume_checks.check_global_batch(checkpoint, state, 2, "how")
     # Nothing recorded and no rank files that say it (megatron's): no check.
-    assert ckpt.saved_global_batch(tmp_path, legacy) is None
-    ckpt.check_global_batch(tmp_path, legacy, 2, "how")
+    assert resume_checks.saved_global_batch(tmp_path, legacy) is None
+    resume_checks.check_global_batch(tmp_path, legacy, 2, "how")
 
 
 def test_a_resume_into_a_model_of_another_shape_is_refused_naming_pretrain(tmp_path):
@@ -293,12 +300,12 @@ def test_a_resume_into_a_model_of_another_shape_is_refused_naming_pretrain(tmp_p
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config))
     state = {"global_step": 6, "cluster_name": "sft_train"}
-    ckpt.check_same_model(checkpoint, state, str(same), "my-model")  # other settings may differ
+    resume_checks.check_same_model(checkpoint, state, str(same), "my-model")  # other settings may differ
     with pytest.raises(ConfigError, match=(
         r"config key 'pretrain': the checkpoint at step 6 was trained from a model of another shape than "
         r"'embedded:smollm2-135m-instruct' \(hidden_size 64 -> 576, num_hidden_layers 2 -> 30\)"
     )):  # fmt: skip
-        ckpt.check_same_model(checkpoint, state, str(other), "embedded:smollm2-135m-instruct")
+        resume_checks.check_same_model(checkpoint, state, str(other), "embedded:smollm2-135m-instruct")
 
 
 def test_a_resume_keeps_the_lora_adapters_it_saved(tmp_path):
@@ -311,8 +318,8 @@ def test_a_resume_keeps_the_lora_adapters_it_saved(tmp_path):
     checkpoint = tmp_path / "checkpoint-6"
     (checkpoint / "sft_train").mkdir(parents=True)
     state = {"global_step": 6, "cluster_name": "sft_train", "lora": lora}
-    assert ckpt.check_same_adapter(checkpoint, state, dict(lora)) == []
-    assert ckpt.check_same_adapter(checkpoint, state, {**lora, "dropout": 0.1}) == [
+    assert resume_checks.check_same_adapter(checkpoint, state, dict(lora)) == []
+    assert resume_checks.check_same_adapter(checkpoint, state, {**lora, "dropout": 0.1}) == [
         "sft_train.model_args.lora.dropout changed from 0.0 to 0.1 since the checkpoint at step 6"
     ]
     for change, shown in (("target_modules", ["q_proj", "v_proj"]), ("rank", 16), ("alpha", 64.0)):
@@ -320,22 +327,22 @@ def test_a_resume_keeps_the_lora_adapters_it_saved(tmp_path):
             rf"config key 'sft_train.model_args.lora': the checkpoint at step 6 saved adapters with other "
             rf"settings \({change} {re.escape(str(lora[change]))} -> {re.escape(str(shown))}\)"
         )):  # fmt: skip
-            ckpt.check_same_adapter(checkpoint, state, {**lora, change: shown})
+            resume_checks.check_same_adapter(checkpoint, state, {**lora, change: shown})
     with pytest.raises(ConfigError, match="was trained with LoRA adapters, this config trains without"):
-        ckpt.check_same_adapter(checkpoint, state, None)
+        resume_checks.check_same_adapter(checkpoint, state, None)
     full = {"global_step": 6, "cluster_name": "sft_train", "lora": None}
     with pytest.raises(ConfigError, match="was trained without LoRA adapters, this config trains with"):
-        ckpt.check_same_adapter(checkpoint, full, lora)
+        resume_checks.check_same_adapter(checkpoint, full, lora)
     # Saved before the settings were recorded: the folder tells (an adapter's rank and alpha, or a full model).
     (checkpoint / "sft_train" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16.0}))
     legacy = {"global_step": 6, "cluster_name": "sft_train"}
-    assert ckpt.check_same_adapter(checkpoint, legacy, dict(lora)) == []
+    assert resume_checks.check_same_adapter(checkpoint, legacy, dict(lora)) == []
     with pytest.raises(ConfigError, match=r"\(rank 8 -> 4\)"):
-        ckpt.check_same_adapter(checkpoint, legacy, {**lora, "rank": 4})
+        resume_checks.check_same_adapter(checkpoint, legacy, {**lora, "rank": 4})
     (checkpoint / "sft_train" / "adapter_config.json").unlink()
     (checkpoint / "sft_train" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="was trained without LoRA adapters"):
-        ckpt.check_same_adapter(checkpoint, legacy, lora)
+        resume_checks.check_same_adapter(checkpoint, legacy, lora)
 
 
 def test_a_resume_keeps_the_strategy_family_and_megatron_layout_its_state_was_sharded_by(tmp_path):
@@ -355,7 +362,7 @@ def test_a_resume_keeps_the_strategy_family_and_megatron_layout_its_state_was_sh
     checkpoint = tmp_path / "checkpoint-4"
     (checkpoint / "train_state").mkdir(parents=True)
     state = {"global_step": 4, "parallel": layout("megatron_train", "tensor_model_parallel_size=2")}
-    ckpt.check_same_layout(
+    resume_checks.check_same_layout(
         checkpoint,
         state,
         layout("megatron_train", "tensor_model_parallel_size=2", "recompute_granularity=selective"),
@@ -364,25 +371,29 @@ def test_a_resume_keeps_the_strategy_family_and_megatron_layout_its_state_was_sh
         r"config key 'sft_train.strategy_args.strategy_config': the checkpoint at step 4 holds each rank's "
         r"shards of another layout \(tensor_model_parallel_size 2 -> 1\)"
     )):  # fmt: skip
-        ckpt.check_same_layout(checkpoint, state, layout())
+        resume_checks.check_same_layout(checkpoint, state, layout())
     sharded = {"global_step": 4, "parallel": layout("megatron_train", "use_distributed_optimizer=true")}
-    ckpt.check_same_layout(checkpoint, sharded, layout("megatron_train", "use_distributed_optimizer=true"))
+    resume_checks.check_same_layout(
+        checkpoint, sharded, layout("megatron_train", "use_distributed_optimizer=true")
+    )
     one_worker = parallel_layout(load_config("sft_config", [
         "sft_train.strategy_args.strategy_name=megatron_train", "sft_train.device_mapping=[0]",
         "+sft_train.strategy_args.strategy_config.use_distributed_optimizer=true",
     ]))  # fmt: skip
     with pytest.raises(ConfigError, match=r"\(data_parallel_size 2 -> 1\)"):
-        ckpt.check_same_layout(checkpoint, sharded, one_worker)
+        resume_checks.check_same_layout(checkpoint, sharded, one_worker)
     with pytest.raises(
         ConfigError, match=r"saved by megatron_train \(megatron resume state\), which ddp_train cannot"
     ):
-        ckpt.check_same_layout(checkpoint, state, layout("ddp_train"))
+        resume_checks.check_same_layout(checkpoint, state, layout("ddp_train"))
     torch_state = {"global_step": 4, "parallel": layout("fsdp2_train")}
-    ckpt.check_same_layout(checkpoint, torch_state, layout("ddp_train"))  # one format, resharded on load
+    resume_checks.check_same_layout(
+        checkpoint, torch_state, layout("ddp_train")
+    )  # one format, resharded on load
     with pytest.raises(ConfigError, match=r"saved by fsdp2_train \(dcp resume state\), which megatron_train"):
-        ckpt.check_same_layout(checkpoint, torch_state, layout())
+        resume_checks.check_same_layout(checkpoint, torch_state, layout())
     # Saved before the layout was recorded: megatron's rank files tell the format.
     (checkpoint / "train_state" / "megatron_rank0.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"saved by an earlier run \(megatron resume state\)"):
-        ckpt.check_same_layout(checkpoint, {"global_step": 4}, layout("ddp_train"))
-    ckpt.check_same_layout(checkpoint, {"global_step": 4}, layout())  # the worker checks the layout
+        resume_checks.check_same_layout(checkpoint, {"global_step": 4}, layout("ddp_train"))
+    resume_checks.check_same_layout(checkpoint, {"global_step": 4}, layout())  # the worker checks the layout
