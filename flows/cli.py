@@ -108,6 +108,13 @@ def print_summary(result: dict[str, Any], wall: float) -> None:
         if is_tracking_server(uri)
         else f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000   then http://127.0.0.1:5000"
     )
+    name, version = result["registered_model"], result["model_version"]
+    # No version: the run started from another output_dir's checkpoint, which already completed it.
+    registered = (
+        f"{name} version {version} (models:/{name}/{version})"
+        if version is not None
+        else f"{name}: no version in this registry (the checkpoint started from already completes the run)"
+    )
     # The commands paste as they are: paths quoted for the shell, the checkpoint as a Python literal.
     print(
         textwrap.dedent(f"""
@@ -118,7 +125,7 @@ def print_summary(result: dict[str, Any], wall: float) -> None:
         MLflow:
           tracking URI      {uri}
           run               {result["mlflow_run_id"]} (experiment {result["mlflow_experiment_id"]})
-          registered model  {result["registered_model"]} version {result["model_version"]} (models:/{result["registered_model"]}/{result["model_version"]})
+          registered model  {registered}
           open the UI       {mlflow_ui}
         Prefect:
           flow run          {ui}/runs/flow-run/{result["flow_run_id"]}

@@ -121,6 +121,13 @@ def test_the_run_summary_commands_paste_as_they_are_whatever_the_paths(capsys):
     command = ui.removeprefix("open the UI").split("   then")[0]
     assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", result["mlflow_tracking_uri"],
                                     "--port", "5000"]  # fmt: skip
+    assert "registered model  e version 1 (models:/e/1)" in lines
+    # A run from another output_dir's checkpoint that already completes it registers nothing here.
+    print_summary({**result, "model_version": None}, 1.0)
+    assert (
+        "registered model  e: no version in this registry (the checkpoint started from already completes the run)"
+        in [line.strip() for line in capsys.readouterr().out.splitlines()]
+    )
 
 
 def test_a_registry_error_while_pruning_removes_no_checkpoint_folder(tmp_path):
