@@ -173,6 +173,23 @@ def parallel_layout(cfg: SFTConfig) -> dict[str, Any]:
     }
 
 
+def check_resume_keeps(cfg: SFTConfig, checkpoint: Path, state: dict[str, Any], model_dir: str) -> list[str]:
+    """Refuse (ConfigError naming the key) a resume that changes what the checkpoint's state fixes:
+    the strategy's state format and layout, the model's shape, the LoRA adapter, the global batch,
+    the optimizer's hyperparameters. Returns a warning line per allowed change."""
+    check_same_layout(checkpoint, state, parallel_layout(cfg))
+    check_same_model(checkpoint, state, model_dir, cfg.pretrain)
+    t = cfg.sft_train.training_args
+    check_global_batch(checkpoint, state, cfg.global_batch_size, (
+        f"per_device_train_batch_size {t.per_device_train_batch_size} x gradient_accumulation_steps "
+        f"{t.gradient_accumulation_steps} x {cfg.data_parallel_size} data-parallel worker(s)"
+    ))  # fmt: skip
+    return [
+        *check_same_adapter(checkpoint, state, lora_settings(cfg)),
+        *check_training_args(state, t.model_dump()),
+    ]
+
+
 def key_fingerprint(encoded: dict[str, EncodedSplit], packed: dict[str, PackedSplit]) -> str:
     """The fingerprint of checkpoints saved before it was taken by content: the encode cache keys,
     which cover the pipeline's data code too, and the plans' names."""
@@ -556,17 +573,7 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     )
     if warning:
         logger.warning("%s; continuing (resume_data_check: warn)", warning)
-    if plan.resume:
-        check_same_layout(plan.resume, state, parallel_layout(cfg))
-        check_same_model(plan.resume, state, model_dir, cfg.pretrain)
-        for change in check_same_adapter(plan.resume, state, lora_settings(cfg)):
-            logger.warning("%s", change)
-        t = cfg.sft_train.training_args
-        check_global_batch(plan.resume, state, cfg.global_batch_size, (
-            f"per_device_train_batch_size {t.per_device_train_batch_size} x gradient_accumulation_steps "
-            f"{t.gradient_accumulation_steps} x {cfg.data_parallel_size} data-parallel worker(s)"
-        ))  # fmt: skip
-    for change in check_training_args(state, cfg.sft_train.training_args.model_dump()):
+    for change in check_resume_keeps(cfg, plan.resume, state, model_dir) if plan.resume else []:
         logger.warning("%s", change)
     with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:
         plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
