@@ -232,6 +232,32 @@ def test_a_retried_flow_run_logs_each_metric_once_per_step(tmp_path):
     assert steps == {"data/train/rows": [0], "sft_train/val_loss": [0], "sft_train/loss": [1, 2, 3, 4]}
 
 
+def test_steps_an_earlier_attempt_logged_after_the_checkpoint_show_the_resumed_values(tmp_path):
+    """An attempt killed at step 9 after checkpoint 6, resumed with another schedule (an allowed
+    change): steps 7-9 are trained again with other values. They replace the killed attempt's in
+    MLflow (as TensorBoard's purge does), one point a step, and each key's latest value follows."""
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri(str(tmp_path))
+    first = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {})
+    first.log_metrics({"data/train/rows": 10.0}, 0)
+    for step in range(1, 10):
+        first.log_metrics({"sft_train/loss": 10.0 - step, "sft_train/lr": 1e-3 / step}, step)
+    first.log_metrics({"sft_train/val_loss": 4.0}, 6)
+    resumed = MLflowTracker(uri, "e", str(tmp_path / "artifacts"), "r", {}, first.run_id, resume_step=6)
+    resumed.log_metrics({"data/train/rows": 10.0}, 0)  # a retry logs the data metrics again
+    for step in (7, 8):
+        resumed.log_metrics({"sft_train/loss": 20.0 + step, "sft_train/lr": 1e-3}, step)
+    client = MlflowClient(tracking_uri=uri)
+    history = {k: [(m.step, m.value) for m in sorted(client.get_metric_history(first.run_id, k), key=lambda m: m.step)]
+               for k in ("sft_train/loss", "sft_train/lr", "sft_train/val_loss", "data/train/rows")}  # fmt: skip
+    assert history["sft_train/loss"] == [(s, 10.0 - s) for s in range(1, 7)] + [(7, 27.0), (8, 28.0)]
+    assert [v for _, v in history["sft_train/lr"]][6:] == [1e-3, 1e-3]
+    assert history["sft_train/val_loss"] == [(6, 4.0)] and history["data/train/rows"] == [(0, 10.0)]
+    latest = client.get_run(first.run_id).data.metrics  # MLflow's latest_metrics: step 8 now, not 9
+    assert latest["sft_train/loss"] == 28.0 and latest["sft_train/val_loss"] == 4.0
+
+
 def test_a_run_branched_from_another_runs_checkpoint_logs_to_an_mlflow_run_of_its_own(tmp_path):
     from flows.sft_pipeline import start_tracking
 

@@ -25,7 +25,7 @@ from urllib.request import url2pathname
 
 from sft_core.errors import exception_chain
 from sft_core.tracking import flatten
-from sft_core.tracking.mlflow_store import registry_lock, seed_sqlite
+from sft_core.tracking.mlflow_store import registry_lock, seed_sqlite, sqlite_path
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -176,10 +176,17 @@ class MLflowTracker:
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
+    @uninterrupted
     def continue_after(self, step: int) -> None:
-        """Continuing from the checkpoint at `step`: what the run logged after it is recomputed
-        identically by an exact resume, and a retried flow run logs again what came before it (the
-        data metrics at step 0): a (key, step) the run already has is never logged twice."""
+        """Continuing from the checkpoint at `step`. Steps after it that an earlier attempt logged
+        are redone: in a local sqlite store their points are removed, so the run shows the values
+        of the attempt that trained them (another value where the resume changed an allowed
+        setting: the schedule, the worker count). A tracking server offers no way to remove points:
+        there the earlier values stay. A retried flow run logs again what came before the
+        checkpoint (the data metrics at step 0): a (key, step) the run already has is never logged
+        twice."""
+        if (db := sqlite_path(self.tracking_uri)) is not None:
+            _forget_steps_after(db, self.run_id, step)
         self._already_logged = {
             (key, m.step)
             for key in self.client.get_run(self.run_id).data.metrics
@@ -213,6 +220,26 @@ class MLflowTracker:
     @uninterrupted
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _forget_steps_after(db: Path, run_id: str, step: int) -> None:
+    """Remove a run's metric points after `step` from MLflow's sqlite store, and make each key's
+    latest value (MLflow's own table) the newest point left: by step, then time, then value, as
+    MLflow orders them."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as conn, conn:
+        conn.execute("DELETE FROM metrics WHERE run_uuid = ? AND step > ?", (run_id, step))
+        conn.execute("DELETE FROM latest_metrics WHERE run_uuid = ?", (run_id,))
+        conn.execute(
+            """INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
+               SELECT key, value, timestamp, step, is_nan, run_uuid FROM (
+                 SELECT *, ROW_NUMBER() OVER (
+                   PARTITION BY key ORDER BY step DESC, timestamp DESC, value DESC) AS newest
+                 FROM metrics WHERE run_uuid = ?)
+               WHERE newest = 1""",
+            (run_id,),
+        )
 
 
 @uninterrupted
