@@ -115,17 +115,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a surrogate written as a JSON escape
 
 
-def _not_utf8(value: object, path: str = "") -> str | None:
-    """The field path of the first string that is not valid text: bytes that were not UTF-8 (kept
-    as surrogate escapes) or a lone surrogate from a JSON escape; the tokenizer cannot take either."""
-    if isinstance(value, str):
-        return path if _SURROGATE.search(value) else None
+def _nodes(value: object, path: str = "") -> Iterator[tuple[str, object]]:
+    """Every value inside a decoded row with its field path (`messages[2].content`), depth first,
+    each object before what it holds. Rows are checked not to nest absurdly deep before this runs."""
+    yield path, value
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
-        if (found := _not_utf8(item, sub)) is not None:
-            return found
-    return None
+        yield from _nodes(
+            item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        )
+
+
+def _not_utf8(value: object) -> str | None:
+    """The field path of the first string that is not valid text: bytes that were not UTF-8 (kept
+    as surrogate escapes) or a lone surrogate from a JSON escape; the tokenizer cannot take either."""
+    return next((path for path, v in _nodes(value) if isinstance(v, str) and _SURROGATE.search(v)), None)
 
 
 def _nests_deeper(value: object, limit: int = _MAX_DEPTH) -> bool:
@@ -160,20 +164,18 @@ class _RepeatedKeys:
                 seen.add(key)
         return obj
 
-    def where(self, value: object, path: str = "") -> str | None:
+    def where(self, value: object) -> str | None:
         """The path of the first key named twice inside `value` (decoded through this hook), or None."""
         if not self.found:
             return None
-        if isinstance(value, dict) and (twice := self.found.get(id(value))) is not None:
-            return f"{path}.{twice}" if path else twice
-        items = (
-            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        return next(
+            (
+                f"{path}.{self.found[id(v)]}" if path else self.found[id(v)]
+                for path, v in _nodes(value)
+                if isinstance(v, dict) and id(v) in self.found
+            ),
+            None,
         )
-        for key, item in items:
-            sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
-            if (found := self.where(item, sub)) is not None:
-                return found
-        return None
 
 
 def _repeated(unit: str, index: int, field: str) -> str:

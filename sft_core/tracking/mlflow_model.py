@@ -22,14 +22,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
 
 
-def _version(package: str) -> str:
+def _requirements(*extra: str) -> list[str]:
     from importlib.metadata import version
 
-    return version(package)
-
-
-def _requirements() -> list[str]:
-    return [f"{p}=={_version(p)}" for p in ("mlflow", "transformers", "torch", "safetensors", "accelerate")]
+    return [
+        f"{p}=={version(p)}" for p in ("mlflow", "transformers", "torch", "safetensors", "accelerate", *extra)
+    ]
 
 
 def write_mlflow_model(hf_dir: Path) -> None:
@@ -50,7 +48,7 @@ def write_mlflow_model(hf_dir: Path) -> None:
     for name in _TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, components / name)
-    requirements = _requirements() + (["peft==" + _version("peft")] if base else [])
+    requirements = _requirements("peft") if base else _requirements()
     versions = dict(r.split("==") for r in requirements)  # not `import transformers`: seconds, for a string
     (hf_dir / "requirements.txt").write_text("\n".join(requirements) + "\n")
     python = platform.python_version()

@@ -10,11 +10,28 @@ the per-rank state's format and layout.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from sft_core.errors import ConfigError
+
+# The way out every refusal offers: the checkpoint's Hugging Face folder as a new run's pretrained model.
+_NEW_RUN = "start a new run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)"
+
+
+def _changes(saved: dict[str, Any], current: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """'<key> <saved> -> <current>' for each of `keys` both hold with different values."""
+    return [
+        f"{k} {saved[k]} -> {current[k]}"
+        for k in keys
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+
+
+def _exported(checkpoint: Path, state: dict[str, Any]) -> Path:
+    """The checkpoint's Hugging Face folder (a LoRA run's: its adapter)."""
+    return checkpoint / state.get("cluster_name", "sft_train")
 
 
 def check_data_fingerprint(
@@ -68,8 +85,7 @@ def check_training_args(state: dict[str, Any], current: dict[str, Any]) -> list[
         raise ConfigError(
             f"config key 'sft_train.training_args': resuming the checkpoint at step {state.get('global_step')} "
             f"with {listed}, which its saved optimizer state would override. Resume with the values it was "
-            "trained with, or start a new run (resume_from_checkpoint: false) from its Hugging Face folder "
-            "(pretrain: <checkpoint>/sft_train) to train with new ones."
+            f"trained with, or {_NEW_RUN} to train with new ones."
         )
     return [
         f"sft_train.training_args.{k} changed from {old} to {new} since the checkpoint at step "
@@ -101,8 +117,7 @@ def check_global_batch(checkpoint: Path, state: dict[str, Any], current: int, ho
             f"global batch of {saved} rows a step, this config gives {current} ({how}). The data position "
             "of a resume counts global batches, so another size would train some rows again and skip "
             "others. Resume with the same product (e.g. more gradient_accumulation_steps for fewer "
-            "workers), or start a new run (resume_from_checkpoint: false) from its Hugging Face folder "
-            "(pretrain: <checkpoint>/sft_train)."
+            f"workers), or {_NEW_RUN}."
         )
 
 
@@ -117,17 +132,12 @@ SHAPE_KEYS = (
 def check_same_model(checkpoint: Path, state: dict[str, Any], model_dir: str, pretrain: str) -> None:
     """Refuse to resume a checkpoint into a model of another shape than it was trained from. A LoRA
     checkpoint holds its adapter (no config.json): its base is pretrain's folder, as in training."""
-    saved_config = checkpoint / state.get("cluster_name", "sft_train") / "config.json"
+    saved_config = _exported(checkpoint, state) / "config.json"
     if not saved_config.is_file():
         return
     saved = json.loads(saved_config.read_text())
     current = json.loads((Path(model_dir) / "config.json").read_text())
-    changed = [
-        f"{k} {saved[k]} -> {current[k]}"
-        for k in SHAPE_KEYS
-        if k in saved and k in current and saved[k] != current[k]
-    ]
-    if changed:
+    if changed := _changes(saved, current, SHAPE_KEYS):
         raise ConfigError(
             f"config key 'pretrain': the checkpoint at step {state.get('global_step')} was trained from a model "
             f"of another shape than '{pretrain}' ({', '.join(changed)}). Resume with the pretrain it was "
@@ -145,7 +155,7 @@ def saved_lora(checkpoint: Path, state: dict[str, Any]) -> tuple[bool, dict[str,
     the folder of a checkpoint saved before they were (its adapter_config.json, or a full model)."""
     if "lora" in state:
         return True, state["lora"]
-    folder = checkpoint / state.get("cluster_name", "sft_train")
+    folder = _exported(checkpoint, state)
     if (folder / "adapter_config.json").is_file():
         adapter = json.loads((folder / "adapter_config.json").read_text())
         return True, {"rank": adapter.get("r"), "alpha": adapter.get("lora_alpha"), "target_modules": None}
@@ -163,17 +173,12 @@ def check_same_adapter(checkpoint: Path, state: dict[str, Any], lora: dict[str, 
         trained, given = ("with", "without") if saved else ("without", "with")
         raise ConfigError(
             f"config key 'sft_train.model_args.lora': the checkpoint at step {step} was trained {trained} LoRA "
-            f"adapters, this config trains {given}. Resume as it was trained, or start a new run "
-            "(resume_from_checkpoint: false) from its Hugging Face folder."
+            f"adapters, this config trains {given}. Resume as it was trained, or {_NEW_RUN}."
         )
     if saved is None or lora is None:
         return []
-    changed = [
-        f"{k} {saved[k]} -> {lora[k]}"
-        for k in ADAPTER_KEYS
-        if saved.get(k) is not None and saved[k] != lora[k]
-    ]
-    if changed:
+    known_settings = {k: v for k, v in saved.items() if v is not None}  # an older checkpoint's: rank, alpha
+    if changed := _changes(known_settings, lora, ADAPTER_KEYS):
         raise ConfigError(
             f"config key 'sft_train.model_args.lora': the checkpoint at step {step} saved adapters with other "
             f"settings ({', '.join(changed)}): resumed, they would be loaded into other adapters or partly "
@@ -203,18 +208,13 @@ def check_same_layout(checkpoint: Path, state: dict[str, Any], current: dict[str
         raise ConfigError(
             f"config key 'sft_train.strategy_args.strategy_name': the checkpoint at step {step} was saved by "
             f"{saved['strategy_name']} ({saved['state_format']} resume state), which {current['strategy_name']} "
-            "cannot read. Resume with the strategy it was trained with, or start a new run "
-            "(resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)."
+            f"cannot read. Resume with the strategy it was trained with, or {_NEW_RUN}."
         )
     was, now = saved["layout"], current["layout"]
     if was is not None and now is not None and was != now:
-        changed = [
-            f"{k} {was.get(k)} -> {now.get(k)}"
-            for k in sorted(set(was) | set(now))
-            if was.get(k) != now.get(k)
-        ]
+        every = sorted(set(was) | set(now))  # a key only one of them has shows as None on the other side
+        changed = _changes(dict.fromkeys(every) | was, dict.fromkeys(every) | now, every)
         raise ConfigError(
             f"config key 'sft_train.strategy_args.strategy_config': the checkpoint at step {step} holds each "
-            f"rank's shards of another layout ({', '.join(changed)}). Resume with its layout, or start a new "
-            "run (resume_from_checkpoint: false) from its Hugging Face folder (pretrain: <checkpoint>/sft_train)."
+            f"rank's shards of another layout ({', '.join(changed)}). Resume with its layout, or {_NEW_RUN}."
         )
