@@ -33,7 +33,9 @@ UNSUPPORTED_TRACKERS = {
     "swanlab": "SwanLab is not supported",
     "stdout": "stdout tracking is always on",
 }
-_MAX_EXP_NAME = 500  # MLflow's MAX_EXPERIMENT_NAME_LENGTH
+# MLflow's validator takes 500, but its database schema keeps a run's name in 250 characters (Postgres
+# and MySQL enforce it; sqlite does not) and ours is '<exp_name>-<run folder>' (up to ~30 more).
+_MAX_EXP_NAME = 200
 
 
 class LoraArgs(StrictModel):
@@ -229,12 +231,12 @@ class SFTConfig(StrictModel):
     @classmethod
     def _registry_name(cls, name: str) -> str:
         # It names the MLflow experiment and registered model: the registry refuses '/' and ':' and a
-        # name that is not its own path component ('.', '..', '..x': MLflow's path_not_unique), an
-        # experiment's name has at most 500 characters, and the registry's search filters (pruning)
-        # can quote a name holding ' or " but not one holding both.
+        # name that is not its own path component ('.', '..', '..x': MLflow's path_not_unique), and
+        # the registry's search filters (pruning) can quote a name holding ' or " but not one holding both.
         if len(name) > _MAX_EXP_NAME:
             raise ValueError(
-                f"{len(name)} characters, more than the {_MAX_EXP_NAME} an MLflow experiment name may have"
+                f"{len(name)} characters, more than {_MAX_EXP_NAME} (the MLflow run is named "
+                "'<exp_name>-<run folder>', and a database-backed MLflow keeps 250 characters of it)"
             )
         norm = posixpath.normpath(name)
         path_like = norm != name or norm == "." or norm.startswith(("..", "/"))
