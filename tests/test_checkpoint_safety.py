@@ -81,6 +81,32 @@ def test_tampered_checkpoint_index_is_refused_without_running_it(tmp_path: Path)
     assert marker.exists()
 
 
+def _global_call(module: str, name: str, arg: str) -> bytes:
+    """A pickle (protocol 4) that calls module.name(arg): what a hand-written index can hold."""
+    short = [bytes([0x8C, len(t.encode())]) + t.encode() for t in (module, name, arg)]
+    return b"\x80\x04" + short[0] + short[1] + b"\x93" + short[2] + b"\x85R."
+
+
+@pytest.mark.parametrize("name", ["os.mkdir", "torch.load", "field", "dataclass", "Enum.__new__"])
+def test_an_index_naming_anything_but_its_own_classes_through_their_module_is_refused(tmp_path, name):
+    """The metadata module imports os and torch, and protocol 4 resolves dotted names: allowing the
+    module's names by prefix would let "os.mkdir" through."""
+    from sft_core.errors import UserError
+    from sft_core.train.dcp_metadata import check_checkpoint_index
+
+    marker = tmp_path / "PWNED"
+    index = tmp_path / "train_state" / "dcp" / ".metadata"
+    index.parent.mkdir(parents=True)
+    index.write_bytes(_global_call("torch.distributed.checkpoint.metadata", name, str(marker)))
+    with pytest.raises(UserError, match=rf"refers to torch\.distributed\.checkpoint\.metadata\.{name}"):
+        check_checkpoint_index(tmp_path / "train_state")
+    assert not marker.exists()
+    # Unchecked, the first one does run: the bytes are a working attack.
+    if name == "os.mkdir":
+        pickle.loads(index.read_bytes())
+        assert marker.is_dir()
+
+
 def test_a_tampered_index_stops_the_resume_before_any_worker_with_a_clear_error(tmp_path):
     from sft_core.errors import UserError
     from sft_core.train.dcp_metadata import check_checkpoint_index

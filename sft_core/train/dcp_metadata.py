@@ -21,6 +21,19 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from sft_core.errors import UserError
 
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+# By name: that module also imports `os` and `torch`, and pickle resolves a dotted name ("os.system").
+_METADATA_CLASSES = frozenset(
+    {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    }
+)
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): None,
@@ -36,7 +49,7 @@ class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module == _METADATA_MODULE and not name.startswith("__"):
+        if module == _METADATA_MODULE and name in _METADATA_CLASSES:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
