@@ -131,6 +131,31 @@ def test_pruning_keeps_the_newest_and_the_protected_and_only_touches_its_own_run
     assert ckpt.is_complete(other.checkpoint(1))
 
 
+def test_a_link_placed_among_checkpoints_or_runs_is_never_pruned_through_nor_resumed(tmp_path):
+    """A checkpoint or run "shared" into an output_dir by a link is not that run's: pruning it
+    deleted the folder it pointed at (another run's checkpoint, or anything else)."""
+    elsewhere = plan_run(str(tmp_path / "other_out"), False, "aaaaaaaa-1111").run
+    shared = fake_save(elsewhere, 1)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("x")
+    run = plan_run(str(tmp_path / "out"), False, "bbbbbbbb-2222").run
+    fake_save(run, 2)
+    fake_save(run, 4)
+    (run.checkpoints_root / "checkpoint-1").symlink_to(shared)
+    (run.checkpoints_root / "checkpoint-3").symlink_to(victim)
+    (run.root.parent / "zzzz-linked-run").symlink_to(elsewhere.root)  # newest name: would be "latest"
+
+    assert [p.name for p in ckpt.checkpoints_in_run(run, complete_only=False)] == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert ckpt.prune(run, 1) == [run.checkpoint(2).resolve()]
+    assert (victim / "keep.txt").is_file() and ckpt.is_complete(shared)
+    assert ckpt.latest_checkpoint(str(tmp_path / "out")) == run.checkpoint(4).resolve()
+    assert find_run(str(tmp_path / "out"), "aaaaaaaa-1111") is None
+
+
 def test_resume_over_changed_data_is_refused_or_warned(tmp_path):
     state = {"global_step": 4, "data_fingerprint": "a" * 32, "data_fingerprint_by": "content"}
     assert resume_checks.check_data_fingerprint(state, "a" * 32, "error", legacy=lambda: "x" * 32) is None

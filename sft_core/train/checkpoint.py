@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.errors import ConfigError, StorageError
-from sft_core.train.run_folder import RunFolder, runs_root
+from sft_core.train.run_folder import RunFolder, own_entries, runs_root
 
 MANIFEST = "manifest.json"
 
@@ -135,7 +135,9 @@ def step_of(path: Path) -> int | None:
 def checkpoints_in_run(run: RunFolder, complete_only: bool = True) -> list[Path]:
     """The run's published checkpoints, oldest step first."""
     found = sorted(
-        (s, p.resolve()) for p in run.checkpoints_root.glob("checkpoint-*") if (s := step_of(p)) is not None
+        (s, p.resolve())
+        for p in own_entries(run.checkpoints_root, "checkpoint-*")
+        if (s := step_of(p)) is not None
     )
     return [p for _, p in found if not complete_only or is_complete(p)]
 
@@ -147,9 +149,8 @@ def latest_in_run(run: RunFolder) -> Path | None:
 
 def latest_checkpoint(output_dir: str) -> Path | None:
     """The most recently saved complete checkpoint of any run in output_dir."""
-    runs = runs_root(output_dir)
     candidates = [
-        c for folder in runs.glob("*") if folder.is_dir() for c in checkpoints_in_run(RunFolder(folder))
+        c for folder in own_entries(runs_root(output_dir)) for c in checkpoints_in_run(RunFolder(folder))
     ]
     return max(candidates, key=lambda c: read_state(c).get("saved_at", 0.0), default=None)
 

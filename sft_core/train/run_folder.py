@@ -88,6 +88,14 @@ def runs_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / RUNS
 
 
+def own_entries(folder: Path, pattern: str = "*") -> list[Path]:
+    """The folders in `folder` matching `pattern`, sorted, links excepted: a link placed there (a
+    checkpoint or run "shared" from elsewhere) is not this folder's to list, resume from or prune."""
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(pattern) if p.is_dir() and not p.is_symlink())
+
+
 def run_of(checkpoint: Path) -> RunFolder:
     """The run folder that owns `checkpoint` (<run>/sft_train/checkpoint-<step>)."""
     return RunFolder(checkpoint.resolve().parent.parent)
@@ -95,12 +103,9 @@ def run_of(checkpoint: Path) -> RunFolder:
 
 def find_run(output_dir: str | Path, flow_run_id: str) -> RunFolder | None:
     """The folder a flow run trained into before (a retry of it), if any."""
-    root = runs_root(output_dir)
-    if not root.is_dir():
-        return None
     # Not by name alone: a run continued by another flow run (resume) lists that one's id too. The
     # newest first: a retry that found its folder damaged branched into a newer one.
-    for folder in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
+    for folder in reversed(own_entries(runs_root(output_dir))):
         if flow_run_id in RunFolder(folder).info().get("flow_run_ids", []):
             return RunFolder(folder)
     return None
@@ -242,9 +247,9 @@ def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, di
     and pid namespace that is gone: it was killed holding the folder, since a clean exit empties
     the lock. Read without taking the lock, so a run starting in one of them is never refused for
     it. A holder elsewhere, or a pid now taken by another process, counts as alive."""
-    root, here = runs_root(output_dir), pid_namespace()
+    here = pid_namespace()
     found = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+    for folder in own_entries(runs_root(output_dir)):
         lock = folder / ".lock"
         if folder.resolve() == skip.resolve() or not lock.is_file():
             continue
