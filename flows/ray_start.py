@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -22,6 +23,7 @@ import ray
 
 from flows.runtime import set_local_defaults
 from sft_core.errors import ConfigError
+from sft_core.home import private_tmp
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +38,16 @@ def pin_to_loopback() -> dict[str, Any]:
 
 
 def local_init_kwargs() -> dict[str, Any]:
-    """A Ray of this run's own, on loopback, without a dashboard, and without idle workers started
-    ahead: the flow submits nothing to Ray before its actors, and those (with a runtime_env of their
-    own) cannot use them, so they would only take CPU while the run starts."""
+    """A Ray of this run's own, on loopback, in a session folder of this user's, without a dashboard,
+    and without idle workers started ahead: the flow submits nothing to Ray before its actors, and
+    those (with a runtime_env of their own) cannot use them, so they would only take CPU while the
+    run starts."""
     return {
         **pin_to_loopback(),
+        # Ray makes its folders open to all (0777) and its logs readable by all, the runtime_env
+        # agent's with the workers' environment variables in plain text: inside a folder of this
+        # user's alone instead of the machine's shared /tmp/ray.
+        "_temp_dir": str(private_tmp() / "ray"),
         "num_cpus": max(2, os.cpu_count() or 2),
         "include_dashboard": False,
         "log_to_driver": True,
@@ -48,6 +55,19 @@ def local_init_kwargs() -> dict[str, Any]:
         "logging_level": "warning",
         "_system_config": {"prestart_worker_first_driver": False, "enable_worker_prestart": False},
     }
+
+
+def own_token() -> None:
+    """Token authentication with a token of this run's own, for the local Ray it starts. Without one,
+    any process of the machine (any user's) that finds the GCS port on loopback can run code in the
+    run's workers, through the GCS or the dashboard agent's job API. Ray's workers inherit the
+    token from the raylet; nothing else learns it. RAY_AUTH_MODE set by the user wins ('disabled'
+    opts out; 'token' uses Ray's own sources, RAY_AUTH_TOKEN or ~/.ray/auth_token)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray._raylet.Config.initialize("")  # Ray caches its settings at import; this process is past it
 
 
 def configured_address() -> str | None:
@@ -76,12 +96,16 @@ def configured_address() -> str | None:
 def init_arguments(address: str | None) -> tuple[str, dict[str, Any]]:
     """ray.init's (address, kwargs) for a configured address, or for a local Ray of our own."""
     if address:
+        # A cluster started elsewhere has its own token, which Ray never sends to an explicit address
+        # by itself (RayStart.wait names what to set when the cluster asks for one).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs: dict[str, Any] = {"namespace": "prefect"}
         if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on this machine
             kwargs.update(pin_to_loopback())
         return address, kwargs
     # "local": a Ray of our own, even where `ray start` left a cluster that ray.init() would
     # otherwise join.
+    own_token()
     return "local", {"namespace": "prefect", **local_init_kwargs()}
 
 

@@ -5,7 +5,11 @@ One root, owned here."""
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
+
+from sft_core.errors import ConfigError
 
 
 def sft_home() -> Path:
@@ -37,4 +41,19 @@ def inductor_cache() -> Path:
     of the machine can create first and fill with compiled code that this user's workers would load."""
     path = sft_home() / "inductor"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def private_tmp() -> Path:
+    """A folder of this machine's temp dir that this user alone can enter (0700): the local Ray's
+    session folders and the process group's rendezvous files, which must be on local disk."""
+    path = Path(tempfile.gettempdir()) / f"sft-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    found = path.lstat()
+    if stat.S_ISLNK(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise ConfigError(
+            f"{path} (this user's private temp folder: the local Ray's session, rendezvous files) is a "
+            f"link, another user's, or open to others (mode {stat.filemode(found.st_mode)}): remove it, "
+            "or set TMPDIR to a folder of your own"
+        )
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ os.environ.pop("RAY_ADDRESS", None)
 from flows.runtime import free_port, set_local_defaults, start_server, stop_process_group  # noqa: E402
 
 set_local_defaults()
+# Ray token authentication, as a run's own local Ray has it (flows/ray_start.py:own_token), with one
+# token for the session: the tests' own clusters and the runs they start then talk to each other.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="session")

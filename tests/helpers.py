@@ -64,13 +64,15 @@ def train_on_cluster(cfg, artifacts: TrainArtifacts, steps: int) -> tuple[dict, 
 
 
 def run_cli(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+    args: list[str], cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
+    """`sft <args>` in this environment changed by `env` (a None value removes the variable)."""
+    # A run writes MLflow under its output_dir unless the caller says otherwise.
+    merged = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=cwd,
-        # A run writes MLflow under its output_dir unless the caller says otherwise.
-        env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})},
+        env={k: v for k, v in merged.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=timeout,

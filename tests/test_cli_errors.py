@@ -138,13 +138,13 @@ def test_a_ray_address_that_wants_a_token_says_how_to_give_it(prefect_server, tm
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(home)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home)}
     log = tmp_path / "ray-head.log"
     with ray_head(log, env, num_cpus=1) as port:
         assert "Token authentication is enabled" in log.read_text(), log.read_text()[-2000:]
         result = run_cli(
             ["run", "+experiment=smoke", f"ray_address=127.0.0.1:{port}", f"output_dir={tmp_path}/out"],
             tmp_path,
-            env={"HOME": str(home)},
+            env={"HOME": str(home), "RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None},  # a user's shell
         )
     assert_user_error(result, "ray_address", "requires token authentication", "RAY_AUTH_MODE=token")

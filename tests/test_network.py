@@ -4,16 +4,16 @@ GCS, raylet, agents and workers) is bound to loopback."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-
-pytestmark = pytest.mark.slow
 
 
 def is_loopback(host: str) -> bool:
@@ -33,9 +33,10 @@ def listening(root: psutil.Process) -> dict[tuple[str, int], str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_local_run_listens_on_loopback_only(prefect_server, tmp_path, demo_copy):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
          f"logging_dir={out}/tb", f"sft_train.data_args.file_name={demo_copy}/train.jsonl",
@@ -73,3 +74,84 @@ def test_a_local_run_listens_on_loopback_only(prefect_server, tmp_path, demo_cop
     assert left == ({"checkpoint-3", "checkpoint-6"} if best == 1 else {"checkpoint-6"})
     for v in versions.values():
         assert (Path(v.source.removeprefix("file://")) / "model.safetensors").is_file()
+
+
+_LOCAL_RAY = """
+import json, sys, urllib.request
+import ray
+from flows.ray_start import init_arguments, RayStart
+start = RayStart(*init_arguments(None))
+start.wait()
+node = ray._private.worker._global_node
+print(json.dumps({"gcs": node.gcs_address, "agent": node._ray_params.dashboard_agent_listen_port,
+                  "session": node.get_session_dir_path()}), flush=True)
+
+@ray.remote
+def uid():
+    import os
+    return os.getuid()
+
+assert ray.get(uid.remote(), timeout=60) == __import__("os").getuid()  # the run itself is served
+print("ready", flush=True)
+sys.stdin.read()  # until the test is done
+"""
+
+_INTRUDER = """
+import sys, ray
+ray.init(sys.argv[1], logging_level="error", _node_ip_address="127.0.0.1")
+@ray.remote
+def touch(path):
+    open(path, "w").close()
+ray.get(touch.remote(sys.argv[2]), timeout=30)
+"""
+
+
+def test_no_other_process_of_the_machine_can_run_code_in_a_local_runs_ray(tmp_path):
+    """A local run's Ray takes a token of the run's own: a process that finds its GCS port (any
+    user's: loopback checks no uid) can neither join it nor submit a job to its dashboard agent."""
+    # A user's shell; the Ray client kept to loopback as the run's Ray is.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"
+    }
+    run = subprocess.Popen([sys.executable, "-c", _LOCAL_RAY], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        ports = json.loads(run.stdout.readline())
+        assert run.stdout.readline().strip() == "ready"
+        marker = tmp_path / "PWNED"
+        intruder = subprocess.run([sys.executable, "-c", _INTRUDER, ports["gcs"], str(marker)], env=env,
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert intruder.returncode != 0 and "auth" in intruder.stderr.lower(), intruder.stderr[-2000:]
+        job = json.dumps({"entrypoint": f"touch {marker}"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{ports['agent']}/api/job_agent/jobs/", data=job,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(OSError):  # refused (401) where the agent listens; nothing where not
+            urllib.request.urlopen(request, timeout=10)
+        time.sleep(2)
+        assert not marker.exists()
+        # Its logs (the runtime_env agent's hold the workers' environment) in a folder of this
+        # user's alone, not in the machine's shared /tmp/ray that Ray opens to all.
+        private = Path(ports["session"]).parent.parent
+        assert private.stat().st_mode & 0o777 == 0o700 and private.stat().st_uid == os.getuid()
+    finally:
+        run.communicate(input="", timeout=120)
+
+
+@pytest.mark.parametrize("how", ["open to others", "a link"])
+def test_a_private_temp_folder_that_is_not_private_is_refused(tmp_path, monkeypatch, how):
+    import tempfile
+
+    from sft_core.errors import ConfigError
+    from sft_core.home import private_tmp
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert private_tmp() == tmp_path / f"sft-{os.getuid()}"  # made 0700 where missing
+    private_tmp().rmdir()
+    if how == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        (tmp_path / f"sft-{os.getuid()}").symlink_to(tmp_path / "elsewhere")
+    else:
+        (tmp_path / f"sft-{os.getuid()}").mkdir(mode=0o700)
+        (tmp_path / f"sft-{os.getuid()}").chmod(0o777)
+    with pytest.raises(ConfigError, match="link, another user's, or open to others"):
+        private_tmp()

@@ -53,7 +53,8 @@ def deployment(prefect_server, tmp_path_factory) -> int:
     home = tmp_path_factory.mktemp("worker")
     # The worker gets no Prefect or Ray setting of ours: a plain user's shell (its own HOME), plus
     # the server's URL and the project's SFT_HOME. The flow must set up the rest itself.
-    ours = ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+    ours = ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+            "RAY_USAGE_STATS_ENABLED")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ours} | {"HOME": str(home)}
     with (home / "worker.log").open("w") as f:
         worker = subprocess.Popen(
@@ -240,7 +241,8 @@ def ray_address_run(deployment, frozen_worker_run, tmp_path_factory) -> SimpleNa
     root = tmp_path_factory.mktemp("ray-address")
     data = frozen_worker_run.data
 
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # A cluster started without token authentication: a flow joining an explicit address sends none.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     with ray_head(root / "ray-head.log", env) as port:  # stays up for the second run
         out = root / "dep"
         overrides = smoke_overrides(out, data, f"ray_address=127.0.0.1:{port}")

@@ -25,7 +25,6 @@ import ipaddress
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from sft_core.cluster.actor import SFTWorkerActor
 from sft_core.config import SFTConfig
 from sft_core.errors import ConfigError, user_error_in
+from sft_core.home import private_tmp
 from sft_core.secrets import is_secret_key
 from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.host_memory import KEEP_FREED_MEMORY_ENV
@@ -98,6 +98,7 @@ class Cluster:
         self.timeout_s = cfg.sft_train.worker_timeout_s
         self.id = uuid.uuid4().hex
         self.workers: list[Any] = []
+        self.store: Path | None = None  # the process group's rendezvous file (a local run), until shutdown
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ} | _ACTOR_ENV
         if cfg.sft_train.keep_host_memory:
@@ -166,9 +167,9 @@ class Cluster:
         addr, port = self._wait([self.workers[0].address.remote()], "address", "start-up")[0]
         self.master = (addr, port)
         # All on loopback (a local run): rendezvous through a file, so nothing listens on the network.
-        store = None
         if all(ipaddress.ip_address(n["ip"]).is_loopback for n in self.nodes):
-            store = str(Path(tempfile.gettempdir()) / f"sft-store-{uuid.uuid4().hex}")
+            self.store = private_tmp() / f"store-{uuid.uuid4().hex}"
+        store = str(self.store) if self.store else None
         self._wait(
             [w.setup_distributed.remote(addr, port, store) for w in self.workers],
             "setup_distributed",
@@ -264,6 +265,8 @@ class Cluster:
 
         # A thread: Ray's calls wait on its GCS without a time limit.
         threading.Thread(target=release, name="cluster-shutdown", daemon=True).start()
+        if self.store:  # new process groups rendezvous through it; the workers' are going
+            self.store.unlink(missing_ok=True)
         if not wait:
             for pid in _processes_of(self.id):
                 _kill(pid)
