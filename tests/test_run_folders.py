@@ -35,6 +35,13 @@ def fake_save(run: RunFolder, step: int, world_size: int = 2, fingerprint: str =
     return ckpt.publish(run, step, {"global_step": step, "data_fingerprint": fingerprint}, world_size)
 
 
+def test_flow_runs_of_one_scheduler_batch_get_folders_named_after_their_own_ids(tmp_path):
+    """Prefect's flow run ids are UUIDv7: runs created in one batch share the first 8 hex digits."""
+    ids = ["019af1c2-3b4d-7e5f-8a6b-1c2d3e4f5a6b", "019af1c2-3b4d-7e60-9b7c-2d3e4f5a6b7c"]
+    names = [plan_run(str(tmp_path), False, i).run.name for i in ids]
+    assert [n.rsplit("-", 1)[1] for n in names] == ["3e4f5a6b", "4f5a6b7c"]
+
+
 def test_a_new_run_never_touches_the_checkpoints_of_an_earlier_one(tmp_path):
     first = plan_run(str(tmp_path), False, "aaaaaaaa-1111")
     fake_save(first.run, 3)

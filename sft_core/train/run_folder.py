@@ -1,6 +1,6 @@
 """Run folders: each training run owns its checkpoints.
 
-    <output_dir>/runs/<YYYYmmdd-HHMMSS>-<flow run id[:8]>/
+    <output_dir>/runs/<YYYYmmdd-HHMMSS>-<flow run id[-8:]>/
         run.json                              who made it: flow run(s), MLflow run, base model
         .lock                                 held (flock) by the process training into it
         sft_train/checkpoint-<step>/<cluster>/ Hugging Face folder (see checkpoint.py)
@@ -113,7 +113,9 @@ def find_run(output_dir: str | Path, flow_run_id: str) -> RunFolder | None:
 
 def new_run(output_dir: str | Path, flow_run_id: str, **info: Any) -> RunFolder:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    base = runs_root(output_dir) / f"{stamp}-{flow_run_id[:8]}"
+    # The id's end: Prefect's ids are UUIDv7, whose start is a timestamp that the flow runs of one
+    # scheduler batch share.
+    base = runs_root(output_dir) / f"{stamp}-{flow_run_id[-8:]}"
     base.parent.mkdir(parents=True, exist_ok=True)
     # The same flow run may open a second folder within a second (a retry branching off a damaged one).
     root, n = base, 1
