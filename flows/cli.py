@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 from flows.runtime import ensure_server, lost_prefect_api, set_local_defaults, stop_server
 from sft_core.config_loader import load_config
-from sft_core.errors import user_error_in
+from sft_core.errors import exception_chain, user_error_in
 from sft_core.preflight import check_run_config, preflight
 from sft_core.secrets import move_secrets_to_env
 from sft_core.tracking.mlflow_tracker import is_tracking_server, lost_tracking_server
@@ -218,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                   "resume_from_checkpoint=auto: it continues from the newest checkpoint in the same "
                   "MLflow run.", file=sys.stderr)  # fmt: skip
             return EXIT_LOST_SERVER
+        if user is None and (failure := _worker_failure(exc)) is not None:
+            print(f"\nsft: error: {failure}\nThe run stopped after sft_train.max_restarts restarts; its MLflow "
+                  "run is FAILED. Start it again with resume_from_checkpoint=auto to continue from the "
+                  "newest checkpoint.", file=sys.stderr)  # fmt: skip
+            return 1
         if user is None:
             raise  # a bug, not a user mistake: keep the traceback
         print(f"\nsft: error: {user}", file=sys.stderr)
@@ -233,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(result, time.perf_counter() - t0)
     write_result_for_sweep(result)
     return 0
+
+
+def _worker_failure(exc: BaseException) -> BaseException | None:
+    """The WorkerFailure (a worker died or froze) behind `exc`: its message names the rank, the step
+    and why, so a traceback of the driver adds nothing."""
+    from sft_core.cluster.cluster import WorkerFailure
+
+    return next((e for e in exception_chain(exc) if isinstance(e, WorkerFailure)), None)
 
 
 def write_result_for_sweep(result: dict[str, Any]) -> None:
