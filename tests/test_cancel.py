@@ -453,3 +453,42 @@ def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_re
     finally:
         stop_process_group(server.pid)
         kill_ray_started_since(before, {})
+
+
+def test_a_prefect_server_restarted_while_a_validation_begins_is_waited_for(prefect_server, tmp_path: Path):
+    """The operator restarts the Prefect server for a few seconds, and a validation is due meanwhile:
+    its subflow's client, new and never connected, is not retried by Prefect; the run waits for the
+    server as the rest of the flow does, and finishes."""
+    from flows.runtime import free_port, start_server
+
+    home, port = new_prefect_home(tmp_path / "prefect-home"), free_port()
+    api_url, server = start_server(home, port)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
+               f"logging_dir={out}/tb", "sft_train.training_args.max_steps=60", "save_steps=30",
+               "eval_steps=30", "eval_at_start=false"]  # fmt: skip
+    before = ray_processes()
+    log_path = tmp_path / "sft.log"
+    try:
+        with log_path.open("w") as log:
+            sft = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            wait_for(
+                "step 24/60", lambda: sft.poll() is not None or "step 24/60" in log_path.read_text(), 400
+            )
+            stop_process_group(server.pid)
+            wait_for("the validation at step 30", lambda: "validation at step 30" in log_path.read_text(), 60)
+            api_url, server = start_server(home, port)  # back, as an operator's restart brings it
+            assert sft.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        finally:
+            stop_process_group(sft.pid)
+        text = log_path.read_text()
+        assert "validation at step 30: the Prefect server does not answer" in text, text[-3000:]
+        assert "step 30  val_loss" in text and "step 60  val_loss" in text, text[-3000:]
+        assert (run_folders(out)[0] / "sft_train" / "checkpoint-60").is_dir()
+    finally:
+        stop_process_group(server.pid)
+        kill_ray_started_since(before, {})
