@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from sft_core.errors import UserError, exception_chain
 from sft_core.home import sft_home
+from sft_core.secrets import is_secret_env
 
 DEFAULT_PORT = 4200
 
@@ -89,7 +90,10 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
     if not _port_free(port):  # else whatever holds it would answer the health checks below
         raise PrefectServerError(f"cannot start the local Prefect server: port {port} is taken")
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home)}
+    # The server outlives the run: it gets none of the run's credentials (a secret moved off the
+    # command line, system_envs, the local Ray's token), only its own PREFECT_ settings.
+    env = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_") or not is_secret_env(k)}
+    env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
     log_path = home / "server.log"
     log = open(log_path, "ab")  # noqa: SIM115 - stays open for the server's lifetime

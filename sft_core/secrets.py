@@ -13,7 +13,14 @@ from typing import Any
 
 from sft_core.errors import ConfigError
 
-_SECRET_NAME = re.compile(r"secret|passw|api[_-]?key|access[_-]?key|private[_-]?key|credential", re.I)
+_SECRET_NAME = re.compile(
+    r"secret|passw|api[_-]?key|access[_-]?key|private[_-]?key|credential|authori[sz]ation|connection[_-]?string"
+    r"|^(key|auth)$",
+    re.I,
+)
+# An environment variable's name says more: OPENAI_KEY, GITHUB_PAT, SENTRY_DSN, DATABASE_URL (a config
+# key ending in _key names a data field: prompt_key).
+_SECRET_ENV = re.compile(r"(^|_)(key|pat|dsn)$|database_url", re.I)
 # "token" only at the end (HF_TOKEN, accessToken; not max_tokens, tokenizer_dir), and not a vocabulary
 # token: truncate_keep_end_token or eos_token hold a policy or a token string, not a credential.
 _TOKEN_NAME = re.compile(r"token$", re.I)
@@ -31,10 +38,22 @@ def is_secret_key(dotted_key: str) -> bool:
     [True, True, True, False]
     >>> [is_secret_key(k) for k in ("data_args.truncate_keep_end_token", "max_tokens", "auth_token")]
     [False, False, True]
+    >>> [is_secret_key(k) for k in ("tracker_kwargs.key", "headers.Authorization", "prompt_key")]
+    [True, True, False]
     """
     name = dotted_key.rsplit(".", 1)[-1]
     token = bool(_TOKEN_NAME.search(name)) and not _VOCABULARY_TOKEN.search(name)
     return dotted_key.startswith("system_envs.") or token or bool(_SECRET_NAME.search(name))
+
+
+def is_secret_env(name: str) -> bool:
+    """An environment variable (of system_envs) that holds a credential: set in a worker by the worker
+    itself, never passed in Ray's runtime_env, which Ray keeps in its logs and actor table.
+
+    >>> [is_secret_env(n) for n in ("HF_TOKEN", "OPENAI_KEY", "GITHUB_PAT", "DATABASE_URL", "OMP_NUM_THREADS")]
+    [True, True, True, True, False]
+    """
+    return is_secret_key(name) or bool(_SECRET_ENV.search(name))
 
 
 def _is_literal(value: Any) -> bool:

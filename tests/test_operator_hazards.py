@@ -170,7 +170,8 @@ def test_the_loss_chart_shows_non_finite_losses_instead_of_failing_the_run():
 
 @pytest.mark.parametrize(
     "key", ["system_envs.ANYTHING", "HF_TOKEN", "hf_token", "token", "tracker_kwargs.api_key", "WANDB_API_KEY",
-            "accessToken", "db_password", "client_secret", "aws_secret_access_key", "credentials"],
+            "accessToken", "db_password", "client_secret", "aws_secret_access_key", "credentials",
+            "tracker_kwargs.key", "tracker_kwargs.auth", "tracker_kwargs.headers.Authorization"],
 )  # fmt: skip
 def test_secret_names_are_redacted(key):
     assert is_secret_key(key)
@@ -178,7 +179,7 @@ def test_secret_names_are_redacted(key):
 
 @pytest.mark.parametrize(
     "key", ["sft_train.data_args.truncate_keep_end_token", "max_tokens", "num_tokens", "eos_token",
-            "pad_token", "tokenizer_dir", "seed"],
+            "pad_token", "tokenizer_dir", "seed", "prompt_key", "response_key", "system_key"],
 )  # fmt: skip
 def test_config_names_that_mention_tokens_are_not_redacted(key):
     assert not is_secret_key(key)

@@ -88,3 +88,18 @@ def test_a_taken_port_is_never_taken_for_our_server(tmp_path):
         with pytest.raises(runtime.PrefectServerError, match="is taken"):
             runtime.start_server(tmp_path, held.getsockname()[1])
     assert not (tmp_path / "server.log").exists()  # nothing was started
+
+
+def test_the_server_that_outlives_a_run_gets_none_of_its_credentials(tmp_path, monkeypatch):
+    """A secret moved off `sft run`'s command line, a system_envs credential and the local Ray's
+    token are in the run's environment; the Prefect server it starts keeps running after it."""
+    for name in ("HF_TOKEN", "SFT_SECRET_TRACKER_KWARGS_API_KEY", "OPENAI_KEY", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(name, "secret-value")
+    monkeypatch.setenv("SOME_SETTING", "kept")
+    api_url, proc = runtime.start_server(tmp_path / "prefect", runtime.free_port())
+    try:
+        environ = psutil.Process(proc.pid).environ()
+        assert not {k for k, v in environ.items() if v == "secret-value"}
+        assert environ["SOME_SETTING"] == "kept" and environ["PREFECT_HOME"] == str(tmp_path / "prefect")
+    finally:
+        runtime.stop_process_group(proc.pid)

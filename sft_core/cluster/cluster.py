@@ -41,7 +41,7 @@ from sft_core.cluster.actor import SFTWorkerActor
 from sft_core.config import SFTConfig
 from sft_core.errors import ConfigError, user_error_in
 from sft_core.home import private_tmp
-from sft_core.secrets import is_secret_key
+from sft_core.secrets import is_secret_env
 from sft_core.train.artifacts import TrainArtifacts
 from sft_core.train.host_memory import KEEP_FREED_MEMORY_ENV
 
@@ -105,7 +105,7 @@ class Cluster:
             env.update(KEEP_FREED_MEMORY_ENV)
         # Secret-named variables (HF_TOKEN, WANDB_API_KEY) stay out of the runtime_env, which Ray
         # writes in plain text to its logs and actor table: the worker sets them from its config.
-        env.update({k: v for k, v in cfg.system_envs.items() if not is_secret_key(k)})
+        env.update({k: v for k, v in cfg.system_envs.items() if not is_secret_env(k)})
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env[_CLUSTER_ENV] = self.id
         # One bundle per device_mapping entry; rank r runs in bundle r. CPU workers claim only a

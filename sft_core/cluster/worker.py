@@ -26,7 +26,7 @@ from sft_core.data.store import EncodedData
 from sft_core.data.templates import carry_template
 from sft_core.home import sft_home
 from sft_core.model.resolve import load_tokenizer
-from sft_core.secrets import is_secret_key
+from sft_core.secrets import is_secret_env
 from sft_core.strategies.base import DistContext
 from sft_core.strategies.registry import create_strategy, strategy_for
 from sft_core.train import mfu
@@ -72,7 +72,7 @@ class SFTWorker:
         self.cfg = SFTConfig.model_validate(cfg)
         self.rank, self.world_size = rank, world_size
         # The secret-named system_envs, which the cluster kept out of Ray's runtime_env (and its logs).
-        os.environ.update({k: v for k, v in self.cfg.system_envs.items() if is_secret_key(k)})
+        os.environ.update({k: v for k, v in self.cfg.system_envs.items() if is_secret_env(k)})
         # What `initialize` needs, imported now: the flow starts the workers before the run's data
         # is ready, so that these seconds overlap its data and MLflow work.
         strategy_for(self.cfg)
