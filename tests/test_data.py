@@ -331,3 +331,54 @@ def test_validation_samples_found_in_training_are_counted_by_their_exact_tokens(
     validation = data([4, 5], [1, 2], [1, 2, 3, 0], [6, 7, 8, 9], [4, 5], [6, 7, 8, 10])
     assert validation.count_in(train.sample_digests()) == 3
     assert data().count_in(train.sample_digests()) == 0
+
+
+def test_an_eos_among_the_models_stop_ids_is_kept(smollm2_tokenizer):
+    """A generation config listing several stop ids (Llama-3-Instruct: end of text, end of turn):
+    the tokenizer's eos, when it is one of them, is the model's own and stays."""
+    import copy
+
+    from transformers import GenerationConfig, LlamaConfig
+
+    from sft_core.model.resolve import fix_tokenizer
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert fix_tokenizer(tok, LlamaConfig(), GenerationConfig(eos_token_id=[0, im_end])) == []
+    assert tok.eos_token == "<|im_end|>"
+    tok.eos_token = "<|im_start|>"  # not among them: the first is taken
+    fix_tokenizer(tok, LlamaConfig(), GenerationConfig(eos_token_id=[0, im_end]))
+    assert tok.eos_token_id == 0
+
+
+def test_an_exported_model_stops_at_the_end_of_turn_it_was_trained_to_end_answers_with(
+    tmp_path, tiny_model_dir
+):
+    """A base model's generation config names only its end-of-text token; trained with a chat
+    template that ends turns with another, the export must stop there too."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from sft_core.model.stop_tokens import stop_at
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, folder)
+    GenerationConfig(eos_token_id=0, bos_token_id=1).save_pretrained(folder)  # a base model's
+    assert stop_at(folder, 2) and not stop_at(folder, 2)  # once
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == [0, 2]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+
+    def always_end_of_turn(input_ids, scores):
+        scores[:, :] = -float("inf")
+        scores[:, 2] = 0.0
+        return scores
+
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False,
+                         logits_processor=[always_end_of_turn])  # fmt: skip
+    assert out[0, 3:].tolist() == [2]  # one end of turn, then it stopped
+    (folder / "generation_config.json").unlink()
+    assert stop_at(folder, 7)  # made from config.json where missing (its eos: 2)
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == [2, 7]
+    assert not stop_at(tmp_path, 2)  # no config.json: an adapter folder, left alone

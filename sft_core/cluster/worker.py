@@ -23,9 +23,10 @@ from sft_core.data import IGNORE_INDEX
 from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
 from sft_core.data.packing import PackedPlan
 from sft_core.data.store import EncodedData
-from sft_core.data.templates import carry_template
+from sft_core.data.templates import carry_template, end_of_turn_token, get_template
 from sft_core.home import sft_home
 from sft_core.model.resolve import load_tokenizer
+from sft_core.model.stop_tokens import stop_at
 from sft_core.secrets import is_secret_env
 from sft_core.strategies.base import DistContext
 from sft_core.strategies.registry import create_strategy, strategy_for
@@ -105,6 +106,8 @@ class SFTWorker:
         self.val_plan = _load_plan(a.validation.plan) if a.validation else None
         self.tokenizer = load_tokenizer(a.tokenizer_dir)
         carry_template(self.cfg.template_for("train"), self.tokenizer)  # saved with every checkpoint
+        end = end_of_turn_token(get_template(self.cfg.template_for("train"), self.tokenizer), self.tokenizer)
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
         self.pad_id = int(self.tokenizer.pad_token_id)
         t = self.cfg.sft_train.training_args
         self.schedule = BatchSchedule(len(self.train_plan.rows), self.cfg.global_batch_size, self.cfg.seed)
@@ -200,7 +203,11 @@ class SFTWorker:
         if self.ctx.is_main:
             root.mkdir(parents=True, exist_ok=True)
         barrier()
-        self.strategy.save_hf(root / self.cfg.sft_train.name, self.tokenizer, final)
+        hf_dir = root / self.cfg.sft_train.name
+        self.strategy.save_hf(hf_dir, self.tokenizer, final)
+        if self.ctx.is_main and self.end_of_turn_id is not None:  # the merged model of a LoRA run too
+            for folder in (hf_dir, hf_dir.with_name(hf_dir.name + "-merged")):
+                stop_at(folder, self.end_of_turn_id)
         self.strategy.save_state(root / "train_state")
         barrier()
         return time.perf_counter() - t

@@ -192,8 +192,8 @@ def fix_tokenizer(
     """
     changes: list[str] = []
     eos_id = getattr(generation_config, "eos_token_id", None) or getattr(model_config, "eos_token_id", None)
-    if isinstance(eos_id, list):
-        eos_id = eos_id[0]
+    if isinstance(eos_id, list):  # e.g. Llama-3-Instruct's [<|end_of_text|>, <|eot_id|>]
+        eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id in eos_id else eos_id[0]
     if eos_id is not None and tokenizer.eos_token_id != eos_id:
         token = tokenizer.convert_ids_to_tokens(int(eos_id))
         changes.append(f"eos {tokenizer.eos_token!r} -> {token!r}")
