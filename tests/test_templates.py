@@ -496,6 +496,39 @@ def test_a_saved_tokenizer_formats_prompts_with_the_template_it_was_trained_with
         )
 
 
+@pytest.mark.parametrize("supervise_empty_think", [False, True])
+def test_a_qwen3_checkpoint_is_prompted_as_its_answers_were_trained(
+    smollm2_tokenizer, tmp_path, supervise_empty_think
+):
+    """Answers without reasoning are trained after an empty think block: a checkpoint whose model
+    did not learn to write it (the default) gets it in its generation prompt, as Qwen3's own
+    template does with enable_thinking=False; enable_thinking=True prompts for reasoning."""
+    from transformers import AutoTokenizer
+
+    from sft_core.data.templates import carry_template
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    template = get_template("qwen3", tok, supervise_empty_think)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}]  # fmt: skip
+    text, spans = supervised_char_spans(template, tok, chat, "row 1")
+    carry_template("qwen3", tok, supervise_empty_think)
+    tok.save_pretrained(tmp_path)
+    served = AutoTokenizer.from_pretrained(tmp_path)
+    prompt = served.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == text[: spans[0][0]]  # exactly up to what the model was trained to write
+    assert text[spans[0][0] :].startswith("<think>" if supervise_empty_think else "Hello!")
+    thinking = served.apply_chat_template(
+        chat[:2], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    plain = served.apply_chat_template(
+        chat[:2], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert thinking.endswith("<|im_start|>assistant\n") and plain.endswith("</think>\n\n")
+    # The conversation itself renders as in training.
+    assert served.apply_chat_template(chat, tokenize=False) == text
+
+
 def test_a_tokenizer_that_prefixes_every_input_is_tokenized_whole(smollm2_tokenizer):
     """A SentencePiece-style tokenizer puts a prefix space before each input, so pieces tokenized
     apart would not spell the text: such a tokenizer keeps whole-text tokens (and the overlap rule)."""

@@ -105,7 +105,9 @@ class SFTWorker:
         self.val_data = EncodedData.load(a.validation.encoded) if a.validation else None
         self.val_plan = _load_plan(a.validation.plan) if a.validation else None
         self.tokenizer = load_tokenizer(a.tokenizer_dir)
-        carry_template(self.cfg.template_for("train"), self.tokenizer)  # saved with every checkpoint
+        carry_template(  # saved with every checkpoint
+            self.cfg.template_for("train"), self.tokenizer, self.cfg.sft_train.data_args.supervise_empty_think
+        )
         end = end_of_turn_token(get_template(self.cfg.template_for("train"), self.tokenizer), self.tokenizer)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
         self.pad_id = int(self.tokenizer.pad_token_id)

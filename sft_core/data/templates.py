@@ -55,6 +55,15 @@ QWEN3 = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# QWEN3 as a checkpoint carries it: an answer trained after an empty think block it did not write
+# (supervise_empty_think: false) is prompted with that block, as Qwen3's own template does with
+# enable_thinking=False; `enable_thinking` passed to apply_chat_template decides where given.
+_QWEN3_PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+_QWEN3_PROMPT_FOR_INFERENCE = (
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if not (enable_thinking if enable_thinking is defined else THINKS) %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
 LLAMA3 = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -119,11 +128,21 @@ def get_template(
     return dataclasses.replace(_named_template(name, tokenizer), supervise_empty_think=supervise_empty_think)
 
 
-def carry_template(name: str, tokenizer: PreTrainedTokenizerBase) -> None:
+def carry_template(
+    name: str, tokenizer: PreTrainedTokenizerBase, supervise_empty_think: bool = False
+) -> None:
     """Make `name` (the template a model is trained with) the tokenizer's own chat template, so a
     checkpoint's tokenizer formats prompts as training did: apply_chat_template, MLflow's pyfunc,
-    `mlflow models serve`. The tokenizer's native template is left as it is."""
-    if name != "native":
+    `mlflow models serve`. The tokenizer's native template is left as it is. The built-in qwen3's
+    generation prompt holds the empty think block that training put before answers without
+    reasoning, unless the model learned to write it (`supervise_empty_think`) or the caller passes
+    enable_thinking=True."""
+    if name == "qwen3":
+        thinks = "true" if supervise_empty_think else "false"
+        tokenizer.chat_template = QWEN3.replace(
+            _QWEN3_PROMPT, _QWEN3_PROMPT_FOR_INFERENCE.replace("THINKS", thinks)
+        )
+    elif name != "native":
         tokenizer.chat_template = _named_template(name, tokenizer).source
 
 
