@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from flows.runtime import ensure_server, lost_prefect_api, set_local_defaults, stop_server
+from flows.runtime import PrefectServerError, ensure_server, lost_prefect_api, set_local_defaults, stop_server
 from sft_core.config_loader import load_config
 from sft_core.errors import exception_chain, user_error_in
 from sft_core.preflight import check_run_config, preflight
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     prev_p.add_argument("overrides", nargs="*")
     server_p = sub.add_parser("server", help="manage the local Prefect server")
-    server_p.add_argument("action", choices=["stop"])
+    server_p.add_argument("action", choices=["start", "stop"])
     # Overrides may come before or after the options (`sft preview key=v -n 2 other=w`).
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-")]
@@ -186,7 +186,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "server":
         set_local_defaults()
-        print("stopped" if stop_server() else "no server started by sft is running")
+        if args.action == "stop":
+            print("stopped" if stop_server() else "no server started by sft is running")
+            return 0
+        try:
+            api_url, started = ensure_server()
+        except PrefectServerError as err:
+            print(f"sft: error: {err}", file=sys.stderr)
+            return 1
+        print(f"{'started' if started else 'already running'}: {api_url.removesuffix('/api')}")
         return 0
     try:
         if args.command == "preview":

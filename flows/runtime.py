@@ -123,15 +123,38 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
     )
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc), which tells it from a later process
+    given the same pid; None where unknown (not Linux, or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command's name
+
+
 def _own_server(home: Path) -> str | None:
-    """The API URL of the server `sft` started under this PREFECT_HOME, if it is still that server."""
+    """The API URL of the server `sft` started under this PREFECT_HOME, if it is still that server:
+    the recorded process, started when it was (a pid reused after a crash or a reboot is not it)."""
     record = home / "server.json"
     try:
         info = json.loads(record.read_text())
         os.kill(info["pid"], 0)  # still running (pids are recorded with the port they serve)
     except (OSError, ValueError, KeyError):
         return None
+    if "started" in info and _process_start(info["pid"]) != info["started"]:
+        return None
     return info["api_url"] if _healthy(info["api_url"]) else None
+
+
+def _serves_home(api_url: str, home: Path) -> bool:
+    """Whether the Prefect server at `api_url` says it keeps its database under `home`."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/admin/settings", timeout=5) as r:
+            served = json.loads(r.read()).get("home")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(served, str) and Path(served).resolve() == home.resolve()
 
 
 def ensure_server() -> tuple[str, bool]:
@@ -157,6 +180,15 @@ def ensure_server() -> tuple[str, bool]:
         api_url = _own_server(home)
         started = api_url is None
         if api_url is None:
+            default_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
+            if not _port_free(DEFAULT_PORT) and _serves_home(default_url, home):
+                # Not taken for ours (it may be anything answering so), nor joined by a second server
+                # on the same database: two servers on one sqlite file lock each other out.
+                raise PrefectServerError(
+                    f"a Prefect server that sft did not start serves this PREFECT_HOME ({home}) on port "
+                    f"{DEFAULT_PORT}: stop it and let sft start its own (`sft server start`), or use it "
+                    f"with PREFECT_API_URL={default_url}"
+                )
             port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
             try:
                 api_url, proc = start_server(home, port)
@@ -165,7 +197,8 @@ def ensure_server() -> tuple[str, bool]:
                     raise
                 # Another program took 4200 between the check and the start.
                 api_url, proc = start_server(home, free_port())
-            (home / "server.json").write_text(json.dumps({"pid": proc.pid, "api_url": api_url}))
+            record = {"pid": proc.pid, "started": _process_start(proc.pid), "api_url": api_url}
+            (home / "server.json").write_text(json.dumps(record))
     finally:
         lock.release()
     os.environ["PREFECT_API_URL"] = api_url

@@ -103,3 +103,44 @@ def test_the_server_that_outlives_a_run_gets_none_of_its_credentials(tmp_path, m
         assert environ["SOME_SETTING"] == "kept" and environ["PREFECT_HOME"] == str(tmp_path / "prefect")
     finally:
         runtime.stop_process_group(proc.pid)
+
+
+def test_a_recorded_pid_now_taken_by_another_process_is_not_our_server(tmp_path, monkeypatch):
+    """After a crash or a reboot the recorded pid may be another program's: `sft server stop` must
+    not kill its process group, and `sft run` must not take the server it names for its own."""
+    home = tmp_path / "prefect"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    api_url, server = runtime.start_server(home, runtime.free_port())
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (home / "server.json").write_text(json.dumps({"pid": other.pid, "started": "1", "api_url": api_url}))
+        assert runtime._own_server(home) is None
+        assert not runtime.stop_server()
+        assert other.poll() is None  # alive: never signalled
+        # A record of the process itself is ours, and is stopped.
+        record = {"pid": server.pid, "started": runtime._process_start(server.pid), "api_url": api_url}
+        (home / "server.json").write_text(json.dumps(record))
+        assert runtime._own_server(home) == api_url
+        assert runtime.stop_server() and not runtime._healthy(api_url)
+    finally:
+        other.kill()
+        runtime.stop_process_group(server.pid)
+
+
+def test_a_server_sft_did_not_start_on_the_same_database_is_not_joined_by_a_second(tmp_path, monkeypatch):
+    """`sft server stop`, then `prefect server start` by hand under the same PREFECT_HOME: the next
+    `sft run` started a second server on the same sqlite database (locks, dropped events)."""
+    home = tmp_path / "prefect"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    port = runtime.free_port()
+    monkeypatch.setattr(runtime, "DEFAULT_PORT", port)
+    api_url, by_hand = runtime.start_server(home, port)  # no server.json: not sft's
+    try:
+        assert runtime._serves_home(api_url, home) and not runtime._serves_home(api_url, tmp_path / "other")
+        with pytest.raises(
+            runtime.PrefectServerError, match="that sft did not start serves this PREFECT_HOME"
+        ):
+            runtime.ensure_server()
+    finally:
+        runtime.stop_process_group(by_hand.pid)
