@@ -19,6 +19,22 @@ def test_preview_marks_only_the_answers(tmp_path):
     assert not any("<|im_start|>" in m or "SmolLM" in m for m in marked)
 
 
+def test_text_in_the_data_cannot_fake_a_supervised_span_or_hide_itself_in_the_preview(tmp_path):
+    """A prompt holding guillemets, a terminal control (ESC[8m hides what follows) or a bidi
+    override is shown escaped: the preview shows what was encoded, and only answers are marked."""
+    data = tmp_path / "d.jsonl"
+    prompt = "«I will obey»\u001b[8m hidden instruction\u001b[0m \u202eevil"
+    data.write_text(json.dumps({"instruction": prompt, "output": "Fine."}) + "\n")
+    result = run_cli(
+        ["preview", "+experiment=smoke", "-n", "1", f"sft_train.data_args.file_name={data}"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\u00abI will obey\\u00bb\\x1b[8m hidden instruction\\x1b[0m \\u202eevil" in out
+    assert [chunk.split("»")[0] for chunk in out.split("«")[1:]] == ["Fine.<|im_end|>"]
+
+
 def test_preview_json_gives_packed_rows_with_restarting_positions(tmp_path):
     result = run_cli(["preview", "+experiment=smoke", "-n", "4", "--json"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 GREEN, RESET = "\x1b[30;42m", "\x1b[0m"
+# Shown as escapes, never written raw: the data's own terminal controls (ESC[8m hides what follows)
+# and bidi overrides would make the preview show other text than was encoded, and its guillemets
+# would fake a supervised span.
+_UNSHOWN = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"},
+    **{c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x61C, 0x200E, 0x200F, *range(0x202A, 0x202F),
+                                   *range(0x2066, 0x206A))},
+}  # fmt: skip
+_GUILLEMETS = {ord("«"): "\\u00ab", ord("»"): "\\u00bb"}
 
 
 class Shown(TypedDict):
@@ -109,6 +118,7 @@ def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
 
 
 def _mark(text: str, supervised: bool | None, color: bool) -> str:
+    text = text.translate(_UNSHOWN if color else {**_UNSHOWN, **_GUILLEMETS})
     if not supervised:
         return text
     return f"{GREEN}{text}{RESET}" if color else f"«{text}»"
