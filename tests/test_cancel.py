@@ -492,3 +492,22 @@ def test_a_prefect_server_restarted_while_a_validation_begins_is_waited_for(pref
     finally:
         stop_process_group(server.pid)
         kill_ray_started_since(before, {})
+
+
+def test_a_stop_that_surfaces_from_rays_c_code_as_a_system_error_is_raised_as_itself():
+    """Prefect's cancel raises TerminationSignal from its SIGTERM handler; inside ray.wait it came
+    out as a SystemError, which the task reported as its failure."""
+    from prefect.exceptions import TerminationSignal
+
+    from sft_core.cluster.cluster import stops_raised_as_themselves
+
+    with pytest.raises(TerminationSignal), stops_raised_as_themselves():
+        try:
+            raise TerminationSignal(signal.SIGTERM)
+        except TerminationSignal:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set")  # noqa: B904
+    with pytest.raises(SystemError), stops_raised_as_themselves():  # a SystemError of its own stays one
+        try:
+            raise ValueError("x")
+        except ValueError:
+            raise SystemError("other")  # noqa: B904

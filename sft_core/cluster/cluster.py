@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,20 @@ logger = logging.getLogger(__name__)
 
 class WorkerFailure(RuntimeError):
     """A worker died or stopped responding; the run can continue from its newest checkpoint."""
+
+
+@contextlib.contextmanager
+def stops_raised_as_themselves() -> Iterator[None]:
+    """A stop raised by a signal handler while Ray's C code waits (a cancel's TerminationSignal,
+    Ctrl-C's KeyboardInterrupt) leaves it as a SystemError ("returned a result with an exception
+    set"), which a task reports as its failure, with a traceback: it is raised as what it is."""
+    try:
+        yield
+    except SystemError as err:
+        stop = err.__cause__ or err.__context__
+        if stop is not None and not isinstance(stop, Exception):
+            raise stop from None
+        raise
 
 
 class Cluster:
@@ -187,6 +202,10 @@ class Cluster:
         return self._wait(refs, method, label or ", ".join(map(str, args)) or "no arguments")
 
     def _wait(self, refs: list[Any], method: str, label: str) -> list[Any]:
+        with stops_raised_as_themselves():
+            return self._wait_for(refs, method, label)
+
+    def _wait_for(self, refs: list[Any], method: str, label: str) -> list[Any]:
         deadline = time.monotonic() + self.timeout_s
         pending = list(refs)
         while pending:
