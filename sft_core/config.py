@@ -103,7 +103,8 @@ class DataArgs(StrictModel):
     # exchanges of a conversation until it fits (then cut), drop them, or stop.
     length_policy: Literal["truncate", "drop_oldest_turns", "drop", "error"] = "truncate"
     # With truncate: end the cut answer with the end-of-turn token (supervised), so the model still
-    # learns to stop; off by default, since it teaches a stop in mid-answer.
+    # learns to stop; off by default, since it teaches a stop in mid-answer. A cut answer left one
+    # token is trained as context only where an earlier answer of the sample is trained, else refused.
     truncate_keep_end_token: bool = False
     # A row that cannot be used: stop naming file, row and field, or skip it into a rejects file.
     on_bad_row: Literal["error", "skip"] = "error"

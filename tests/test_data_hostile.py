@@ -187,6 +187,24 @@ def test_a_cut_that_leaves_no_answer_token_is_a_bad_row(tmp_path, smollm2_tokeni
     assert stats.truncated == 1 and supervised(tok, *data.sample(0)) == "word<|im_end|>"
 
 
+def test_a_cut_at_a_later_answers_first_token_keeps_the_earlier_answer(tmp_path, smollm2_tokenizer):
+    """All answers of a row in one sample: a cut that leaves the second answer one token leaves it
+    untrained (context), and the first, complete answer is trained; the row was refused whole."""
+    tok = smollm2_tokenizer
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": " ".join(["word"] * 50)}]  # fmt: skip
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}])
+    full, _ = encode_files([f], tok, EncodeSpec(512, "chatml", FIELDS))
+    labels = full.sample(0)[1]
+    supervised_at = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    second = next(i for a, i in zip(supervised_at, supervised_at[1:], strict=False) if i != a + 1)
+    cut = EncodeSpec(second + 1, "chatml", FIELDS, truncate_keep_end_token=True)
+    data, stats = encode_files([f], tok, cut)
+    assert (stats.samples, stats.truncated, stats.rejected) == (1, 1, 0)
+    assert supervised(tok, *data.sample(0)) == "Hello there.<|im_end|>"
+    assert data.sample(0)[1][-1] == IGNORE_INDEX  # the second answer's one token: context only
+
+
 def test_a_row_with_two_conversations_under_format_auto_is_a_bad_row(tmp_path, smollm2_tokenizer):
     from sft_core.data.messages import FieldMapping, row_to_messages
     from sft_core.data.sources import Row

@@ -239,11 +239,15 @@ def _reject(row: Row, error: str, spec: EncodeSpec, stats: EncodeStats) -> None:
 def _keep_end_token(
     where: str, ids: np.ndarray, labels: np.ndarray, end_token: int, limit: int
 ) -> str | None:
-    """Write the end token over the last token of a cut answer, in place; the reason the row is bad
-    if that token was the answer's only one (the sample would teach an empty answer)."""
+    """Write the end token over the last token of a cut answer, in place. Where that token was the
+    answer's only one, the stub is left untrained if an earlier answer is (the sample keeps it as
+    context), else the reason the row is bad (the sample would teach an empty answer)."""
     if labels[-1] == IGNORE_INDEX:  # the cut fell outside an answer: nothing to end
         return None
     if len(labels) < 2 or labels[-2] == IGNORE_INDEX:
+        if (labels[1:-1] != IGNORE_INDEX).any():  # an earlier answer, whole
+            labels[-1] = IGNORE_INDEX
+            return None
         return (
             f"{where}: cut to sequence_length={limit} (truncate_keep_end_token), the last answer keeps "
             "no token of its own, only the end token, so it would teach an empty answer. Raise "
