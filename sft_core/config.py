@@ -78,6 +78,9 @@ class TrainingArgs(StrictModel):
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    # Warmup step s (0-based) trains at lr * (s + 1) / warmup: no step at lr 0, where Hugging Face's
+    # schedules start at 0 and reach the peak a step later. Every type warms up (HF's "constant"
+    # ignores warmup; here it is the same as "constant_with_warmup").
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
