@@ -109,7 +109,8 @@ class SFTWorker:
             self.cfg.template_for("train"), self.tokenizer, self.cfg.sft_train.data_args.supervise_empty_think
         )
         end = end_of_turn_token(get_template(self.cfg.template_for("train"), self.tokenizer), self.tokenizer)
-        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
+        end_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
+        self.end_of_turn_id = end_id if isinstance(end_id, int) else None
         self.pad_id = int(self.tokenizer.pad_token_id)
         t = self.cfg.sft_train.training_args
         self.schedule = BatchSchedule(len(self.train_plan.rows), self.cfg.global_batch_size, self.cfg.seed)
