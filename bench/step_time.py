@@ -21,7 +21,6 @@ from pathlib import Path
 from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -61,7 +60,10 @@ def main() -> None:
         tokenizer_dir=str(work / "tokenizer"),
         train=SplitFiles(str(work / "train.npz"), str(work / "plan.json")),
     )
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="warning")
+    from flows.ray_start import init_arguments
+
+    address, kwargs = init_arguments(None)  # the pipeline's own local Ray: loopback, its token
+    ray.init(address, **kwargs)
     try:
         t = time.perf_counter()
         cluster = Cluster(cfg)

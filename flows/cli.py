@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                   "MLflow run.", file=sys.stderr)  # fmt: skip
             return EXIT_LOST_SERVER
         if user is None and (failure := _worker_failure(exc)) is not None:
-            print(f"\nsft: error: {failure}\nThe run stopped after sft_train.max_restarts restarts; its MLflow "
-                  "run is FAILED. Start it again with resume_from_checkpoint=auto to continue from the "
-                  "newest checkpoint.", file=sys.stderr)  # fmt: skip
+            print(f"\nsft: error: {failure}\nThe run stopped (after the restarts sft_train.max_restarts "
+                  "allows); its MLflow run is FAILED. Once the cause is gone, resume_from_checkpoint=auto "
+                  "continues from the newest checkpoint.", file=sys.stderr)  # fmt: skip
             return 1
         if user is None:
             raise  # a bug, not a user mistake: keep the traceback

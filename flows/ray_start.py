@@ -95,7 +95,7 @@ def configured_address() -> str | None:
 
 def init_arguments(address: str | None) -> tuple[str, dict[str, Any]]:
     """ray.init's (address, kwargs) for a configured address, or for a local Ray of our own."""
-    if address:
+    if address and address != "local":
         # A cluster started elsewhere has its own token, which Ray never sends to an explicit address
         # by itself (RayStart.wait names what to set when the cluster asks for one).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -19,6 +19,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -27,6 +28,8 @@ from sft_core.home import sft_home
 from sft_core.secrets import is_secret_env
 
 DEFAULT_PORT = 4200
+# How long the server sft started may take to answer before a run says it does not (a loaded machine).
+OWN_SERVER_WAIT_S = 30.0
 
 
 def set_local_defaults() -> None:
@@ -91,8 +94,9 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
         raise PrefectServerError(f"cannot start the local Prefect server: port {port} is taken")
     home.mkdir(parents=True, exist_ok=True)
     # The server outlives the run: it gets none of the run's credentials (a secret moved off the
-    # command line, system_envs, the local Ray's token), only its own PREFECT_ settings.
-    env = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_") or not is_secret_env(k)}
+    # command line, system_envs, the local Ray's token), only its own settings (PREFECT_, and
+    # libpq's PG* for a Postgres database).
+    env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "PG")) or not is_secret_env(k)}
     env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
     log_path = home / "server.log"
@@ -133,18 +137,36 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command's name
 
 
-def _own_server(home: Path) -> str | None:
-    """The API URL of the server `sft` started under this PREFECT_HOME, if it is still that server:
-    the recorded process, started when it was (a pid reused after a crash or a reboot is not it)."""
-    record = home / "server.json"
+def _own_record(home: Path) -> dict[str, Any] | None:
+    """server.json of the server `sft` started under this PREFECT_HOME, if that process still runs:
+    the recorded pid, started when recorded (a pid reused after a crash or a reboot is not it).
+    Whether it answers is another question (`_own_server`)."""
     try:
-        info = json.loads(record.read_text())
-        os.kill(info["pid"], 0)  # still running (pids are recorded with the port they serve)
-    except (OSError, ValueError, KeyError):
+        info = json.loads((home / "server.json").read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if "started" in info and _process_start(info["pid"]) != info["started"]:
+    if "started" not in info:  # recorded before start times were: its answering must tell
+        return info if _healthy(info["api_url"]) else None
+    return info if _process_start(info["pid"]) == info["started"] else None
+
+
+def _own_server(home: Path, wait_s: float = OWN_SERVER_WAIT_S) -> str | None:
+    """The API URL of the server `sft` started under this PREFECT_HOME, if it still runs; given
+    `wait_s` to answer (a loaded machine), else PrefectServerError: it is not taken for someone
+    else's, and no second server is started on its database."""
+    info = _own_record(home)
+    if info is None:
         return None
-    return info["api_url"] if _healthy(info["api_url"]) else None
+    deadline = time.monotonic() + wait_s
+    while not _healthy(info["api_url"]):
+        if time.monotonic() > deadline:
+            raise PrefectServerError(
+                f"the Prefect server sft started (pid {info['pid']}, {info['api_url']}) does not answer "
+                f"within {wait_s:g}s; see {home / 'server.log'}, or stop it with `sft server stop`"
+            )
+        time.sleep(1.0)
+    return str(info["api_url"])
 
 
 def _serves_home(api_url: str, home: Path) -> bool:
@@ -228,7 +250,7 @@ def stop_server() -> bool:
     """Stop the server `sft run` started (and everything it spawned); False if none is running."""
     home = Path(os.environ["PREFECT_HOME"])
     record = home / "server.json"
-    if _own_server(home) is None:
+    if _own_record(home) is None:
         record.unlink(missing_ok=True)
         return False
     stop_process_group(json.loads(record.read_text())["pid"])

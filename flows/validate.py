@@ -17,10 +17,13 @@ from tasks.train import val_step
 # retries a request of the parent flow's (PREFECT_CLIENT_MAX_RETRIES=5, backoff: about a minute).
 _WAIT_FOR_SERVER_S = 60.0
 _RETRY_EVERY_S = 2.0
+# The steps whose validation body began in this process (the subflow runs inline).
+_begun: set[int] = set()
 
 
 @flow(name="validate", flow_run_name="validate-step-{step}")
 def validate(cluster: Cluster, step: int, trackers: Trackers) -> dict[str, float]:
+    _begun.add(step)
     t = time.perf_counter()
     metrics = val_step(cluster)
     metrics[m.TIME_VAL] = time.perf_counter() - t
@@ -45,7 +48,8 @@ def run_validation(cluster: Cluster, step: int, trackers: Trackers) -> dict[str,
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 return validate(cluster, step, trackers)
         except Exception as err:
-            if lost_prefect_api(err) is None or time.monotonic() > deadline:
+            # Only a subflow that never began: one that ran may have logged its metrics already.
+            if step in _begun or lost_prefect_api(err) is None or time.monotonic() > deadline:
                 raise
             get_run_logger().warning(
                 "validation at step %d: the Prefect server does not answer (%s); trying again in %gs",

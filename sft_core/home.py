@@ -4,6 +4,7 @@ One root, owned here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -45,15 +46,17 @@ def inductor_cache() -> Path:
 
 
 def private_tmp() -> Path:
-    """A folder of this machine's temp dir that this user alone can enter (0700): the local Ray's
-    session folders and the process group's rendezvous files, which must be on local disk."""
-    path = Path(tempfile.gettempdir()) / f"sft-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
+    """A folder of this machine's temp dir ($RAY_TMPDIR, else $TMPDIR or /tmp) that this user alone
+    can enter (0700): the local Ray's session folders and the process group's rendezvous files,
+    which must be on local disk."""
+    path = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / f"sft-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):  # a file, or a link to nowhere: refused below
+        path.mkdir(mode=0o700, exist_ok=True)
     found = path.lstat()
-    if stat.S_ISLNK(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
         raise ConfigError(
-            f"{path} (this user's private temp folder: the local Ray's session, rendezvous files) is a "
-            f"link, another user's, or open to others (mode {stat.filemode(found.st_mode)}): remove it, "
+            f"{path} (this user's private temp folder: the local Ray's session, rendezvous files) is not "
+            f"a folder, is a link, another user's, or open to others (mode {stat.filemode(found.st_mode)}): remove it, "
             "or set TMPDIR to a folder of your own"
         )
     return path

@@ -43,6 +43,9 @@ def test_a_local_run_listens_on_loopback_only(prefect_server, tmp_path, demo_cop
          f"validation.data_args.file_name={demo_copy}/validation.jsonl", "max_ckpt_to_keep=1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    from sft_core.home import private_tmp
+
+    stores = set(private_tmp().glob("store-*"))  # the process group's rendezvous files
     sockets: dict[tuple[str, int], str] = {}
     try:
         deadline = time.monotonic() + 400
@@ -56,6 +59,7 @@ def test_a_local_run_listens_on_loopback_only(prefect_server, tmp_path, demo_cop
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, log[-3000:]
+    assert set(private_tmp().glob("store-*")) == stores  # its own was removed at shutdown
     assert len(sockets) >= 3, sockets  # GCS, raylet, workers... were seen
     print(sorted(sockets))
     exposed = {addr: who for addr, who in sockets.items() if not is_loopback(addr[0])}
@@ -137,21 +141,26 @@ def test_no_other_process_of_the_machine_can_run_code_in_a_local_runs_ray(tmp_pa
         run.communicate(input="", timeout=120)
 
 
-@pytest.mark.parametrize("how", ["open to others", "a link"])
+@pytest.mark.parametrize("how", ["open to others", "a link", "a link to nowhere", "a file"])
 def test_a_private_temp_folder_that_is_not_private_is_refused(tmp_path, monkeypatch, how):
     import tempfile
 
     from sft_core.errors import ConfigError
     from sft_core.home import private_tmp
 
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert private_tmp() == tmp_path / f"sft-{os.getuid()}"  # made 0700 where missing
     private_tmp().rmdir()
     if how == "a link":
         (tmp_path / "elsewhere").mkdir(mode=0o700)
         (tmp_path / f"sft-{os.getuid()}").symlink_to(tmp_path / "elsewhere")
+    elif how == "a link to nowhere":
+        (tmp_path / f"sft-{os.getuid()}").symlink_to(tmp_path / "nowhere")
+    elif how == "a file":
+        (tmp_path / f"sft-{os.getuid()}").write_text("")
     else:
         (tmp_path / f"sft-{os.getuid()}").mkdir(mode=0o700)
         (tmp_path / f"sft-{os.getuid()}").chmod(0o777)
-    with pytest.raises(ConfigError, match="link, another user's, or open to others"):
+    with pytest.raises(ConfigError, match="is not a folder, is a link, another user's, or open to others"):
         private_tmp()

@@ -274,3 +274,22 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     third, _ = smoke(tmp_path, demo_copy, *rerun)
     states = task_states(flow_run_id(third.stdout))
     assert states["encode-train"] == "Completed" and states["encode-validation"] == "Cached", states
+
+
+def test_a_base_model_trained_with_a_chat_template_stops_at_its_end_of_turn(
+    prefect_server, tmp_path, demo_copy, tiny_model_dir
+):
+    """A base model's generation config names only its end-of-text token (SmolLM2, Qwen2.5 base):
+    trained with chatml, every answer ends with <|im_end|>, which the checkpoint must stop at."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    GenerationConfig(bos_token_id=1, eos_token_id=0).save_pretrained(base)
+    _, out = smoke(tmp_path, demo_copy, f"pretrain={base}", "sft_train.data_args.template=chatml",
+                   "sft_train.training_args.max_steps=2", "save_steps=2", "eval_steps=2")  # fmt: skip
+    final = checkpoint_path(out, 2) / "sft_train"
+    end_of_turn = AutoTokenizer.from_pretrained(final).convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(final).eos_token_id == [0, end_of_turn]

@@ -4,6 +4,7 @@ stop` stops what it started; a server that cannot start says why."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -114,7 +115,7 @@ def test_a_recorded_pid_now_taken_by_another_process_is_not_our_server(tmp_path,
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
         (home / "server.json").write_text(json.dumps({"pid": other.pid, "started": "1", "api_url": api_url}))
-        assert runtime._own_server(home) is None
+        assert runtime._own_record(home) is None
         assert not runtime.stop_server()
         assert other.poll() is None  # alive: never signalled
         # A record of the process itself is ours, and is stopped.
@@ -144,3 +145,29 @@ def test_a_server_sft_did_not_start_on_the_same_database_is_not_joined_by_a_seco
             runtime.ensure_server()
     finally:
         runtime.stop_process_group(by_hand.pid)
+
+
+def test_its_own_server_answering_slowly_is_neither_taken_for_a_strangers_nor_doubled(tmp_path, monkeypatch):
+    """A loaded machine: the server sft started answers late or not at all. It is still sft's: a run
+    says so (it neither refuses it as another program's nor starts a second server on its database),
+    and `sft server stop` stops it."""
+    import signal
+
+    home = tmp_path / "prefect"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setattr(runtime, "OWN_SERVER_WAIT_S", 3.0)
+    api_url, started = runtime.ensure_server()
+    os.environ.pop("PREFECT_API_URL", None)
+    pid = json.loads((home / "server.json").read_text())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(runtime.PrefectServerError, match=f"the Prefect server sft started \\(pid {pid}"):
+            runtime.ensure_server()
+        assert runtime.stop_server()
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        runtime.stop_process_group(pid)
+        os.environ.pop("PREFECT_API_URL", None)

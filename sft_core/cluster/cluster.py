@@ -129,7 +129,9 @@ class Cluster:
         self.placement = placement_group(
             [bundle] * self.world_size, strategy=_PLACEMENT[cfg.sft_train.placement]
         )
-        if not self.placement.wait(timeout_seconds=self.timeout_s):
+        with stops_raised_as_themselves():
+            placed = self.placement.wait(timeout_seconds=self.timeout_s)
+        if not placed:
             self.shutdown()
             raise WorkerFailure(
                 f"cannot place {self.world_size} workers ({bundle} each, sft_train.placement="
@@ -284,11 +286,10 @@ class Cluster:
 
         # A thread: Ray's calls wait on its GCS without a time limit.
         threading.Thread(target=release, name="cluster-shutdown", daemon=True).start()
-        if self.store:  # new process groups rendezvous through it; the workers' are going
-            self.store.unlink(missing_ok=True)
         if not wait:
             for pid in _processes_of(self.id):
                 _kill(pid)
+            self._remove_store()
             return
         deadline = time.monotonic() + _SHUTDOWN_S
         released.wait(_SHUTDOWN_S / 2)
@@ -312,6 +313,13 @@ class Cluster:
                 len(left),
                 left,
             )
+        self._remove_store()
+
+    def _remove_store(self) -> None:
+        """The process group's rendezvous file, once its workers are gone (a SIGKILLed driver
+        leaves it, in the user's private temp folder)."""
+        if self.store:
+            self.store.unlink(missing_ok=True)
 
 
 def _processes_of(cluster_id: str) -> list[int]:

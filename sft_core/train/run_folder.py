@@ -90,8 +90,9 @@ def runs_root(output_dir: str | Path) -> Path:
 
 def own_entries(folder: Path, pattern: str = "*") -> list[Path]:
     """The folders in `folder` matching `pattern`, sorted, links excepted: a link placed there (a
-    checkpoint or run "shared" from elsewhere) is not this folder's to list, resume from or prune."""
-    if folder.is_symlink() or not folder.is_dir():
+    checkpoint or run "shared" from elsewhere) is not this folder's to list, resume from or prune.
+    `folder` itself may be a link (runs/ on another disk)."""
+    if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob(pattern) if p.is_dir() and not p.is_symlink())
 
