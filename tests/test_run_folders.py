@@ -161,6 +161,11 @@ def test_a_link_placed_among_checkpoints_or_runs_is_never_pruned_through_nor_res
     assert (victim / "keep.txt").is_file() and ckpt.is_complete(shared)
     assert ckpt.latest_checkpoint(str(tmp_path / "out")) == run.checkpoint(4).resolve()
     assert find_run(str(tmp_path / "out"), "aaaaaaaa-1111") is None
+    # runs/ itself on another disk, through a link: listed as ever.
+    (tmp_path / "linked_out").mkdir()
+    (tmp_path / "linked_out" / "runs").symlink_to(run.root.parent)
+    assert ckpt.latest_checkpoint(str(tmp_path / "linked_out")) == run.checkpoint(4).resolve()
+    assert find_run(str(tmp_path / "linked_out"), "bbbbbbbb-2222") is not None
 
 
 def test_resume_over_changed_data_is_refused_or_warned(tmp_path):
