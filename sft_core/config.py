@@ -220,6 +220,18 @@ class SFTConfig(StrictModel):
     # Hydra's own block (run dir, output_subdir) means nothing here: there is no Hydra job dir.
     hydra: dict[str, Any] | None = None
 
+    @field_validator("tracker_kwargs")
+    @classmethod
+    def _tracker_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Free-form in the seed (wandb's project, notes...): here only log_dir is read, so any other
+        # key (a typo of it, or a setting of a tracker not used) would be dropped unseen.
+        if unread := sorted(set(kwargs) - {"log_dir"}):
+            raise ValueError(
+                f"{unread} not read: tracker_kwargs takes log_dir (the TensorBoard folder); MLflow's "
+                "server is set by MLFLOW_TRACKING_URI in the environment"
+            )
+        return kwargs
+
     @field_validator("track_with")
     @classmethod
     def _tracker(cls, name: str) -> str:

@@ -6,4 +6,5 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass every bound (learning_rate=inf trained to nan and registered the model).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -4,6 +4,7 @@ dropped, for a file mixing good rows with bad rows of every kind, each named by 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,16 @@ def test_validation_data_args_are_honoured_for_the_validation_split(tmp_path, sm
         encode_files([str(path)], smollm2_tokenizer, train)
     with pytest.raises(ConfigError, match=r"validation\.data_args\.template: unknown template 'nope'"):
         load_config("sft_config", ["+validation.data_args.template=nope"])
+    # The way out a validation bad row names is an override Hydra takes, with or without the key set.
+    strict = EncodeSpec.from_config(load_config("sft_config", []), "validation")
+    with pytest.raises(DataError, match=r"\(to skip such rows: (\S+)\)") as told:
+        encode_files([str(path)], smollm2_tokenizer, strict)
+    given = re.search(r"to skip such rows: (\S+)\)", str(told.value)).group(1)
+    for before in ([], ["+validation.data_args.on_bad_row=error"]):
+        assert (
+            EncodeSpec.from_config(load_config("sft_config", [*before, given]), "validation").on_bad_row
+            == "skip"
+        )
 
 
 def test_a_built_in_template_whose_tokens_the_tokenizer_lacks_stops_in_preflight():

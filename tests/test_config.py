@@ -338,3 +338,21 @@ def test_the_metric_names_the_config_takes_are_those_a_checkpoint_is_tagged_with
 def test_every_shipped_config_validates(config_path, overrides):
     """conf/ (also as prefect.yaml's deployments use it), examples/ and the seed-shaped test config."""
     assert load_config("sft_config", overrides, config_path=config_path).metric_for_best_model == "val_loss"
+
+
+@pytest.mark.parametrize(
+    "key", ["sft_train.training_args.learning_rate", "sft_train.training_args.num_train_epochs",
+            "sft_train.training_args.max_grad_norm", "sft_train.worker_timeout_s"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_number_that_is_not_finite_is_refused_naming_its_key(key, value):
+    """inf passed every bound: learning_rate=inf trained to nan and registered the model."""
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': Input should be a finite number")):
+        load_config("sft_config", [f"{key}={value}"])
+
+
+def test_a_tracker_setting_that_is_not_read_is_refused():
+    """tracker_kwargs was free-form: a misspelt log_dir sent TensorBoard to the default folder unseen."""
+    with pytest.raises(ConfigError, match=r"config key 'tracker_kwargs': \['log_dirr'\] not read"):
+        validate_config(with_value("tracker_kwargs", {"log_dirr": "x"}))
+    validate_config(with_value("tracker_kwargs", {"log_dir": "x"}))

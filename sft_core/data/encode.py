@@ -231,7 +231,7 @@ def _end_token_id(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) ->
 def _reject(row: Row, error: str, spec: EncodeSpec, stats: EncodeStats) -> None:
     """The on_bad_row policy: stop naming the row, or count and list it."""
     if spec.on_bad_row == "error":
-        raise DataError(f"{error} (to skip such rows: {spec.args_key}.on_bad_row=skip)")
+        raise DataError(f"{error} (to skip such rows: {spec.override('on_bad_row')}=skip)")
     stats.rejected += 1
     stats.rejects.append({"file": row.file, "row": row.index, "reason": error, "data": row.data})
 
@@ -297,7 +297,8 @@ def _fit(
         if spec.length_policy == "error":
             raise DataError(
                 f"{sample.where}: the sample has {len(ids)} tokens, more than sequence_length={limit} "
-                f"({spec.args_key}.length_policy=error). Raise sequence_length or use truncate/drop."
+                f"({spec.args_key}.length_policy=error). Raise sequence_length or set "
+                f"{spec.override('length_policy')}=truncate or drop."
             )
         if spec.length_policy in ("truncate", "drop_oldest_turns"):
             ids, labels = ids[:limit].copy(), labels[:limit].copy()

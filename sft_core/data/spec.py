@@ -56,6 +56,12 @@ class EncodeSpec:
         """The config block of this split's data settings, e.g. `validation.data_args`."""
         return self.config_key.rsplit(".", 1)[0]
 
+    def override(self, setting: str) -> str:
+        """A command-line override of this split's `setting` that Hydra takes: validation.data_args
+        holds only file_name in a config, so its other keys are added (`++` also replaces one)."""
+        prefix = "" if self.args_key.startswith("sft_train.") else "++"
+        return f"{prefix}{self.args_key}.{setting}"
+
     def as_dict(self) -> dict[str, Any]:
         """Plain data: what the cache key hashes. A template file is named by path, so its contents
         are hashed too: an edited template must not reuse the encoding of the old one."""
