@@ -30,7 +30,7 @@ import time
 from typing import Any, NoReturn
 
 from flows.runtime import PrefectServerError, ensure_server, lost_prefect_api, set_local_defaults, stop_server
-from sft_core.config_loader import load_config
+from sft_core.config_loader import find_config_dir, load_config
 from sft_core.errors import exception_chain, user_error_in
 from sft_core.preflight import check_run_config, preflight
 from sft_core.secrets import move_secrets_to_env
@@ -68,7 +68,14 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
     try:
         from flows.sft_pipeline import sft_pipeline
 
-        return sft_pipeline(config_name=config_name, overrides=overrides, config_path=config_path)
+        # Stored with the flow run, so a retry started from another folder (`prefect flow-run retry`,
+        # the UI) reads the same config and files and finds the same run folder.
+        return sft_pipeline(
+            config_name=config_name,
+            overrides=overrides,
+            config_path=str(find_config_dir(config_path)) if config_path else None,
+            working_dir=os.getcwd(),
+        )
     finally:
         from flows.ray_start import discard_early_start
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -85,7 +86,10 @@ def configured_address() -> str | None:
         with get_client(sync_client=True) as client:
             params = client.read_flow_run(flow_run_id).parameters
         cfg = load_config(
-            params.get("config_name", "sft_config"), params.get("overrides") or [], params.get("config_path")
+            params.get("config_name", "sft_config"),
+            params.get("overrides") or [],
+            params.get("config_path"),
+            Path(params["working_dir"]) if params.get("working_dir") else None,
         )
     except Exception as err:  # a bad config is reported by the flow body, with its key named
         logger.warning("could not read the flow run's ray_address (%s); starting a local Ray", err)

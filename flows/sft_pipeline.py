@@ -497,16 +497,24 @@ def train(
 
 @flow(name="sft-pipeline", task_runner=SFTRayTaskRunner(), log_prints=True)
 def sft_pipeline(
-    config_name: str = "sft_config", overrides: list[str] | None = None, config_path: str | None = None
+    config_name: str = "sft_config",
+    overrides: list[str] | None = None,
+    config_path: str | None = None,
+    working_dir: str | None = None,
 ) -> dict[str, Any]:
+    """`working_dir`: where the config's relative paths start (`sft run` gives its cwd, so that a
+    retry started from anywhere finds the same files and run folder); unset: this process's cwd (a
+    deployment's, set by prefect.yaml)."""
     # `prefect flow-run cancel` reaches a run that `sft run` started in its own process too.
     with cancel_from_the_server(str(get_run_context().flow_run.id)):
-        return _pipeline(config_name, overrides or [], config_path)
+        return _pipeline(config_name, overrides or [], config_path, working_dir)
 
 
-def _pipeline(config_name: str, overrides: list[str], config_path: str | None) -> dict[str, Any]:
+def _pipeline(
+    config_name: str, overrides: list[str], config_path: str | None, working_dir: str | None
+) -> dict[str, Any]:
     logger = get_run_logger()
-    cfg = load_run_config(config_name, overrides, config_path)
+    cfg = load_run_config(config_name, overrides, config_path, Path(working_dir) if working_dir else None)
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         wait_for_ray()  # joining a cluster: quick, and a wrong address fails before any data work
     connected = ray.get_runtime_context().gcs_address if ray.is_initialized() else None

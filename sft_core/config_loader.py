@@ -34,12 +34,30 @@ def find_config_dir(config_path: str | None) -> Path:
     )
 
 
+def _with_shipped_groups(config_dir: Path, config_name: str, overrides: list[str]) -> list[str]:
+    """A config folder of the user's also sees the shipped conf/ (its `experiment` group, and
+    `sft_config` to extend in a defaults list), after the folders its own hydra.searchpath names."""
+    if config_dir.resolve() == DEFAULT_CONFIG_DIR.resolve() or any(
+        "hydra.searchpath" in o for o in overrides
+    ):
+        return overrides
+    try:
+        own = OmegaConf.select(OmegaConf.load(config_dir / f"{config_name}.yaml"), "hydra.searchpath") or []
+    except (OSError, OmegaConfBaseException):
+        own = []  # compose reports a missing or broken file itself
+    paths = [*own, f"file://{DEFAULT_CONFIG_DIR}"]
+    quoted = ", ".join("'" + str(p).replace("\\", "\\\\").replace("'", "\\'") + "'" for p in paths)
+    return [*overrides, f"hydra.searchpath=[{quoted}]"]
+
+
 def compose_dict(config_dir: Path, config_name: str, overrides: list[str]) -> dict[str, Any]:
     """Hydra compose without changing the working directory; returns a plain, resolved dict."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+            cfg = compose(
+                config_name=config_name, overrides=_with_shipped_groups(config_dir, config_name, overrides)
+            )
         raw = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"cannot compose config '{config_name}' from {config_dir}: {err}") from None

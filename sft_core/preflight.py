@@ -87,10 +87,12 @@ def check_writable_folder(key: str, folder: Path) -> None:
 _checked: set[str] = set()  # configs (as JSON, with the directory they were resolved from) checked here
 
 
-def load_run_config(config_name: str, overrides: list[str], config_path: str | None = None) -> SFTConfig:
-    """Compose and validate the config, then check it against this machine and its files, once per
-    process for the same resulting config."""
-    cfg = load_config(config_name, overrides, config_path)
+def load_run_config(
+    config_name: str, overrides: list[str], config_path: str | None = None, base_dir: Path | None = None
+) -> SFTConfig:
+    """Compose and validate the config (relative paths from `base_dir`, else the cwd), then check it
+    against this machine and its files, once per process for the same resulting config."""
+    cfg = load_config(config_name, overrides, config_path, base_dir)
     check_run_config(cfg)
     return cfg
 

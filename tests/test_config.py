@@ -356,3 +356,21 @@ def test_a_tracker_setting_that_is_not_read_is_refused():
     with pytest.raises(ConfigError, match=r"config key 'tracker_kwargs': \['log_dirr'\] not read"):
         validate_config(with_value("tracker_kwargs", {"log_dirr": "x"}))
     validate_config(with_value("tracker_kwargs", {"log_dir": "x"}))
+
+
+def test_a_config_folder_of_ones_own_sees_the_shipped_experiments_and_reference_config(tmp_path):
+    """`--config-path` replaced the shipped conf/ on Hydra's search path: `+experiment=smoke` read as
+    an unknown key, and `defaults: [sft_config]` could not be found."""
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - sft_config\n  - _self_\nseed: 7\n")
+    cfg = load_config("mine", ["+experiment=smoke"], str(tmp_path))
+    assert (cfg.seed, cfg.exp_name, cfg.pretrain) == (7, "smoke-sft", "embedded:tiny-smollm2")
+    seed = load_config("sft_config", ["+experiment=smoke"], "smollm2-135M-sft_ddp")  # the seed's example
+    assert seed.exp_name == "smoke-sft"
+    # A folder's own search path is kept, before the shipped one.
+    (tmp_path / "extra" / "experiment").mkdir(parents=True)
+    (tmp_path / "extra" / "experiment" / "tiny.yaml").write_text("# @package _global_\nseed: 11\n")
+    (tmp_path / "own.yaml").write_text(
+        f"defaults:\n  - sft_config\n  - _self_\nhydra:\n  searchpath: ['file://{tmp_path / 'extra'}']\n"
+    )
+    assert load_config("own", ["+experiment=tiny"], str(tmp_path)).seed == 11
+    assert load_config("own", ["+experiment=smoke"], str(tmp_path)).exp_name == "smoke-sft"

@@ -139,6 +139,11 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     secret = f"hf_{uuid.uuid4().hex}"
     first, out = smoke(tmp_path, demo_copy, val_skip, f"+system_envs.HF_TOKEN={secret}")
     run_id = flow_run_id(first.stdout)
+    # Its parameters name where its relative paths start: a retry from another folder finds them.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).parameters["working_dir"] == str(tmp_path)
     # The console: training progress with a bar and the time left; each encoding's row account.
     console = first.stdout + first.stderr
     assert re.search(r"Task run 'train-steps-3-6' - step 6/6 \[#{20}\] 100% ETA 0:00:00 \| loss", console)
