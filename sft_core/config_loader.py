@@ -60,7 +60,13 @@ def compose_dict(config_dir: Path, config_name: str, overrides: list[str]) -> di
             )
         raw = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"cannot compose config '{config_name}' from {config_dir}: {err}") from None
+        hint = ""
+        if "Unknown function 'list'" in str(err):  # the seed's device_mapping form, unquoted in a shell
+            hint = (
+                "; on the command line quote the seed's form, 'sft_train.device_mapping=\"list(range(0,2))\"', "
+                "or write the list: sft_train.device_mapping=[0,1]"
+            )
+        raise ConfigError(f"cannot compose config '{config_name}' from {config_dir}: {err}{hint}") from None
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(raw, dict)

@@ -374,3 +374,13 @@ def test_a_config_folder_of_ones_own_sees_the_shipped_experiments_and_reference_
     )
     assert load_config("own", ["+experiment=tiny"], str(tmp_path)).seed == 11
     assert load_config("own", ["+experiment=smoke"], str(tmp_path)).exp_name == "smoke-sft"
+
+
+def test_the_seeds_device_mapping_unquoted_on_a_command_line_says_how_to_write_it():
+    with pytest.raises(
+        ConfigError, match=re.escape("""quote the seed's form, 'sft_train.device_mapping="list""")
+    ):
+        load_config("sft_config", ["sft_train.device_mapping=list(range(0,2))"])
+    assert load_config(
+        "sft_config", ['sft_train.device_mapping="list(range(0,2))"']
+    ).sft_train.device_mapping == [0, 1]
