@@ -393,14 +393,10 @@ def test_a_cancel_the_worker_never_delivers_still_stops_the_run(prefect_server, 
         kill_ray_started_since(before, left)
 
 
-def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_resume(
-    prefect_server, tmp_path: Path
-):
-    """The operator stops (or loses) the Prefect server while a run trains. The run stops with one
-    clear message and exit code 75, its MLflow run FAILED and no Ray left; its flow run, which
-    nobody could end, is set to Crashed (with the reason) by the next run, which resumes."""
+def _smoke_on_own_server(tmp_path: Path, *settings: str):
+    """A Prefect server of the test's own (to stop and restart) and the `sft run` command of a smoke
+    run that uses it: (home, port, api_url, server process, output_dir, env, command)."""
     from flows.runtime import free_port, start_server
-    from sft_core.train.run_folder import RunFolder
 
     home, port = new_prefect_home(tmp_path / "prefect-home"), free_port()
     api_url, server = start_server(home, port)
@@ -408,8 +404,22 @@ def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_re
     env = {**os.environ, "PREFECT_API_URL": api_url}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
-               f"logging_dir={out}/tb", "sft_train.training_args.max_steps=12", "save_steps=4",
-               "eval_steps=12"]  # fmt: skip
+               f"logging_dir={out}/tb", *settings]  # fmt: skip
+    return home, port, api_url, server, out, env, command
+
+
+def test_a_prefect_server_that_stops_mid_run_gives_a_clear_error_and_a_run_to_resume(
+    prefect_server, tmp_path: Path
+):
+    """The operator stops (or loses) the Prefect server while a run trains. The run stops with one
+    clear message and exit code 75, its MLflow run FAILED and no Ray left; its flow run, which
+    nobody could end, is set to Crashed (with the reason) by the next run, which resumes."""
+    from flows.runtime import start_server
+    from sft_core.train.run_folder import RunFolder
+
+    home, port, api_url, server, out, env, command = _smoke_on_own_server(
+        tmp_path, "sft_train.training_args.max_steps=12", "save_steps=4", "eval_steps=12"
+    )
     before = ray_processes()
     try:
         with (tmp_path / "first.log").open("w") as log:
@@ -459,16 +469,15 @@ def test_a_prefect_server_restarted_while_a_validation_begins_is_waited_for(pref
     """The operator restarts the Prefect server for a few seconds, and a validation is due meanwhile:
     its subflow's client, new and never connected, is not retried by Prefect; the run waits for the
     server as the rest of the flow does, and finishes."""
-    from flows.runtime import free_port, start_server
+    from flows.runtime import start_server
 
-    home, port = new_prefect_home(tmp_path / "prefect-home"), free_port()
-    api_url, server = start_server(home, port)
-    out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_API_URL": api_url}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "flows.cli", "run", "+experiment=smoke", f"output_dir={out}",
-               f"logging_dir={out}/tb", "sft_train.training_args.max_steps=60", "save_steps=30",
-               "eval_steps=30", "eval_at_start=false"]  # fmt: skip
+    home, port, api_url, server, out, env, command = _smoke_on_own_server(
+        tmp_path,
+        "sft_train.training_args.max_steps=60",
+        "save_steps=30",
+        "eval_steps=30",
+        "eval_at_start=false",
+    )
     before = ray_processes()
     log_path = tmp_path / "sft.log"
     try:

@@ -23,7 +23,7 @@ from sft_core.data import IGNORE_INDEX
 from sft_core.data.collate import MicroBatch, collate_rows, masked_batch
 from sft_core.data.packing import PackedPlan
 from sft_core.data.store import EncodedData
-from sft_core.data.templates import carry_template, end_of_turn_token, get_template
+from sft_core.data.templates import carry_template, end_of_turn_id, get_template
 from sft_core.home import sft_home
 from sft_core.model.resolve import load_tokenizer
 from sft_core.model.stop_tokens import stop_at
@@ -108,9 +108,9 @@ class SFTWorker:
         carry_template(  # saved with every checkpoint
             self.cfg.template_for("train"), self.tokenizer, self.cfg.sft_train.data_args.supervise_empty_think
         )
-        end = end_of_turn_token(get_template(self.cfg.template_for("train"), self.tokenizer), self.tokenizer)
-        end_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
-        self.end_of_turn_id = end_id if isinstance(end_id, int) else None
+        self.end_of_turn_id = end_of_turn_id(
+            get_template(self.cfg.template_for("train"), self.tokenizer), self.tokenizer
+        )
         self.pad_id = int(self.tokenizer.pad_token_id)
         t = self.cfg.sft_train.training_args
         self.schedule = BatchSchedule(len(self.train_plan.rows), self.cfg.global_batch_size, self.cfg.seed)

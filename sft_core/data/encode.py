@@ -18,7 +18,7 @@ from sft_core.data.messages import Message, row_to_messages
 from sft_core.data.sources import Row, read_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
-from sft_core.data.templates import ChatTemplate, end_of_turn_token, forbidden_text, get_template
+from sft_core.data.templates import ChatTemplate, end_of_turn_id, forbidden_text, get_template
 from sft_core.errors import DataError
 
 if TYPE_CHECKING:
@@ -222,10 +222,8 @@ def iter_encoded(
 def _end_token_id(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> int:
     """The id truncate_keep_end_token writes: the template's end-of-turn token, which the model must
     learn to stop with (eos only for a template that ends turns without a special token)."""
-    token = end_of_turn_token(template, tokenizer)
-    found = tokenizer.convert_tokens_to_ids(token) if token else tokenizer.eos_token_id
-    assert isinstance(found, int)  # one token in, one id out (typed for lists too)
-    return found
+    found = end_of_turn_id(template, tokenizer)
+    return int(tokenizer.eos_token_id) if found is None else found
 
 
 def _reject(row: Row, error: str, spec: EncodeSpec, stats: EncodeStats) -> None:

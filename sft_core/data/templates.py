@@ -250,6 +250,13 @@ def end_of_turn_token(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
     return next((s for s in special_tokens(tokenizer) if text.endswith(s, start, end)), None)
 
 
+def end_of_turn_id(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of `end_of_turn_token`, or None."""
+    token = end_of_turn_token(template, tokenizer)
+    found = tokenizer.convert_tokens_to_ids(token) if token else None
+    return found if isinstance(found, int) else None  # one token in, one id out (typed for lists too)
+
+
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
 _LEADING_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")
 
