@@ -85,6 +85,7 @@ def run(config_name: str, overrides: list[str], config_path: str | None) -> dict
 def preview(args: argparse.Namespace) -> None:
     """Encode the first samples exactly as a run would (no server, no Ray) and print them."""
     from sft_core.data.preview import encode_preview, preview_lines, skipped_summary
+    from sft_core.data.spec import EncodeSpec
     from sft_core.model.resolve import load_tokenizer, resolve_pretrained
 
     cfg = load_config(args.config_name, args.overrides, args.config_path)
@@ -93,7 +94,7 @@ def preview(args: argparse.Namespace) -> None:
     samples, stats = encode_preview(cfg, tokenizer, args.n, args.split)
     for line in preview_lines(cfg, tokenizer, samples, args.json, color=sys.stdout.isatty()):
         print(line)
-    for line in skipped_summary(stats):
+    for line in skipped_summary(stats, EncodeSpec.from_config(cfg, args.split).fields):
         print(line, file=sys.stderr)  # stderr: --json output stays one sample per line
 
 

@@ -123,6 +123,8 @@ def report_data(
         if enc.rejected:
             logger.warning("%s: %d bad rows skipped (%s.on_bad_row=skip); each with its reason in %s",
                            split, enc.rejected, SPLIT_ARGS[split], enc.rejects)  # fmt: skip
+        if enc.unread:
+            (logger.warning if enc.unread_suspect else logger.info)("%s: %s", split, enc.unread)
         metrics.update({m.data_metric(split, k): v for k, v in enc.counts().items()})
     if "validation" in encoded:
         # A validation sample that is also a training sample (same tokens: a split drawn from data

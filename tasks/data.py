@@ -50,7 +50,10 @@ def encode_dataset(
         "%d rows read -> %d samples (%d bad rows skipped, %d too long dropped, %d truncated)",
         stats.rows, stats.samples, stats.rejected, stats.dropped, stats.truncated,
     )  # fmt: skip
+    unread = stats.unread_summary(spec.fields)
     return EncodedSplit(
+        unread=unread[0] if unread else "",
+        unread_suspect=bool(unread and unread[1]),
         split=split,
         key=key,
         path=str(out / "encoded.npz"),

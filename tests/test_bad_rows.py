@@ -69,6 +69,16 @@ ROWS: list[tuple[bytes, str | None]] = [
     (line({"messages": [{"role": "user", "content": "q"},
                         {"role": "assistant", "content": "a", "tool_calls": [{"id": "1", "type": "function"}]}]}),
      "field 'messages[2].tool_calls' holds a value this pipeline does not read"),
+    # An answer that is only the format's empty think block would teach an empty answer.
+    (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\n\n</think>\n\n"}]}),
+     "field 'messages[2].content' (an assistant answer) holds only an empty <think></think> block"),
+    (line({"instruction": "q", "output": " <think> </think>"}),
+     "field 'output' (response_key) holds only an empty <think></think> block"),
+    # OpenAI's content parts, and a null content: the message says what was found.
+    (line({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "a"}]}),
+     "field 'messages[1].content' must be a string, got a list (content parts: give the text as one string)"),
+    (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}),
+     "field 'messages[2].content' must be a string, got null"),
 ]  # fmt: skip
 BAD = [i for i, (_, k) in enumerate(ROWS) if k not in (None, "drop", "blank")]
 

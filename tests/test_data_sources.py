@@ -237,3 +237,34 @@ def test_a_key_given_twice_in_one_object_is_a_bad_row(tmp_path, smollm2_tokenize
              "values and drop the other silently, so which one is meant cannot be told.")
             for n, field in expected
         ]  # fmt: skip
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_file_in_utf16_or_utf32_is_named_for_its_encoding(tmp_path, codec, suffix):
+    """PowerShell's `>` writes UTF-16 with a BOM: every line would read as broken JSON."""
+    from sft_core.data.sources import read_rows
+
+    text = "instruction,output\nq,a\n" if suffix == ".csv" else '{"instruction": "q", "output": "a"}\n'
+    f = tmp_path / f"d{suffix}"
+    bom = {"utf-16": "", "utf-16-be": "\ufeff", "utf-32": ""}[codec]  # the -be codec writes no BOM itself
+    f.write_bytes((bom + text).encode(codec))
+    wide = "UTF-32" if codec == "utf-32" else "UTF-16"
+    with pytest.raises(DataError, match=rf"d{suffix}: is {wide}-encoded .*save it as UTF-8"):
+        list(read_rows(str(f)))
+
+
+def test_a_json_object_wrapping_the_rows_is_refused_saying_where_they_are(tmp_path):
+    from sft_core.data.sources import read_rows
+
+    f = tmp_path / "wrapped.json"
+    f.write_text(json.dumps({"version": 2, "data": [{"instruction": "q", "output": "a"}] * 3}))
+    with pytest.raises(
+        DataError, match=r"wrapped.json: a JSON object whose 'data' holds a list of 3 objects"
+    ):
+        list(read_rows(str(f)))
+    one = tmp_path / "one.json"  # a single object is one row, a messages row too
+    one.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    )
+    assert [r.index for r in read_rows(str(one))] == [1]

@@ -106,3 +106,23 @@ def test_preview_of_the_validation_split_says_when_the_config_has_none(capsys):
         "sft: error: config key 'validation': this config has no validation split (validation is null "
         "or names no file); preview --split train, or set validation.data_args.file_name"
     )
+
+
+def test_preview_names_the_fields_no_mapping_read(tmp_path):
+    """Dolly's shape with the default mapping: `context` holds the query but query_key is 'input', so
+    the question would be trained without its context; the preview says so, with row counts."""
+    data = tmp_path / "dolly.jsonl"
+    rows = [{"instruction": f"When was X{i} born?", "context": f"X{i} was born in 198{i}.",
+             "output": f"198{i}.", "id": i} for i in range(3)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["preview", "+experiment=smoke", "-n", "3", f"sft_train.data_args.file_name={data}"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "fields not read: 'context' (3 rows), 'id' (3 rows), while query_key='input' is in no row; if 'context' holds"
+        in result.stderr
+    )
+    mapped = run_cli([*args, "query_key=context"], tmp_path)
+    assert mapped.returncode == 0, mapped.stderr[-2000:]
+    assert "X0 was born in 1980." in mapped.stdout
+    assert "fields not read (metadata, not trained on): 'id' (3 rows)" in mapped.stderr

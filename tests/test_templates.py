@@ -610,3 +610,52 @@ def test_drop_oldest_turns_fits_a_long_conversation_by_its_history_not_its_answe
     (short,), stats = encode("all_assistant_turns", [[chat[0], *chat[5:]]])
     assert short.input_ids.tolist() == encode_messages(tok, template, [chat[0], *chat[5:]], "t")[0]
     assert stats.report == [] and stats.truncated == 0
+
+
+# ChatML whose assistant turns write an empty think block and then the answer without its leading
+# newlines, as Qwen3's own template does for a last turn without reasoning.
+THINK_LSTRIP = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'].lstrip('\n') + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_whitespace_a_template_drops_from_an_answer_is_not_matched_over_its_own(tmp_path, smollm2_tokenizer):
+    """An answer "\\n\\nA" renders exactly as "A" here: the newlines before A are the template's (after its
+    think block), so both rows are the same sample, the answer's span starting at A."""
+    tok = smollm2_tokenizer
+    path = tmp_path / "think_lstrip.jinja"
+    path.write_text(THINK_LSTRIP)
+    template = get_template(str(path), tok)
+    plain = encode_messages(tok, template, [CHAT[0], {"role": "assistant", "content": "Blue."}], "t")
+    padded = encode_messages(tok, template, [CHAT[0], {"role": "assistant", "content": "\n\nBlue."}], "t")
+    assert list(padded[0]) == list(plain[0]) and list(padded[1]) == list(plain[1])
+    assert supervised(tok, *plain) == "Blue.<|im_end|>"
+
+
+NO_END = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_without_an_end_of_turn_token_is_refused_naming_the_fix(tmp_path, smollm2_tokenizer):
+    """Without a special token after the answer the model never learns to stop; and the next turn's
+    opening token must not be taken for this answer's end."""
+    from sft_core.data.encode import EncodeStats, iter_encoded
+    from sft_core.data.spec import EncodeSpec
+
+    tok = smollm2_tokenizer
+    path = tmp_path / "no_end.jinja"
+    path.write_text(NO_END)
+    chat = [*CHAT, {"role": "user", "content": "Another."}, {"role": "assistant", "content": "Red."}]
+    text, spans = supervised_char_spans(get_template(str(path), tok), tok, chat, "t")
+    assert [text[a:b] for a, b in spans] == ["Blue.", "Red."]  # not "Blue.\n<|im_start|>"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    with pytest.raises(
+        ConfigError, match=r"no_end.jinja' ends an assistant turn with no special token.*eos_token"
+    ):
+        next(iter_encoded([str(data)], tok, EncodeSpec(64, str(path)), EncodeStats()))

@@ -14,11 +14,17 @@ import numpy as np
 
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.labels import conversation_spans, tokenize_with_labels
-from sft_core.data.messages import Message, row_to_messages
+from sft_core.data.messages import FieldMapping, Message, row_to_messages, unread_fields
 from sft_core.data.sources import Row, read_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
-from sft_core.data.templates import ChatTemplate, end_of_turn_id, forbidden_text, get_template
+from sft_core.data.templates import (
+    ChatTemplate,
+    check_ends_turns,
+    end_of_turn_id,
+    forbidden_text,
+    get_template,
+)
 from sft_core.errors import DataError
 
 if TYPE_CHECKING:
@@ -39,6 +45,24 @@ class EncodeStats:
     rejected: int = 0  # rows
     report: list[dict[str, Any]] = field(default_factory=list)  # each truncated or dropped sample
     rejects: list[dict[str, Any]] = field(default_factory=list)  # each bad row, with its reason
+    unread: Counter[str] = field(default_factory=Counter)  # key -> usable rows holding it unread
+    unread_text: Counter[str] = field(default_factory=Counter)  # of those, rows where it holds text
+    seen: Counter[str] = field(default_factory=Counter)  # query_key -> usable rows giving it a value
+
+    def unread_summary(self, fields: FieldMapping) -> tuple[str, bool] | None:
+        """('...' naming the fields no row's mapping read, with their row counts; whether that is
+        likely a mistake: query_key set but in no row while an unread field holds text, as Dolly's
+        `context`), or None when every field was read."""
+        if not self.unread:
+            return None
+        names = ", ".join(f"'{k}' ({n} rows)" for k, n in self.unread.most_common())
+        if fields.query_key and not self.seen[fields.query_key] and self.unread_text:
+            text = ", ".join(f"'{k}'" for k, _ in self.unread_text.most_common())
+            return (
+                f"fields not read: {names}, while query_key={fields.query_key!r} is in no row; if {text} "
+                "holds the query (or the system prompt), set query_key (system_key) to its name", True,
+            )  # fmt: skip
+        return f"fields not read (metadata, not trained on): {names}", False
 
     def reasons(self, top: int = 3) -> str:
         """The most common reject reasons, without the file/row prefix, for a one-line summary."""
@@ -202,6 +226,7 @@ def iter_encoded(
     `progress(stats)` after each chunk. With workers > 1 chunks are encoded in a process
     pool (spawned: safe inside Ray)."""
     template = _template(tokenizer, spec)  # an unknown template fails here, before any row is read
+    check_ends_turns(template, tokenizer)
     end_token = _end_token_id(tokenizer, template) if spec.truncate_keep_end_token else None
     if workers > 1:
         import multiprocessing
@@ -267,6 +292,11 @@ def _apply_policies(
         if error is not None:  # the whole row: none of its samples is trained
             _reject(row, error, spec, stats)
             continue
+        unread = unread_fields(row.data, spec.fields)
+        stats.unread.update(unread)
+        stats.unread_text.update(k for k in unread if isinstance(row.data[k], str))
+        if (query := spec.fields.query_key) and row.data.get(query) not in (None, ""):
+            stats.seen[query] += 1
         stats.dropped += sum(1 for entry in report if entry["action"] == "dropped")
         stats.truncated += sum(
             1 for entry in report if entry["action"] in ("truncated", "oldest_turns_dropped")

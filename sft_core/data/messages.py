@@ -42,6 +42,20 @@ UNREAD_ROW_KEYS = ("tools", "functions", "history")
 # LLaMA-Factory's alpaca column of earlier exchanges: [[prompt, answer], ...], oldest first.
 HISTORY_KEY = "history"
 
+# An answer that is only an empty think block (Qwen3's "<think>\n\n</think>\n\n") says nothing: the
+# block is the format's, so training it would teach an empty answer.
+_EMPTY_THINK_ONLY = re.compile(r"\s*<think>\s*</think>\s*")
+
+
+def empty_answer(text: str) -> str | None:
+    """Why an answer's text cannot be trained on (empty, blank, or only an empty think block), or None."""
+    if not text.strip():
+        return "is empty" if not text else "is empty (only whitespace)"
+    if _EMPTY_THINK_ONLY.fullmatch(text):
+        return "holds only an empty <think></think> block"
+    return None
+
+
 # The roles a chat template knows; anything else would be rendered and silently never trained on.
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 # ShareGPT speaker names -> chat roles.
@@ -80,6 +94,17 @@ def row_format(data: dict[str, Any], fields: FieldMapping) -> str:
     if data.get("messages") is not None:
         return "messages"
     return "sharegpt" if data.get("conversations") is not None else "alpaca"
+
+
+def unread_fields(data: dict[str, Any], fields: FieldMapping) -> list[str]:
+    """The row's keys holding a value that its format does not read: metadata to the pipeline (an id,
+    a source), or a column the mapping misses (Dolly's `context`), which the run reports."""
+    kind = row_format(data, fields)
+    if kind == "alpaca":
+        read = {fields.prompt_key, fields.query_key, fields.response_key, fields.system_key, HISTORY_KEY}
+    else:
+        read = {"messages" if kind == "messages" else "conversations", fields.system_key}
+    return [k for k, v in data.items() if k not in read and v not in (None, "", [], {})]
 
 
 def row_to_messages(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None = None) -> list[Message]:
@@ -137,6 +162,14 @@ def _no_reserved(row: Row, field: str, text: str, reserved: re.Pattern[str] | No
     return text
 
 
+def _kind(value: object) -> str:
+    """A JSON value's kind, for messages: 'null', 'a list', 'a number', ..."""
+    if value is None:
+        return "null"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
+
+
 def _text(row: Row, key: str, role: str, required: bool, reserved: re.Pattern[str] | None = None) -> str:
     value = row.data.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -156,6 +189,9 @@ def _alpaca(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None) ->
     prompt = _text(row, fields.prompt_key, "prompt_key", True, reserved)
     query = _text(row, fields.query_key, "query_key", False, reserved) if fields.query_key else ""
     response = _text(row, fields.response_key, "response_key", True, reserved)
+    if why := empty_answer(response):
+        raise DataError(f"{row.where}: field '{fields.response_key}' (response_key) {why}. Every answer is "
+                        "trained on; fill it in or drop the row.")  # fmt: skip
     system = _text(row, fields.system_key, "system_key", False, reserved) if fields.system_key else ""
     messages = [{"role": "system", "content": system}] if system else []
     messages += _history(row, reserved)
@@ -179,9 +215,9 @@ def _history(row: Row, reserved: re.Pattern[str] | None) -> list[Message]:
         field = f"{HISTORY_KEY}[{j}]"
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
             raise DataError(f"{row.where}: field '{field}' must be a [prompt, answer] pair of strings.")
-        if not pair[1].strip():
+        if why := empty_answer(pair[1]):
             raise DataError(
-                f"{row.where}: field '{field}[2]' (an assistant answer) is empty. Every answer is trained on; "
+                f"{row.where}: field '{field}[2]' (an assistant answer) {why}. Every answer is trained on; "
                 "fill it in or drop the pair."
             )
         turns.append({"role": "user", "content": _no_reserved(row, f"{field}[1]", pair[0], reserved)})
@@ -204,12 +240,16 @@ def _checked_turns(
         )
     out = []
     for j, m in enumerate(turns, start=1):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get(role_key), str)
-            or not isinstance(m.get(content_key), str)
-        ):
-            raise DataError(f"{row.where}: field '{key}[{j}]' needs string '{role_key}' and '{content_key}'.")
+        if not isinstance(m, dict):
+            raise DataError(
+                f"{row.where}: field '{key}[{j}]' is {_kind(m)}; expected an object with string "
+                f"'{role_key}' and '{content_key}'."
+            )
+        for k in (role_key, content_key):
+            if not isinstance(m.get(k), str):
+                found = "missing" if k not in m else _kind(m[k])
+                parts = " (content parts: give the text as one string)" if isinstance(m.get(k), list) else ""
+                raise DataError(f"{row.where}: field '{key}[{j}].{k}' must be a string, got {found}{parts}.")
         # A null column is no column (Parquet gives every turn the keys of all turns).
         unread = [k for k in UNREAD_TURN_KEYS if m.get(k) not in (None, "", [], {})]
         if unread:
@@ -224,9 +264,9 @@ def _checked_turns(
                 f"{row.where}: field '{key}[{j}].{role_key}' is '{m[role_key]}'; expected one of {sorted(roles)}."
             )
         field = f"{key}[{j}].{content_key}"
-        if role == "assistant" and not m[content_key].strip():  # as alpaca's response_key: required
+        if role == "assistant" and (why := empty_answer(m[content_key])):  # as alpaca's response_key
             raise DataError(
-                f"{row.where}: field '{field}' (an assistant answer) is empty. Every answer is trained on; "
+                f"{row.where}: field '{field}' (an assistant answer) {why}. Every answer is trained on; "
                 "fill it in or drop the turn."
             )
         message: Message = {"role": role, "content": _no_reserved(row, field, m[content_key], reserved)}

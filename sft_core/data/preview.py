@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 from sft_core.config import SFTConfig
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.encode import EncodeStats, iter_encoded, no_samples_message
+from sft_core.data.messages import FieldMapping
 from sft_core.data.packing import build_row, plan_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData
@@ -80,9 +81,11 @@ def encode_preview(
     return samples, stats
 
 
-def skipped_summary(stats: EncodeStats) -> list[str]:
+def skipped_summary(stats: EncodeStats, fields: FieldMapping) -> list[str]:
     """What the preview passed over on its way to the samples shown, and why."""
     lines = []
+    if unread := stats.unread_summary(fields):
+        lines.append(f"in the rows shown, {unread[0]}")
     if stats.rejected:
         lines.append(f"skipped {stats.rejected} bad row(s) of {stats.rows} read: {stats.reasons(top=5)}")
     if stats.dropped:

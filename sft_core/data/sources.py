@@ -86,15 +86,32 @@ def _is_gzip(p: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+# UTF-16 (what Windows' PowerShell `>` and Notepad's "Unicode" write) and UTF-32 byte-order marks:
+# read as UTF-8 every line would be "not valid JSON", so the file is named for what it is.
+_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+              b"\xfe\xff": "UTF-16"}  # fmt: skip
+
+
+def _utf8_lines(p: Path, lines: Iterator[bytes]) -> Iterator[bytes]:
+    first = next(lines, None)
+    if first is None:
+        return
+    if wide := next((name for bom, name in _WIDE_BOMS.items() if first.startswith(bom)), None):
+        raise DataError(f"{p}: is {wide}-encoded (its byte-order mark says so); save it as UTF-8.")
+    yield first
+    yield from lines
+
+
 def _lines(p: Path) -> Iterator[bytes]:
-    """The file's lines as bytes, gunzipped when it is gzip; a broken gzip stream names the file."""
+    """The file's lines as bytes, gunzipped when it is gzip; a broken gzip stream names the file,
+    and so does text in UTF-16 or UTF-32."""
     if not _is_gzip(p):
         with p.open("rb") as f:
-            yield from f
+            yield from _utf8_lines(p, iter(f))
         return
     with gzip.open(p, "rb") as f:
         try:
-            yield from f
+            yield from _utf8_lines(p, iter(f))
         except (OSError, EOFError, zlib.error) as err:  # not gzip after all, truncated, corrupt
             raise DataError(
                 f"{p}: cannot be read as gzip ({err}). Check the file, or give it uncompressed."
@@ -344,6 +361,16 @@ def _json_rows(p: Path) -> Iterator[Row]:
             "one object per line to have bad rows handled by on_bad_row."
         ) from None
     if isinstance(data, dict):
+        # One object is one row, unless it wraps the rows ({"data": [{...}, ...]}, as some exports do).
+        wrapped = [
+            k for k, v in data.items()
+            if k not in ("messages", "conversations") and isinstance(v, list) and v and isinstance(v[0], dict)
+        ]  # fmt: skip
+        if wrapped:
+            raise DataError(
+                f"{p}: a JSON object whose '{wrapped[0]}' holds a list of {len(data[wrapped[0]])} objects; "
+                "the rows must be the top-level list (or one object per line, as JSON lines)."
+            )
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}.")

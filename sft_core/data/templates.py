@@ -13,11 +13,13 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sft_core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from jinja2 import Template
     from transformers import PreTrainedTokenizerBase
 
@@ -250,6 +252,23 @@ def end_of_turn_token(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
     return next((s for s in special_tokens(tokenizer) if text.endswith(s, start, end)), None)
 
 
+def check_ends_turns(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A template must end an assistant turn with a special token: trained without one, a model
+    never learns to stop. (A template that refuses the probe conversation is left to its rows.)"""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, _ = supervised_char_spans(template, tokenizer, probe, "probe")
+    except DataError:
+        return
+    if end_of_turn_token(template, tokenizer) is None:
+        raise ConfigError(
+            f"config key 'sft_train.data_args.template' (or global_template): template '{template.name}' "
+            f"ends an assistant turn with no special token after the answer ({text[-60:]!r}), so a model "
+            "trained with it would never learn to stop. Write one after the assistant's content, e.g. "
+            f"{{{{ eos_token }}}} (this tokenizer's: {tokenizer.eos_token!r})."
+        )
+
+
 def end_of_turn_id(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The id of `end_of_turn_token`, or None."""
     token = end_of_turn_token(template, tokenizer)
@@ -259,6 +278,27 @@ def end_of_turn_id(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -
 
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*$")
 _LEADING_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")
+
+
+def _rendered_content(
+    raw: str, i: int, chat: list[dict[str, Any]], text: str, render: Callable[[int], str]
+) -> list[str]:
+    """The forms of turn `i`'s content to look for in `text`, likeliest first. A form with less
+    whitespace that renders the very same conversation is what the template writes (Qwen3 drops an
+    answer's leading newlines, llama3 trims): the whitespace left over in the text is the template's,
+    generated after the prompt as at inference, so it must not be matched as the answer's."""
+    stripped = [c for c in dict.fromkeys((raw.strip(), raw.lstrip(), raw.rstrip())) if c != raw]
+    for candidate in stripped:
+        chat[i]["content"] = candidate
+        try:
+            same = render(len(chat)) == text
+        except DataError:  # a template that refuses the stripped form: not the one it writes
+            same = False
+        finally:
+            chat[i]["content"] = raw
+        if same:
+            return [candidate]
+    return [raw, *stripped]
 
 
 def supervised_char_spans(
@@ -335,7 +375,7 @@ def supervised_char_spans(
         limit = len(turn) if limit < 0 else limit
         raw = message["content"]
         pos, content = -1, raw
-        for candidate in dict.fromkeys((raw, raw.strip(), raw.rstrip(), raw.lstrip())):
+        for candidate in _rendered_content(raw, i, chat, text, render):
             pos = text.rfind(candidate, start, limit)
             if pos >= 0:
                 content = candidate
@@ -361,9 +401,11 @@ def supervised_char_spans(
             start = lead.end()
         # Whitespace a template puts between the content and its end-of-turn token is generated
         # too: the end token must be supervised whatever the answer ends with.
+        # Only the turn's own rendering: a template that ends turns without a special token must not
+        # have the next turn's opening token trained as this answer's end.
         after = text[end : len(turn)]
         gap = len(after) - len(after.lstrip())
-        end_token = next((s for s in specials if text.startswith(s, end + gap)), "")
+        end_token = next((s for s in specials if turn.startswith(s, end + gap)), "")
         if end_token:
             end += gap + len(end_token)
         spans.append((start, end))
