@@ -216,6 +216,11 @@ def test_a_row_with_two_conversations_under_format_auto_is_a_bad_row(tmp_path, s
     with pytest.raises(DataError, match=r"d\.jsonl.*3.*\['instruction', 'messages'\] are all set"):
         row_to_messages(both, FieldMapping(format="auto"))
     assert row_to_messages(both, FieldMapping(format="messages"))[-1]["content"] == "other a"  # chosen: fine
+    # A DataFrame's fillna("") writes "" into the other format's columns: "" is no column, as null is.
+    filled = Row(both.file, 4, {**both.data, "instruction": "", "output": "", "history": ""})
+    assert row_to_messages(filled, FieldMapping(format="auto"))[-1]["content"] == "other a"
+    alpaca = Row(both.file, 5, {"instruction": "q", "output": "a", "messages": "", "history": ""})
+    assert [m["content"] for m in row_to_messages(alpaca, FieldMapping(format="auto"))] == ["q", "a"]
 
 
 def test_an_alpaca_rows_history_is_read_and_other_conversation_keys_are_refused(tmp_path, smollm2_tokenizer):

@@ -88,12 +88,17 @@ class FieldMapping:
 def row_format(data: dict[str, Any], fields: FieldMapping) -> str:
     if fields.format != "auto":
         return fields.format
-    # A null column is no column: Parquet and save_to_disk give every row the columns of all rows.
-    if data.get(fields.prompt_key) is not None:
+    # A null or "" column is no column: Parquet and save_to_disk give every row the columns of all
+    # rows, and a DataFrame's fillna("") writes "" where null was.
+    if _set(data, fields.prompt_key):
         return "alpaca"
-    if data.get("messages") is not None:
+    if _set(data, "messages"):
         return "messages"
-    return "sharegpt" if data.get("conversations") is not None else "alpaca"
+    return "sharegpt" if _set(data, "conversations") else "alpaca"
+
+
+def _set(data: dict[str, Any], key: str) -> bool:
+    return data.get(key) not in (None, "")
 
 
 def unread_fields(data: dict[str, Any], fields: FieldMapping) -> list[str]:
@@ -112,7 +117,7 @@ def row_to_messages(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | 
     and so does content that `reserved` (templates.forbidden_text) matches: a special token of the
     tokenizer, or a control character it cannot encode."""
     kind = row_format(row.data, fields)
-    present = [k for k in (fields.prompt_key, "messages", "conversations") if row.data.get(k) is not None]
+    present = [k for k in (fields.prompt_key, "messages", "conversations") if _set(row.data, k)]
     if fields.format == "auto" and len(present) > 1:  # one would be read, the others dropped unseen
         raise DataError(
             f"{row.where}: fields {present} are all set, so `format: auto` cannot tell which one holds the "
@@ -204,7 +209,7 @@ def _history(row: Row, reserved: re.Pattern[str] | None) -> list[Message]:
     """An alpaca row's earlier exchanges (LLaMA-Factory's `history`: [[prompt, answer], ...]) as
     user and assistant turns before its own; their answers are trained as any assistant turn."""
     pairs = row.data.get(HISTORY_KEY)
-    if pairs is None:
+    if pairs in (None, ""):  # "": an empty CSV cell (a CSV cannot hold the list anyway)
         return []
     if not isinstance(pairs, list):
         raise DataError(
