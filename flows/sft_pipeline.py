@@ -53,7 +53,14 @@ from sft_core.train.resume_checks import (
     check_same_model,
     check_training_args,
 )
-from sft_core.train.run_folder import RunFolder, RunLock, died_holding, plan_run, refuse_inside_a_checkpoint
+from sft_core.train.run_folder import (
+    RunFolder,
+    RunLock,
+    died_holding,
+    hold_start,
+    plan_run,
+    refuse_inside_a_checkpoint,
+)
 from tasks.caching import digest, file_digest
 from tasks.data import encode_dataset, pack_dataset
 from tasks.model import prepare_tokenizer, resolve_model
@@ -571,70 +578,75 @@ def _prepare_and_train(cfg: SFTConfig, model_dir: str, launch: ClusterLaunch) ->
     )
     plan = plan_run(cfg.output_dir, cfg.resume_from_checkpoint, flow_run_id, pretrain=cfg.pretrain)
     logger.info("run folder %s: %s", plan.run.root, plan.why)
-    # What the checkpoint allows, checked before the run folder is touched: a refused resume writes nothing.
-    state = read_state(plan.resume) if plan.resume else {}
-    if plan.resume:
-        logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
-        from sft_core.train.dcp_metadata import check_checkpoint_index  # torch.distributed.checkpoint: 1.3 s
+    with hold_start(plan):  # another run's checkpoint: kept from that run's pruning while this one lives
+        # What the checkpoint allows, checked before the run folder is touched: a refused resume writes nothing.
+        state = read_state(plan.resume) if plan.resume else {}
+        if plan.resume:
+            logger.info("resuming from %s (global step %d)", plan.resume, state.get("global_step", 0))
+            from sft_core.train.dcp_metadata import (
+                check_checkpoint_index,
+            )  # torch.distributed.checkpoint: 1.3 s
 
-        check_checkpoint_index(plan.resume / "train_state")
-    warning = check_data_fingerprint(
-        state, fingerprint, cfg.resume_data_check, legacy=lambda: key_fingerprint(encoded, packed)
-    )
-    if warning:
-        logger.warning("%s; continuing (resume_data_check: warn)", warning)
-    for change in check_resume_keeps(cfg, plan.resume, state, model_dir) if plan.resume else []:
-        logger.warning("%s", change)
-    with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:
-        plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
-        report_crashed_holder(lock, flow_run_id)
-        status = "FAILED"
-        server_lost = False
-        opened: tuple[MLflowTracker, Trackers] | None = None
-        try:
-            opened = mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
-            report_runs_that_died(cfg.output_dir, plan.run, mlflow_run)
-            trackers.log_metrics(data_metrics, 0)
-            history, checkpoints, total = train(
-                cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, data_tags, launch
-            )
-            status = "FINISHED"
-        except BaseException as err:
-            if stopped_from_outside(err):
-                ignore_further_sigterm()
-                status = "KILLED"
-            elif lost_api := lost_prefect_api(err):
-                lock.leave_named(
-                    f"the Prefect server stopped answering during the run ({type(lost_api).__name__}: "
-                    f"{str(lost_api) or 'no answer'}), so its flow run "
-                    f"could not be ended; the run stopped with its newest checkpoint in {plan.run.root}"
-                )
-            tracking_uri = default_tracking_uri(cfg.output_dir)
-            server_lost = lost_tracking_server(err, tracking_uri) is not None
-            if opened is None and not server_lost:
-                try:
-                    end_unopened_tracking(cfg, plan.run, status, f"{type(err).__name__} while it started")
-                except Exception as end_err:  # the run's own failure is the one to report
-                    logger.warning("the MLflow run could not be ended %s: %s", status, end_err)
-            raise
-        finally:
-            # A tracking server that just failed after MLflow's minutes of retries is not asked
-            # again to end the run: it stays RUNNING, and the resume continues it.
-            try:
-                if opened is not None:
-                    opened[1].close(status, skip=opened[0] if server_lost else None)
-            except Exception as err:
-                if status == "FINISHED" or not lost_tracking_server(err, opened[0].tracking_uri):
-                    raise
-                # The run's own failure is the one to report.
-                logger.warning("the MLflow run %s could not be ended %s: %s", opened[0].run_id, status, err)
-        final = checkpoints[-1]
-        publish_run_artifacts(
-            cfg.exp_name,
-            history,
-            f"Final checkpoint: `{final['path']}` (registered version {final['version']} of "
-            f"`{cfg.exp_name}`); run folder `{plan.run.root}`; MLflow run `{mlflow_run.run_id}`.",
+            check_checkpoint_index(plan.resume / "train_state")
+        warning = check_data_fingerprint(
+            state, fingerprint, cfg.resume_data_check, legacy=lambda: key_fingerprint(encoded, packed)
         )
+        if warning:
+            logger.warning("%s; continuing (resume_data_check: warn)", warning)
+        for change in check_resume_keeps(cfg, plan.resume, state, model_dir) if plan.resume else []:
+            logger.warning("%s", change)
+        with RunLock(plan.run, {"flow_run_id": flow_run_id}) as lock:
+            plan.run.record_flow_run(flow_run_id)  # only once it is ours: a refused run writes nothing
+            report_crashed_holder(lock, flow_run_id)
+            status = "FAILED"
+            server_lost = False
+            opened: tuple[MLflowTracker, Trackers] | None = None
+            try:
+                opened = mlflow_run, trackers = start_tracking(cfg, flow_run_id, plan.run, state)
+                report_runs_that_died(cfg.output_dir, plan.run, mlflow_run)
+                trackers.log_metrics(data_metrics, 0)
+                history, checkpoints, total = train(
+                    cfg, artifacts, plan.run, plan.resume, mlflow_run, trackers, data_tags, launch
+                )
+                status = "FINISHED"
+            except BaseException as err:
+                if stopped_from_outside(err):
+                    ignore_further_sigterm()
+                    status = "KILLED"
+                elif lost_api := lost_prefect_api(err):
+                    lock.leave_named(
+                        f"the Prefect server stopped answering during the run ({type(lost_api).__name__}: "
+                        f"{str(lost_api) or 'no answer'}), so its flow run "
+                        f"could not be ended; the run stopped with its newest checkpoint in {plan.run.root}"
+                    )
+                tracking_uri = default_tracking_uri(cfg.output_dir)
+                server_lost = lost_tracking_server(err, tracking_uri) is not None
+                if opened is None and not server_lost:
+                    try:
+                        end_unopened_tracking(cfg, plan.run, status, f"{type(err).__name__} while it started")
+                    except Exception as end_err:  # the run's own failure is the one to report
+                        logger.warning("the MLflow run could not be ended %s: %s", status, end_err)
+                raise
+            finally:
+                # A tracking server that just failed after MLflow's minutes of retries is not asked
+                # again to end the run: it stays RUNNING, and the resume continues it.
+                try:
+                    if opened is not None:
+                        opened[1].close(status, skip=opened[0] if server_lost else None)
+                except Exception as err:
+                    if status == "FINISHED" or not lost_tracking_server(err, opened[0].tracking_uri):
+                        raise
+                    # The run's own failure is the one to report.
+                    logger.warning(
+                        "the MLflow run %s could not be ended %s: %s", opened[0].run_id, status, err
+                    )
+            final = checkpoints[-1]
+            publish_run_artifacts(
+                cfg.exp_name,
+                history,
+                f"Final checkpoint: `{final['path']}` (registered version {final['version']} of "
+                f"`{cfg.exp_name}`); run folder `{plan.run.root}`; MLflow run `{mlflow_run.run_id}`.",
+            )
 
     # The newest value of metric_for_best_model, with its step: not every step is evaluated.
     metric = m.SUMMARY_PREFIX + cfg.metric_for_best_model

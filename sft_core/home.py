@@ -18,6 +18,13 @@ def sft_home() -> Path:
     return Path(os.environ.get("SFT_HOME") or Path(__file__).resolve().parents[1] / ".sft")
 
 
+def staged(path: Path) -> Path:
+    """A name beside `path` to write it whole under before renaming it there, of this write's own
+    (suffix kept: numpy appends .npz otherwise): two runs filling one cache entry at once never
+    write into one file, and each rename puts a whole file in place."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
+
+
 def model_cache() -> Path:
     """Converted models: $SFT_MODEL_CACHE or <sft_home>/models (tests share one across runs)."""
     return Path(os.environ.get("SFT_MODEL_CACHE") or sft_home() / "models")

@@ -15,7 +15,7 @@ from sft_core.data.sources import count_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.splits import EncodedSplit, PackedSplit
 from sft_core.data.store import EncodedData
-from sft_core.home import data_cache
+from sft_core.home import data_cache, staged
 from sft_core.model.prepared_tokenizer import PreparedTokenizer
 from sft_core.model.resolve import load_tokenizer
 from sft_core.progress import bar, eta
@@ -111,7 +111,7 @@ def pack_dataset(encoded: EncodedSplit, sequence_length: int, packing: bool) -> 
     data = EncodedData.load(encoded.path)
     plan = plan_rows(data, sequence_length, packing)
     path = data_cache(encoded.key) / f"plan-{key}.json"
-    tmp = path.with_suffix(".tmp")
+    tmp = staged(path)
     tmp.write_text(json.dumps(plan.to_dict()))
     tmp.replace(path)
     return PackedSplit(

@@ -382,3 +382,35 @@ def test_an_exported_model_stops_at_the_end_of_turn_it_was_trained_to_end_answer
     assert stop_at(folder, 7)  # made from config.json where missing (its eos: 2)
     assert GenerationConfig.from_pretrained(folder).eos_token_id == [2, 7]
     assert not stop_at(tmp_path, 2)  # no config.json: an adapter folder, left alone
+
+
+def test_two_writers_of_one_cache_entry_never_share_a_temporary_file(tmp_path):
+    """Two runs encoding the same data at once write the same entry: each writes a file of its own
+    and renames it into place, so both succeed and the entry is whole (a shared temporary name made
+    one writer's rename fail, or move the other's half-written file into place)."""
+    import threading
+
+    from sft_core.data.store import EncodedData, stored_digest
+
+    path = tmp_path / "encoded.npz"
+    data = EncodedData(np.arange(50_000, dtype=np.int32), np.arange(50_000, dtype=np.int32),
+                       np.array([0, 25_000, 50_000]))  # fmt: skip
+    errors: list[BaseException] = []
+    for _ in range(10):
+        start = threading.Barrier(2)
+
+        def write(start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                data.save(path)
+            except BaseException as err:
+                errors.append(err)
+
+        writers = [threading.Thread(target=write) for _ in range(2)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+    assert not errors
+    assert EncodedData.load(path).digest() == data.digest() == stored_digest(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoded.digest", "encoded.npz"]

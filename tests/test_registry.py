@@ -11,6 +11,7 @@ import pytest
 
 from sft_core.tracking.mlflow_tracker import (
     METRIC_DATA_TAG,
+    MLflowTracker,
     best_version_source,
     delete_versions,
     register_checkpoint,
@@ -384,3 +385,28 @@ def test_through_a_tracking_server_a_checkpoint_is_uploaded_and_registered_from_
         tracker.close()
     finally:
         stop_process_group(server.pid)
+
+
+def test_two_runs_creating_one_new_experiment_at_once_share_it(tmp_path, monkeypatch):
+    """The second run's lookup came before the first run's insert: its create is refused by the
+    database's unique name, and it takes the experiment the other made."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    other = MlflowClient(tracking_uri=uri)
+    other.search_experiments()  # the database exists
+    looked_up = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def lookup_then_lose_the_race(self, name):
+        calls.append(name)
+        if len(calls) == 1:  # the first look finds nothing; the other run creates it right after
+            other.create_experiment(name)
+            return None
+        return looked_up(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_then_lose_the_race)
+    tracker = MLflowTracker(uri, "exp", str(tmp_path / "art"), "run", {})
+    assert len(calls) == 2  # looked again after the refused create
+    assert tracker.experiment_id == other.get_experiment_by_name("exp").experiment_id
+    tracker.close()

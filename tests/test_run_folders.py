@@ -434,3 +434,58 @@ def test_a_resume_keeps_the_strategy_family_and_megatron_layout_its_state_was_sh
     with pytest.raises(ConfigError, match=r"saved by an earlier run \(megatron resume state\)"):
         resume_checks.check_same_layout(checkpoint, {"global_step": 4}, layout("ddp_train"))
     resume_checks.check_same_layout(checkpoint, {"global_step": 4}, layout())  # the worker checks the layout
+
+
+def test_resume_auto_never_forks_a_run_that_is_still_training(tmp_path):
+    """`auto` reads every manifest before deciding: a live run that publishes meanwhile must not
+    make the retry branch from its older checkpoint (a second training beside it), and a live run
+    without a checkpoint yet must not be answered by a new run either."""
+    live = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    with RunLock(live, {"flow_run_id": "aaaaaaaa-1111"}):
+        with pytest.raises(
+            RunFolderBusy,
+            match=r"auto: run folder .* in use by another run \(flow run aaaaaaaa-1111.*no checkpoint yet",
+        ):
+            plan_run(str(tmp_path), "auto", "bbbbbbbb-2222")
+        fake_save(live, 2)
+        older = ckpt.latest_checkpoint(str(tmp_path))
+        fake_save(live, 3)  # published between auto's choice and its check
+        import sft_core.train.checkpoint as module
+
+        chosen, module.latest_checkpoint = module.latest_checkpoint, lambda _: older
+        try:
+            with pytest.raises(
+                RunFolderBusy, match=r"newest checkpoint belongs to run folder .*\(flow run aaaaaaaa-1111"
+            ):
+                plan_run(str(tmp_path), "auto", "bbbbbbbb-2222")
+        finally:
+            module.latest_checkpoint = chosen
+    assert [p.name for p in ckpt.runs_root(str(tmp_path)).iterdir()] == [live.name]  # nothing written
+    # Once it has stopped, a branch off an older checkpoint says nothing is damaged when nothing is.
+    branch = plan_run(str(tmp_path), str(older), "bbbbbbbb-2222")
+    assert "damaged" not in branch.why and branch.resume == older
+
+
+def test_a_checkpoint_another_run_starts_from_is_not_pruned_under_it(tmp_path):
+    from sft_core.errors import UserError
+    from sft_core.train.run_folder import hold_start, pinned
+
+    owner = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    for step in (2, 4, 6):
+        fake_save(owner, step)
+    branch = plan_run(str(tmp_path), str(owner.checkpoint(2)), "bbbbbbbb-2222")
+    with hold_start(branch):
+        assert [p.name for p in ckpt.prune(owner, 1)] == ["checkpoint-4"]  # 2 is held
+        assert owner.checkpoint(2).is_dir()
+    assert [p.name for p in ckpt.prune(owner, 1)] == ["checkpoint-2"]  # released: the next prune takes it
+    assert not list(owner.root.glob(".pin-*"))  # its pin file went with it
+    with (
+        pytest.raises(UserError, match=r"checkpoint-2 was removed by its own run's max_ckpt_to_keep"),
+        pinned(owner.checkpoint(2)),
+    ):
+        pass
+    assert not list(owner.root.glob(".pin-*"))  # a pin that found nothing leaves nothing
+    own = plan_run(str(tmp_path), "auto", "cccccccc-3333")  # continuing the owner itself: nothing to hold
+    assert own.run.root == owner.root and not list(owner.root.glob(".pin-*"))
+    with hold_start(own):
+        assert not list(owner.root.glob(".pin-*"))

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from sft_core.home import staged
+
 
 @dataclass
 class EncodedData:
@@ -64,7 +66,7 @@ class EncodedData:
 
     def save(self, path: Path) -> None:
         _digest_file(path).unlink(missing_ok=True)  # never a digest of what was there before
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = staged(path)
         np.savez(tmp, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)
         tmp.replace(path)
         _write_digest(path, self.digest())
@@ -80,7 +82,7 @@ def _digest_file(path: Path) -> Path:
 
 
 def _write_digest(path: Path, value: str) -> None:
-    tmp = _digest_file(path).with_suffix(".digest.tmp")
+    tmp = staged(_digest_file(path))
     tmp.write_text(value)
     tmp.replace(_digest_file(path))
 

@@ -159,14 +159,9 @@ class MLflowTracker:
     ):
         self.tracking_uri = tracking_uri
         self.client = _client(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
         # A local store keeps artifacts beside the run's outputs; a server, where it is configured to.
         location = None if is_tracking_server(tracking_uri) else Path(artifact_dir).as_uri()
-        self.experiment_id = (
-            exp.experiment_id
-            if exp
-            else self.client.create_experiment(experiment, artifact_location=location)
-        )
+        self.experiment_id = self._experiment(experiment, location)
         self._already_logged: set[tuple[str, int]] = set()
         self._resumed = bool(resume_run_id)
         if resume_run_id:
@@ -177,6 +172,21 @@ class MLflowTracker:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     @uninterrupted
+    def _experiment(self, name: str, location: str | None) -> str:
+        """The experiment's id, created if missing; by another run started at the same moment too."""
+        from mlflow.exceptions import MlflowException
+
+        if exp := self.client.get_experiment_by_name(name):
+            return str(exp.experiment_id)
+        try:
+            return str(self.client.create_experiment(name, artifact_location=location))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" or not (
+                exp := self.client.get_experiment_by_name(name)
+            ):
+                raise
+            return str(exp.experiment_id)
+
     def continue_after(self, step: int) -> None:
         """Continuing from the checkpoint at `step`. Steps after it that an earlier attempt logged
         are redone: in a local sqlite store their points are removed, so the run shows the values

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.errors import ConfigError, StorageError
-from sft_core.train.run_folder import RunFolder, own_entries, runs_root
+from sft_core.train.run_folder import RunFolder, claim_for_removal, own_entries, runs_root
 
 MANIFEST = "manifest.json"
 
@@ -162,7 +162,7 @@ def prune(
     forget: Callable[[Path], None] = lambda path: None,
 ) -> list[Path]:
     """Remove all but the run's newest `keep` checkpoints, never its newest nor a protected one (the
-    one the registry's `best` alias points at). Only this run's folder is touched. `forget(path)`
+    one the registry's `best` alias points at) nor one another run is starting from (`pinned`). Only this run's folder is touched. `forget(path)`
     runs before each folder goes (the caller deletes its registered versions there): a process
     killed in between leaves a folder no version names, which the next prune removes, never a
     version naming a folder that is gone. Returns what was removed."""
@@ -170,10 +170,16 @@ def prune(
         return []
     found = checkpoints_in_run(run, complete_only=False)
     keep_too = {p.resolve() for p in protected}
-    removed = [p for p in found[:-keep] if p not in keep_too]
-    for p in removed:
-        forget(p)
-        shutil.rmtree(p)
+    removed = []
+    for p in found[:-keep]:
+        if p in keep_too:
+            continue
+        with claim_for_removal(p) as claimed:
+            if not claimed:  # another run is starting from it: a later prune takes it
+                continue
+            forget(p)
+            shutil.rmtree(p)
+            removed.append(p)
     return removed
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,7 +152,7 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
 
     An existing folder is not written to here: the caller records its flow run in run.json once it
     holds the folder's RunLock, so a run refused for a busy folder leaves nothing in it."""
-    from sft_core.train.checkpoint import checkpoints_in_run, latest_in_run, resolve_resume
+    from sft_core.train.checkpoint import checkpoints_in_run, is_complete, latest_in_run, resolve_resume
 
     refuse_inside_a_checkpoint(output_dir)
 
@@ -177,15 +178,29 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
             f"or changed) and left as it is; continuing from {latest or 'the pretrained model'} in new run {run.name}"
         ))  # fmt: skip
     resume = resolve_resume(resume_setting, output_dir)
+    if resume is None and resume_setting == "auto" and (live := _live_runs(output_dir)):
+        # `auto` means "continue the last run": one still training has no checkpoint yet.
+        raise RunFolderBusy(
+            f"resume_from_checkpoint=auto: run folder {live[0][0].root} is in use by another run "
+            f"({live[0][1]}), which has no checkpoint yet. Wait for it to finish or stop it; a new run "
+            "(resume_from_checkpoint: false) trains into a folder of its own."
+        )
     if resume is not None:
         owner = run_of(resume)
         if owner.root.parent == runs_root(output_dir).resolve() and newest_is(owner, resume):
             return RunPlan(owner, resume.resolve(), f"resume_from_checkpoint: continuing run {owner.name}")
+        # `auto` took the newest checkpoint, and its run has published another since: it is training.
+        if resume_setting == "auto" and (holder := live_holder(owner)):
+            raise RunFolderBusy(
+                f"resume_from_checkpoint=auto: the newest checkpoint belongs to run folder {owner.root}, "
+                f"which is in use by another run ({holder}). Wait for it to finish or stop it; a new run "
+                "(resume_from_checkpoint: false) trains into a folder of its own."
+            )
+        found = checkpoints_in_run(owner, complete_only=False)
+        after = found[found.index(resume) + 1 :] if resume in found else []
+        broken = [c.name for c in after if not is_complete(c)] if resume_setting == "auto" else []
         run = new_run(output_dir, flow_run_id, branched_from=str(resume), **info)
-        newest = checkpoints_in_run(owner, complete_only=False)
-        note = (
-            f" ({newest[-1].name} after it is damaged and left as it is)" if resume_setting == "auto" else ""
-        )
+        note = f" ({', '.join(broken)} after it: damaged, left as it is)" if broken else ""
         return RunPlan(
             run, resume, f"resume_from_checkpoint: new run {run.name} starting from {resume}{note}"
         )
@@ -243,6 +258,108 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def live_holder(run: RunFolder) -> str | None:
+    """Who holds `run`'s lock (a process training into it), in words, or None. Nothing is written."""
+    try:
+        fd = os.open(run.root / ".lock", os.O_RDONLY)
+    except OSError:  # never locked: no run ever trained into it, or one from before locks
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(os.pread(fd, 4096, 0).decode(errors="replace").strip())
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _live_runs(output_dir: str | Path) -> list[tuple[RunFolder, str]]:
+    """The run folders of output_dir a process is training into, newest first, with their holders."""
+    found = [(RunFolder(f), live_holder(RunFolder(f))) for f in reversed(own_entries(runs_root(output_dir)))]
+    return [(run, holder) for run, holder in found if holder]
+
+
+def _pin_path(checkpoint: Path) -> Path:
+    # Beside the checkpoint, not in it: a published checkpoint's files never change.
+    return run_of(checkpoint).root / f".pin-{checkpoint.name}"
+
+
+def _lock_pin(path: Path, shared: bool) -> int | None:
+    """An fd of the pin file at `path` (made if missing) holding its flock (shared: waits;
+    exclusive: does not, None while a pin is held). A pin file unlinked while we waited for its lock is
+    not the one at `path` any more: taken again from the path."""
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        os.close(fd)
+
+
+def _unlink_pin(fd: int, path: Path) -> None:
+    """Remove the pin file if no other run holds it (ours, shared, becomes exclusive or is dropped)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def pinned(checkpoint: Path) -> Iterator[None]:
+    """Hold another run's `checkpoint`, which this run starts from, against that run's pruning
+    (max_ckpt_to_keep) for as long as this run lives: a shared flock on a pin file beside it, which
+    `claim_for_removal` must take exclusively. Waits out a removal under way, then says if it went."""
+    path = _pin_path(checkpoint)
+    try:
+        fd = _lock_pin(path, shared=True)
+    except OSError:  # a folder this user cannot write to: this user's runs cannot prune it either
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        if not checkpoint.is_dir():
+            raise UserError(
+                f"{checkpoint} was removed by its own run's max_ckpt_to_keep as this run started from it; "
+                "resume from another checkpoint of that run (resume_from_checkpoint: <path>)."
+            )
+        yield
+    finally:
+        _unlink_pin(fd, path)
+        os.close(fd)
+
+
+def hold_start(plan: RunPlan) -> contextlib.AbstractContextManager[None]:
+    """For the run's life: the checkpoint it starts from pinned, when another run owns it."""
+    if plan.resume is None or run_of(plan.resume).root == plan.run.root.resolve():
+        return contextlib.nullcontext()
+    return pinned(plan.resume)
+
+
+@contextlib.contextmanager
+def claim_for_removal(checkpoint: Path) -> Iterator[bool]:
+    """An exclusive hold on `checkpoint`'s pin for removing it: False while another run starts from it
+    (`pinned`), then it stays. The pin file goes with the checkpoint."""
+    path = _pin_path(checkpoint)
+    fd = _lock_pin(path, shared=False)  # a pin taken meanwhile waits for the removal, then fails
+    if fd is None:  # held by a run starting from it
+        yield False
+        return
+    try:
+        yield True
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def died_holding(output_dir: str | Path, skip: Path) -> list[tuple[RunFolder, dict[str, Any]]]:
