@@ -87,6 +87,12 @@ def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     assert ckpt.resolve_resume("auto", str(tmp_path)) == run.checkpoint(2).resolve()
     with pytest.raises(ConfigError, match="incomplete"):
         ckpt.resolve_resume(str(newest), str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-3' does not exist \(a typo, or a checkpoint its run removed"
+    ):
+        ckpt.resolve_resume(str(run.checkpoint(3)), str(tmp_path))
+    with pytest.raises(ConfigError, match="is not a checkpoint folder"):
+        ckpt.resolve_resume(str(run.root), str(tmp_path))
     staged = run.staging(6)  # one rank's state missing: refused before it is published
     (staged / "train_state").mkdir(parents=True)
     (staged / "train_state" / "rank0.pt").write_bytes(b"r")

@@ -193,6 +193,11 @@ def resolve_resume(setting: bool | str, output_dir: str) -> Path | None:
     path = Path(str(setting)).expanduser()
     if not (path / "trainer_state.json").is_file() and (path.parent / "trainer_state.json").is_file():
         path = path.parent
+    if not path.exists():
+        raise ConfigError(
+            f"config key 'resume_from_checkpoint': '{setting}' does not exist (a typo, or a checkpoint its "
+            "run removed since: max_ckpt_to_keep). Its run's remaining checkpoints are beside it."
+        )
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(
             f"config key 'resume_from_checkpoint': '{setting}' is not a checkpoint folder (expected "
