@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -254,17 +255,21 @@ def test_a_file_in_utf16_or_utf32_is_named_for_its_encoding(tmp_path, codec, suf
         list(read_rows(str(f)))
 
 
-def test_a_json_object_wrapping_the_rows_is_refused_saying_where_they_are(tmp_path):
+def test_a_json_object_wrapping_the_rows_is_a_bad_row_saying_where_they_are(tmp_path, smollm2_tokenizer):
     from sft_core.data.sources import read_rows
 
+    tok = smollm2_tokenizer
     f = tmp_path / "wrapped.json"
     f.write_text(json.dumps({"version": 2, "data": [{"instruction": "q", "output": "a"}] * 3}))
-    with pytest.raises(
-        DataError, match=r"wrapped.json: a JSON object whose 'data' holds a list of 3 objects"
-    ):
-        list(read_rows(str(f)))
-    one = tmp_path / "one.json"  # a single object is one row, a messages row too
-    one.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    _, stats = encode_files([str(f)], tok, spec(on_bad_row="skip"))
+    assert stats.rejected == 1
+    assert re.search(
+        r"wrapped.json, row 1: field 'instruction' \(prompt_key\) is missing.*Its field 'data' holds a list "
+        r"of 3 objects: if those are the rows, give that list itself",
+        stats.rejects[0]["reason"],
     )
+    # A single object is one row, also one with a list of objects among its fields.
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"instruction": "q", "output": "a", "annotations": [{"rater": 1}]}))
     assert [r.index for r in read_rows(str(one))] == [1]
+    assert encode_files([str(one)], tok, spec())[1].samples == 1

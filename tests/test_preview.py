@@ -119,10 +119,29 @@ def test_preview_names_the_fields_no_mapping_read(tmp_path):
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (
-        "fields not read: 'context' (3 rows), 'id' (3 rows), while query_key='input' is in no row; if 'context' holds"
+        "fields not read: 'context' (3 rows), 'id' (3 rows), while query_key='input' has a value in no row; if 'context' holds"
         in result.stderr
     )
     mapped = run_cli([*args, "query_key=context"], tmp_path)
     assert mapped.returncode == 0, mapped.stderr[-2000:]
     assert "X0 was born in 1980." in mapped.stdout
     assert "fields not read (metadata, not trained on): 'id' (3 rows)" in mapped.stderr
+
+
+def test_metadata_beside_messages_is_listed_without_a_warning(smollm2_tokenizer, tmp_path):
+    """query_key maps an alpaca field only: an UltraChat-shaped file (`prompt`, `prompt_id` beside
+    `messages`) reads every turn, and its other fields are metadata, not a misnamed query."""
+    from sft_core.data.encode import encode_files
+    from sft_core.data.messages import FieldMapping
+    from sft_core.data.spec import EncodeSpec
+
+    data = tmp_path / "ultrachat.jsonl"
+    row = {"prompt": "q", "prompt_id": "ab12", "messages": [{"role": "user", "content": "q"},
+                                                          {"role": "assistant", "content": "a"}]}  # fmt: skip
+    data.write_text(json.dumps(row) + "\n")
+    fields = FieldMapping(query_key="input")
+    _, stats = encode_files([str(data)], smollm2_tokenizer, EncodeSpec(64, "chatml", fields))
+    assert stats.unread_summary(fields) == (
+        "fields not read (metadata, not trained on): 'prompt' (1 rows), 'prompt_id' (1 rows)",
+        False,
+    )

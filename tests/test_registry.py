@@ -410,3 +410,10 @@ def test_two_runs_creating_one_new_experiment_at_once_share_it(tmp_path, monkeyp
     assert len(calls) == 2  # looked again after the refused create
     assert tracker.experiment_id == other.get_experiment_by_name("exp").experiment_id
     tracker.close()
+
+
+def test_the_trackers_writes_are_made_whole():
+    """Each method that writes the MLflow run runs whole on the write thread (`uninterrupted`): a
+    stop landing inside one would leave the store half-written."""
+    writes = ("continue_after", "log_metrics", "close")
+    assert all(hasattr(getattr(MLflowTracker, name), "__wrapped__") for name in writes)

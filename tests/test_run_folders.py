@@ -495,3 +495,48 @@ def test_a_checkpoint_another_run_starts_from_is_not_pruned_under_it(tmp_path):
     assert own.run.root == owner.root and not list(owner.root.glob(".pin-*"))
     with hold_start(own):
         assert not list(owner.root.glob(".pin-*"))
+
+
+def test_a_retry_of_a_branch_that_saved_nothing_starts_again_from_where_it_branched(tmp_path):
+    """A branch refused or stopped before its first checkpoint: its flow run's retry finds the
+    folder, and must start from the checkpoint it branched from, not from the pretrained model."""
+    owner = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    fake_save(owner, 2)
+    fake_save(owner, 4)
+    branch = plan_run(str(tmp_path), str(owner.checkpoint(2)), "bbbbbbbb-2222")
+    retry = plan_run(str(tmp_path), False, "bbbbbbbb-2222")
+    assert retry.run.root == branch.run.root and retry.resume == owner.checkpoint(2).resolve()
+    assert "starting again from" in retry.why
+    import shutil
+
+    shutil.rmtree(owner.checkpoint(2))  # pruned meanwhile: said, not trained from scratch
+    with pytest.raises(ConfigError, match=r"checkpoint-2' does not exist"):
+        plan_run(str(tmp_path), False, "bbbbbbbb-2222")
+
+
+def test_looking_for_a_live_run_never_makes_a_run_taking_its_folder_fail(tmp_path):
+    """`auto` asks whether a run folder is in use; asking by taking its lock for an instant made a
+    run taking that folder at the same moment find it busy (217 of 2000 in the review)."""
+    import threading
+
+    from sft_core.train.run_folder import live_holder
+
+    run = plan_run(str(tmp_path), False, "aaaaaaaa-1111").run
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            live_holder(run)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        for _ in range(500):
+            with RunLock(run, {"flow_run_id": "aaaaaaaa-1111"}):
+                pass
+    finally:
+        stop.set()
+        asker.join()
+    with RunLock(run, {"flow_run_id": "aaaaaaaa-1111"}):
+        assert "flow run aaaaaaaa-1111" in live_holder(run)
+    assert live_holder(run) is None

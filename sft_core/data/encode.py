@@ -14,7 +14,7 @@ import numpy as np
 
 from sft_core.data import IGNORE_INDEX
 from sft_core.data.labels import conversation_spans, tokenize_with_labels
-from sft_core.data.messages import FieldMapping, Message, row_to_messages, unread_fields
+from sft_core.data.messages import FieldMapping, Message, row_format, row_to_messages, unread_fields
 from sft_core.data.sources import Row, read_rows
 from sft_core.data.spec import EncodeSpec
 from sft_core.data.store import EncodedData, write_jsonl
@@ -46,8 +46,8 @@ class EncodeStats:
     report: list[dict[str, Any]] = field(default_factory=list)  # each truncated or dropped sample
     rejects: list[dict[str, Any]] = field(default_factory=list)  # each bad row, with its reason
     unread: Counter[str] = field(default_factory=Counter)  # key -> usable rows holding it unread
-    unread_text: Counter[str] = field(default_factory=Counter)  # of those, rows where it holds text
-    seen: Counter[str] = field(default_factory=Counter)  # query_key -> usable rows giving it a value
+    unread_text: Counter[str] = field(default_factory=Counter)  # of those, alpaca rows where it holds text
+    seen: Counter[str] = field(default_factory=Counter)  # query_key -> usable alpaca rows giving it a value
 
     def unread_summary(self, fields: FieldMapping) -> tuple[str, bool] | None:
         """('...' naming the fields no row's mapping read, with their row counts; whether that is
@@ -57,10 +57,12 @@ class EncodeStats:
             return None
         names = ", ".join(f"'{k}' ({n} rows)" for k, n in self.unread.most_common())
         if fields.query_key and not self.seen[fields.query_key] and self.unread_text:
-            text = ", ".join(f"'{k}'" for k, _ in self.unread_text.most_common())
+            text = [f"'{k}'" for k, _ in self.unread_text.most_common()]
+            which = f"{text[0]} holds" if len(text) == 1 else f"one of {', '.join(text)} holds"
             return (
-                f"fields not read: {names}, while query_key={fields.query_key!r} is in no row; if {text} "
-                "holds the query (or the system prompt), set query_key (system_key) to its name", True,
+                f"fields not read: {names}, while query_key={fields.query_key!r} has a value in no "
+                f"row; if {which} the query (or the system prompt), set query_key (system_key) to its "
+                "name", True,
             )  # fmt: skip
         return f"fields not read (metadata, not trained on): {names}", False
 
@@ -246,7 +248,7 @@ def iter_encoded(
 
 def _end_token_id(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> int:
     """The id truncate_keep_end_token writes: the template's end-of-turn token, which the model must
-    learn to stop with (eos only for a template that ends turns without a special token)."""
+    learn to stop with (eos where the probe could not tell: a template that refuses it)."""
     found = end_of_turn_id(template, tokenizer)
     return int(tokenizer.eos_token_id) if found is None else found
 
@@ -294,9 +296,10 @@ def _apply_policies(
             continue
         unread = unread_fields(row.data, spec.fields)
         stats.unread.update(unread)
-        stats.unread_text.update(k for k in unread if isinstance(row.data[k], str))
-        if (query := spec.fields.query_key) and row.data.get(query) not in (None, ""):
-            stats.seen[query] += 1
+        if row_format(row.data, spec.fields) == "alpaca":  # only there does query_key map a field
+            stats.unread_text.update(k for k in unread if isinstance(row.data[k], str))
+            if (query := spec.fields.query_key) and row.data.get(query) not in (None, ""):
+                stats.seen[query] += 1
         stats.dropped += sum(1 for entry in report if entry["action"] == "dropped")
         stats.truncated += sum(
             1 for entry in report if entry["action"] in ("truncated", "oldest_turns_dropped")

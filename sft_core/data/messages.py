@@ -182,12 +182,22 @@ def _text(row: Row, key: str, role: str, required: bool, reserved: re.Pattern[st
             state = "is missing" if key not in row.data else "is empty"
             raise DataError(
                 f"{row.where}: field '{key}' ({role}) {state}. Every row needs it; "
-                f"set {role} in the config if your data names it differently."
+                f"set {role} in the config if your data names it differently.{_wrapped_rows(row)}"
             )
         return ""
     if not isinstance(value, str):
         raise DataError(f"{row.where}: field '{key}' ({role}) must be a string, got {type(value).__name__}.")
     return _no_reserved(row, key, value, reserved)
+
+
+def _wrapped_rows(row: Row) -> str:
+    """A hint for a row that holds rows (a .json file's object {"data": [{...}, ...]}, read as one row)."""
+    for key, value in row.data.items():
+        rows = isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+        if rows and key not in ("messages", "conversations"):
+            return (f" Its field '{key}' holds a list of {len(value)} objects: if those are the rows, "
+                    "give that list itself (or one object per line, as JSON lines).")  # fmt: skip
+    return ""
 
 
 def _alpaca(row: Row, fields: FieldMapping, reserved: re.Pattern[str] | None) -> list[Message]:

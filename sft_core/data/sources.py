@@ -361,16 +361,6 @@ def _json_rows(p: Path) -> Iterator[Row]:
             "one object per line to have bad rows handled by on_bad_row."
         ) from None
     if isinstance(data, dict):
-        # One object is one row, unless it wraps the rows ({"data": [{...}, ...]}, as some exports do).
-        wrapped = [
-            k for k, v in data.items()
-            if k not in ("messages", "conversations") and isinstance(v, list) and v and isinstance(v[0], dict)
-        ]  # fmt: skip
-        if wrapped:
-            raise DataError(
-                f"{p}: a JSON object whose '{wrapped[0]}' holds a list of {len(data[wrapped[0]])} objects; "
-                "the rows must be the top-level list (or one object per line, as JSON lines)."
-            )
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}.")

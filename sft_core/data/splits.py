@@ -26,7 +26,7 @@ class EncodedSplit:
     report: str  # length_report.jsonl: each truncated or dropped sample
     rejects: str  # rejects.jsonl: each bad row with its reason
     unread: str = ""  # the fields no row's mapping read, with their row counts ("" = none)
-    unread_suspect: bool = False  # a configured query_key / system_key is in no row besides
+    unread_suspect: bool = False  # besides, query_key has a value in no alpaca row: likely misnamed
 
     def counts(self) -> dict[str, int]:
         """The row account, by the names the run's data metrics use."""

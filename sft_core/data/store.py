@@ -102,6 +102,8 @@ def stored_digest(path: str | Path) -> str:
 
 def write_jsonl(entries: list[dict[str, Any]], path: Path) -> None:
     # backslashreplace: a rejected row may hold bytes that were not UTF-8 (kept as surrogate escapes).
-    with path.open("w", encoding="utf-8", errors="backslashreplace") as f:
+    tmp = staged(path)
+    with tmp.open("w", encoding="utf-8", errors="backslashreplace") as f:
         for entry in entries:
             f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(path)

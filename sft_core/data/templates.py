@@ -240,32 +240,40 @@ def forbidden_text(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None
     return cache[1]
 
 
-def end_of_turn_token(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The special token this template ends an assistant turn with (e.g. <|im_end|>, <|eot_id|>),
-    found by rendering a probe conversation; None if it ends turns without one (or the probe fails)."""
+def _probe(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str | None] | None:
+    """(a probe conversation as the template renders it, the special token ending its answer or None),
+    or None if the template refuses the probe."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
         text, spans = supervised_char_spans(template, tokenizer, probe, "probe")
     except DataError:
         return None
     start, end = spans[-1]
-    return next((s for s in special_tokens(tokenizer) if text.endswith(s, start, end)), None)
+    return text, next((s for s in special_tokens(tokenizer) if text.endswith(s, start, end)), None)
+
+
+def end_of_turn_token(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token this template ends an assistant turn with (e.g. <|im_end|>, <|eot_id|>),
+    found by rendering a probe conversation; None if it ends turns without one (or the probe fails)."""
+    probed = _probe(template, tokenizer)
+    return probed[1] if probed else None
 
 
 def check_ends_turns(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> None:
     """A template must end an assistant turn with a special token: trained without one, a model
     never learns to stop. (A template that refuses the probe conversation is left to its rows.)"""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    try:
-        text, _ = supervised_char_spans(template, tokenizer, probe, "probe")
-    except DataError:
-        return
-    if end_of_turn_token(template, tokenizer) is None:
+    probed = _probe(template, tokenizer)
+    if probed is not None and probed[1] is None:
+        fix = (
+            f"{{{{ eos_token }}}} (this tokenizer's: {tokenizer.eos_token!r})"
+            if tokenizer.eos_token
+            else "a special token of this tokenizer"
+        )
         raise ConfigError(
             f"config key 'sft_train.data_args.template' (or global_template): template '{template.name}' "
-            f"ends an assistant turn with no special token after the answer ({text[-60:]!r}), so a model "
-            "trained with it would never learn to stop. Write one after the assistant's content, e.g. "
-            f"{{{{ eos_token }}}} (this tokenizer's: {tokenizer.eos_token!r})."
+            f"ends an assistant turn with no special token after the answer ({probed[0][-60:]!r}), so a "
+            f"model trained with it would never learn to stop. Write one after the assistant's content, "
+            f"e.g. {fix}."
         )
 
 

@@ -171,7 +171,6 @@ class MLflowTracker:
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
-    @uninterrupted
     def _experiment(self, name: str, location: str | None) -> str:
         """The experiment's id, created if missing; by another run started at the same moment too."""
         from mlflow.exceptions import MlflowException
@@ -187,6 +186,7 @@ class MLflowTracker:
                 raise
             return str(exp.experiment_id)
 
+    @uninterrupted
     def continue_after(self, step: int) -> None:
         """Continuing from the checkpoint at `step`. Steps after it that an earlier attempt logged
         are redone: in a local sqlite store their points are removed, so the run shows the values

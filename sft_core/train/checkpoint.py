@@ -196,7 +196,7 @@ def resolve_resume(setting: bool | str, output_dir: str) -> Path | None:
     if not path.exists():
         raise ConfigError(
             f"config key 'resume_from_checkpoint': '{setting}' does not exist (a typo, or a checkpoint its "
-            "run removed since: max_ckpt_to_keep). Its run's remaining checkpoints are beside it."
+            "run removed since: max_ckpt_to_keep, whose log names what it removed)."
         )
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(

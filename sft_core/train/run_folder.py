@@ -164,6 +164,11 @@ def plan_run(output_dir: str, resume_setting: bool | str, flow_run_id: str, **in
     own = find_run(output_dir, flow_run_id)
     if own is not None:
         latest = latest_in_run(own)
+        if latest is None and (origin := own.info().get("branched_from")):
+            # A branch that saved nothing yet (refused or stopped before its first checkpoint)
+            # starts again from where it branched, not from the pretrained model.
+            source = resolve_resume(origin, output_dir)
+            return RunPlan(own, source, f"retry of flow run {flow_run_id}: no checkpoint of its own yet, starting again from {source}")  # fmt: skip
         if newest_is(own, latest):
             why = f"retry of flow run {flow_run_id}: " + (
                 f"continuing from {latest.name}"
@@ -261,20 +266,25 @@ class RunLock:
 
 
 def live_holder(run: RunFolder) -> str | None:
-    """Who holds `run`'s lock (a process training into it), in words, or None. Nothing is written."""
+    """Who holds `run`'s lock (a process training into it), in words, or None. Read from the
+    kernel's table of locks, never by taking the lock: a probe that took it for an instant would
+    make a run starting in that folder at the same moment find it busy."""
+    path = run.root / ".lock"
     try:
-        fd = os.open(run.root / ".lock", os.O_RDONLY)
-    except OSError:  # never locked: no run ever trained into it, or one from before locks
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:  # never locked (no run trained into it yet), or no /proc: the lock decides later
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(os.pread(fd, 4096, 0).decode(errors="replace").strip())
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF" ("->" lines are waiters, not holders). By
+    # inode number: the device an overlay filesystem reports there may differ from stat's. A holder
+    # writes its record once it has the lock and empties it when done.
+    ino = f":{st.st_ino}"
+    held = any(
+        len(words) > 5 and words[1] == "FLOCK" and words[5].endswith(ino)
+        for words in (line.split() for line in table.splitlines())
+    )
+    record = path.read_text(errors="replace").strip() if held else ""
+    return _holder(record) if record else None
 
 
 def _live_runs(output_dir: str | Path) -> list[tuple[RunFolder, str]]:
@@ -327,8 +337,10 @@ def pinned(checkpoint: Path) -> Iterator[None]:
     if fd is None:
         yield
         return
+    from sft_core.train.checkpoint import is_complete
+
     try:
-        if not checkpoint.is_dir():
+        if not is_complete(checkpoint):  # gone, or a removal that failed half-way
             raise UserError(
                 f"{checkpoint} was removed by its own run's max_ckpt_to_keep as this run started from it; "
                 "resume from another checkpoint of that run (resume_from_checkpoint: <path>)."
@@ -340,8 +352,13 @@ def pinned(checkpoint: Path) -> Iterator[None]:
 
 
 def hold_start(plan: RunPlan) -> contextlib.AbstractContextManager[None]:
-    """For the run's life: the checkpoint it starts from pinned, when another run owns it."""
-    if plan.resume is None or run_of(plan.resume).root == plan.run.root.resolve():
+    """For the run's life: the checkpoint it starts from pinned, when another run folder owns it
+    (a checkpoint elsewhere, copied out of a run folder, has no run to prune it)."""
+    if plan.resume is None:
+        return contextlib.nullcontext()
+    owner = run_of(plan.resume)
+    in_a_run = plan.resume.parent == owner.checkpoints_root and owner.root.parent.name == RUNS
+    if not in_a_run or owner.root == plan.run.root.resolve():
         return contextlib.nullcontext()
     return pinned(plan.resume)
 
