@@ -289,17 +289,17 @@ _LEADING_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")
 
 
 def _rendered_content(
-    raw: str, i: int, chat: list[dict[str, Any]], text: str, render: Callable[[int], str]
+    raw: str, i: int, chat: list[dict[str, Any]], turn: str, render: Callable[[int], str]
 ) -> list[str]:
-    """The forms of turn `i`'s content to look for in `text`, likeliest first. A form with less
-    whitespace that renders the very same conversation is what the template writes (Qwen3 drops an
+    """The forms of turn `i`'s content to look for, likeliest first. A form with less whitespace
+    that renders the very same conversation up to that turn (`turn`) is what the template writes (Qwen3 drops an
     answer's leading newlines, llama3 trims): the whitespace left over in the text is the template's,
     generated after the prompt as at inference, so it must not be matched as the answer's."""
     stripped = [c for c in dict.fromkeys((raw.strip(), raw.lstrip(), raw.rstrip())) if c != raw]
     for candidate in stripped:
         chat[i]["content"] = candidate
         try:
-            same = render(len(chat)) == text
+            same = render(i + 1) == turn
         except DataError:  # a template that refuses the stripped form: not the one it writes
             same = False
         finally:
@@ -383,7 +383,7 @@ def supervised_char_spans(
         limit = len(turn) if limit < 0 else limit
         raw = message["content"]
         pos, content = -1, raw
-        for candidate in _rendered_content(raw, i, chat, text, render):
+        for candidate in _rendered_content(raw, i, chat, turn, render):
             pos = text.rfind(candidate, start, limit)
             if pos >= 0:
                 content = candidate
