@@ -29,7 +29,14 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from flows.runtime import PrefectServerError, ensure_server, lost_prefect_api, set_local_defaults, stop_server
+from flows.runtime import (
+    DEFAULT_PORT,
+    PrefectServerError,
+    ensure_server,
+    lost_prefect_api,
+    set_local_defaults,
+    stop_server,
+)
 from sft_core.config_loader import find_config_dir, load_config
 from sft_core.errors import exception_chain, user_error_in
 from sft_core.preflight import check_run_config, preflight
@@ -43,8 +50,10 @@ def _server_then_ray() -> None:
     """The Prefect server (reused or started), then Ray's start in the background."""
     t0 = time.perf_counter()
     api_url, started = ensure_server()
+    elsewhere = started and f":{DEFAULT_PORT}/" not in api_url
     print(
-        f"Prefect server: {api_url} ({'started' if started else 'reused'} in {time.perf_counter() - t0:.1f}s)"
+        f"Prefect server: {api_url} ({'started' if started else 'reused'} in {time.perf_counter() - t0:.1f}s"
+        + (f"; port {DEFAULT_PORT} is another program's)" if elsewhere else ")")
     )
     from flows.ray_start import begin_local_start
 

@@ -99,6 +99,12 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
     env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "PG")) or not is_secret_env(k)}
     env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
+    # The UI asks this server which API to call: left to Prefect's defaults it names port 4200 whatever
+    # --port says, so a server on another port showed the data of whichever server held 4200.
+    api_url = f"http://127.0.0.1:{port}/api"
+    env.update(
+        PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_API_URL=api_url
+    )
     log_path = home / "server.log"
     log = open(log_path, "ab")  # noqa: SIM115 - stays open for the server's lifetime
     offset = log.tell()
@@ -109,7 +115,6 @@ def start_server(home: Path, port: int, wait_s: float = 120.0) -> tuple[str, sub
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    api_url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -103,6 +103,15 @@ class SavedCheckpoint:
         return cls(str(merged if merged.is_dir() else hf), str(hf) if adapter else None, seconds)
 
 
+def _weights_readable_as_the_rest(folder: Path) -> None:
+    """transformers writes safetensors files through a private temporary file (mode 0600) while the
+    folder's other files follow the umask: the weights get the mode of its config files."""
+    config = next(folder / n for n in ("config.json", "adapter_config.json") if (folder / n).is_file())
+    mode = config.stat().st_mode & 0o777
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
+
+
 @task(name="save-checkpoint", cache_policy=NONE, persist_result=False, task_run_name="save-checkpoint-{step}")
 def save_checkpoint(
     cluster: Cluster, run_root: str, step: int, state: dict[str, Any], final: bool = False
@@ -116,7 +125,9 @@ def save_checkpoint(
         seconds = cluster.execute_all("do_checkpoint", str(staged), final, label=f"checkpoint at step {step}")
         for folder in (staged / cluster.name, staged / f"{cluster.name}-merged"):
             if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-                write_mlflow_model(folder)  # a full model or a LoRA adapter: an MLflow model too
+                _weights_readable_as_the_rest(folder)
+                # A full model or a LoRA adapter: an MLflow model too, named by where it is published.
+                write_mlflow_model(folder, source=(run.checkpoint(step) / folder.name).resolve())
         path = ckpt.publish(run, step, state, cluster.world_size)
     except Exception as err:
         full = ckpt.failed_write(run, step)
@@ -202,7 +213,9 @@ def register_model(
     )
     get_run_logger().info(
         "registered %s version %d (step %d) from %s%s",
-        name, registered.version, step, path, "; it is the new 'best'" if registered.is_best else "",
+        name, registered.version, step, path,
+        "; it is the new 'best'" if registered.is_best
+        else f"; 'best' stays {registered.best_stays}" if registered.best_stays else "",
     )  # fmt: skip
     if registered.note:
         get_run_logger().warning("%s", registered.note)

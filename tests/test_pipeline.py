@@ -182,6 +182,11 @@ def test_smoke_pipeline_end_to_end_then_cached_rerun_then_changed_data(
     for step in (3, 6):
         assert (checkpoint_path(out, step) / "sft_train" / "model.safetensors").is_file()
     final = checkpoint_path(out, 6) / "sft_train"
+    # The weights as readable as the folder's other files; MLmodel names where the model is.
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == (
+        final / "config.json"
+    ).stat().st_mode & 0o777
+    assert f"source_model_name: {final.resolve()}\n" in (final / "MLmodel").read_text()
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"

@@ -86,6 +86,13 @@ def test_best_moves_only_when_the_metric_improves(tmp_path, greater_is_better):
         got = register_checkpoint(uri, "m", str(folder), run, i, metrics, {"data_fingerprint": "x"},
                                   "desc", "val_loss", greater_is_better)  # fmt: skip
         assert got.version == i and got.is_best == (best == i)
+        # A version that does not beat `best` says where it stays (for the log); one without the metric, nothing.
+        stays = (
+            f"version {best} (val_loss {sign * plan[best - 1][0]:.6g}; this one {sign * metric:.6g})"
+            if metric
+            else ""
+        )
+        assert got.best_stays == ("" if best == i else stays)
         assert int(client.get_model_version_by_alias("m", "best").version) == best
         assert int(client.get_model_version_by_alias("m", "last_saved").version) == i
         assert client.get_model_version("m", str(i)).source == folder.as_uri()  # never moved

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import psutil
 import pytest
@@ -102,6 +103,11 @@ def test_the_server_that_outlives_a_run_gets_none_of_its_credentials(tmp_path, m
         environ = psutil.Process(proc.pid).environ()
         assert not {k for k, v in environ.items() if v == "secret-value"}
         assert environ["SOME_SETTING"] == "kept" and environ["PREFECT_HOME"] == str(tmp_path / "prefect")
+        # Its UI calls this server's API, not Prefect's default port 4200 (another server's data).
+        ui = json.loads(
+            urllib.request.urlopen(api_url.removesuffix("/api") + "/ui-settings", timeout=10).read()
+        )
+        assert ui["api_url"] == api_url
     finally:
         runtime.stop_process_group(proc.pid)
 

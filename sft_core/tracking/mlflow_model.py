@@ -30,10 +30,11 @@ def _requirements(*extra: str) -> list[str]:
     ]
 
 
-def write_mlflow_model(hf_dir: Path) -> None:
+def write_mlflow_model(hf_dir: Path, source: Path | None = None) -> None:
     """Add MLmodel, its environment files and components/tokenizer to a Hugging Face model folder,
     or to a LoRA adapter's folder: MLflow then loads the base model from the folder the adapter
-    names (as from_pretrained does, so while it exists) and applies the adapter."""
+    names (as from_pretrained does, so while it exists) and applies the adapter. `source`: where
+    the folder will be once published (MLmodel names it; default: where it is)."""
     import json
 
     adapter_config = hf_dir / "adapter_config.json"
@@ -84,7 +85,7 @@ def write_mlflow_model(hf_dir: Path) -> None:
                     else {"local_base_model_path": str(base), "peft_adaptor": "."}
                 ),
                 "pipeline_model_type": (config.get("architectures") or ["AutoModelForCausalLM"])[0],
-                "source_model_name": str(hf_dir),
+                "source_model_name": str(source or hf_dir),
                 "task": "text-generation",
                 "tokenizer_type": tokenizer_class,
                 "torch_dtype": f"torch.{config.get('dtype') or config.get('torch_dtype') or 'float32'}",

@@ -274,6 +274,7 @@ class RegisteredVersion:
     version: int
     is_best: bool
     note: str = ""  # why `best` moved without a comparison, for the log
+    best_stays: str = ""  # where `best` stays when this version does not beat it, for the log
 
 
 def _not_found(err: MlflowException) -> bool:
@@ -371,6 +372,9 @@ def register_checkpoint(
             if better:
                 client.set_registered_model_alias(model_name, "best", str(version))
                 is_best = True
+            elif best:
+                stays = f"version {best.version} ({best_metric} {current}; this one {all_tags[best_metric]})"
+                return RegisteredVersion(version, False, note, stays)
         return RegisteredVersion(version, is_best, note)
 
 
