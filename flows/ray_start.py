@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import threading
@@ -174,6 +175,29 @@ def reap_orphaned_ray_agents() -> list[int]:
     return reaped
 
 
+def prune_ray_sessions(temp_dir: Path, keep: int = 20, min_age_s: float = 3600.0) -> list[str]:
+    """Remove the session folders (logs) of this private Ray folder's ended clusters but the newest
+    `keep`: each run's local Ray leaves one (~0.2 MB), which a schedule would pile up without end.
+    A folder any process of this user still names on its command line (a running raylet, GCS) or
+    newer than `min_age_s` (a cluster starting) stays. Returns the names removed."""
+    sessions = sorted(p for p in temp_dir.glob("session_2*") if p.is_dir() and not p.is_symlink())
+    old = [p for p in sessions[:-keep] if time.time() - p.stat().st_mtime > min_age_s] if keep else []
+    if not old:
+        return []
+    named = b""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                    named += _cmdline(int(entry)) + b"\n"
+    removed = []
+    for p in old:
+        if p.name.encode() not in named:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
 def _without_stop_traces(lines: list[str]) -> list[str]:
     """`lines` less the tracebacks of Ray's own SIGTERM handler. A worker being stopped (its actor
     killed while its process still started, a cancel) raises SystemExit from that handler; where the
@@ -247,6 +271,8 @@ class RayStart:
                     logger.warning(
                         "stopped %d Ray agent(s) left by a killed run: pids %s", len(reaped), reaped
                     )
+                if temp_dir := self.init_kwargs.get("_temp_dir"):
+                    prune_ray_sessions(Path(temp_dir))
                 detach_from_stop_signals()
             keep_signals_with_python()
             ray.init(self.address, **self.init_kwargs)

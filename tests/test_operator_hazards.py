@@ -915,3 +915,27 @@ def test_a_stop_while_the_mlflow_run_is_created_leaves_no_run_running(tmp_path, 
     assert [r.info.status for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [
         status
     ]
+
+
+def test_ended_ray_sessions_are_pruned_but_a_running_or_recent_one_and_the_newest_stay(tmp_path):
+    """Each local Ray leaves a session folder of logs in the private Ray folder; a schedule would
+    pile them up without end. A folder a live process names (its raylet, GCS) stays."""
+    import os
+    import subprocess
+    import time
+
+    from flows.ray_start import prune_ray_sessions
+
+    names = [f"session_2026-01-0{d}_00-00-00_000000_{d}" for d in range(1, 6)]
+    for name in names:
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (time.time() - 7200, time.time() - 7200))
+    os.utime(tmp_path / names[3], None)  # started a moment ago
+    (tmp_path / "session_latest").symlink_to(tmp_path / names[-1])
+    running = subprocess.Popen(["bash", "-c", "sleep 60", f"--session-dir={tmp_path / names[1]}"])
+    try:
+        assert prune_ray_sessions(tmp_path, keep=1) == [names[0], names[2]]
+    finally:
+        running.kill()
+        running.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[1], names[3], names[4], "session_latest"]
