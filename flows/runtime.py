@@ -233,22 +233,25 @@ def ensure_server() -> tuple[str, bool]:
 
 
 def stop_process_group(pid: int) -> None:
-    """SIGTERM to the group led by `pid`, SIGKILL to what is left of it after 5 s."""
+    """SIGTERM to the group led by `pid`, SIGKILL to what is left of it after 5 s; returns once it
+    is gone (a killed process takes a moment to exit on a loaded machine), or after 5 s more."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    for _ in range(50):
-        # A leader that is our own child stays in its group as a zombie until it is reaped.
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    for sig in (signal.SIGKILL, None):
+        for _ in range(50):
+            # A leader that is our own child stays in its group as a zombie until it is reaped.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
 
 
 def stop_server() -> bool:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -932,7 +933,11 @@ def test_ended_ray_sessions_are_pruned_but_a_running_or_recent_one_and_the_newes
         os.utime(tmp_path / name, (time.time() - 7200, time.time() - 7200))
     os.utime(tmp_path / names[3], None)  # started a moment ago
     (tmp_path / "session_latest").symlink_to(tmp_path / names[-1])
-    running = subprocess.Popen(["bash", "-c", "sleep 60", f"--session-dir={tmp_path / names[1]}"])
+    # A process naming the session on its command line, as a raylet does (python keeps its argv).
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={tmp_path / names[1]}"]
+    running = subprocess.Popen(sleeper)
+    while names[1].encode() not in Path(f"/proc/{running.pid}/cmdline").read_bytes():  # exec'd yet?
+        time.sleep(0.01)
     try:
         assert prune_ray_sessions(tmp_path, keep=1) == [names[0], names[2]]
     finally:
