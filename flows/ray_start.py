@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,18 +152,23 @@ def _cmdline(pid: int) -> bytes:
         return f.read()
 
 
+def _own_processes() -> Iterator[int]:
+    """The pids of this user's processes (Linux /proc; none elsewhere)."""
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        with contextlib.suppress(OSError):  # exited meanwhile
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                yield int(entry)
+
+
 def reap_orphaned_ray_agents() -> list[int]:
     """SIGKILL this user's Ray agents whose raylet is gone, and return their pids. When a run's
     process is killed (kill -9), its raylet dies with it; Ray 2.60's agents notice, then wait
     forever on the dead GCS to report it, so each would hold ~100 MB until the machine restarts.
     An agent whose parent is no raylet (re-parented to init) is such an orphan. Linux only."""
     reaped = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
+    for pid in _own_processes():
         try:
-            if os.stat(f"/proc/{pid}").st_uid != os.getuid() or not _cmdline(pid).startswith(_AGENT_TITLES):
+            if not _cmdline(pid).startswith(_AGENT_TITLES):
                 continue
             with open(f"/proc/{pid}/stat", "rb") as f:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -185,11 +191,9 @@ def prune_ray_sessions(temp_dir: Path, keep: int = 20, min_age_s: float = 3600.0
     if not old:
         return []
     named = b""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{entry}").st_uid == os.getuid():
-                    named += _cmdline(int(entry)) + b"\n"
+    for pid in _own_processes():
+        with contextlib.suppress(OSError):
+            named += _cmdline(pid) + b"\n"
     removed = []
     for p in old:
         if p.name.encode() not in named:

@@ -265,16 +265,24 @@ class RunLock:
             self._fd = None
 
 
-def live_holder(run: RunFolder) -> str | None:
+def _lock_table() -> str:
+    try:
+        return Path("/proc/locks").read_text()
+    except OSError:  # no /proc: the lock itself decides later
+        return ""
+
+
+def live_holder(run: RunFolder, table: str | None = None) -> str | None:
     """Who holds `run`'s lock (a process training into it), in words, or None. Read from the
-    kernel's table of locks, never by taking the lock: a probe that took it for an instant would
-    make a run starting in that folder at the same moment find it busy."""
+    kernel's table of locks (`table`: read once for many runs), never by taking the lock: a probe
+    that took it for an instant would make a run starting in that folder at the same moment find
+    it busy."""
     path = run.root / ".lock"
     try:
         st = path.stat()
-        table = Path("/proc/locks").read_text()
-    except OSError:  # never locked (no run trained into it yet), or no /proc: the lock decides later
+    except OSError:  # never locked: no run trained into it yet
         return None
+    table = _lock_table() if table is None else table
     # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF" ("->" lines are waiters, not holders). By
     # inode number: the device an overlay filesystem reports there may differ from stat's. A holder
     # writes its record once it has the lock and empties it when done.
@@ -289,7 +297,10 @@ def live_holder(run: RunFolder) -> str | None:
 
 def _live_runs(output_dir: str | Path) -> list[tuple[RunFolder, str]]:
     """The run folders of output_dir a process is training into, newest first, with their holders."""
-    found = [(RunFolder(f), live_holder(RunFolder(f))) for f in reversed(own_entries(runs_root(output_dir)))]
+    table = _lock_table()
+    found = [
+        (RunFolder(f), live_holder(RunFolder(f), table)) for f in reversed(own_entries(runs_root(output_dir)))
+    ]
     return [(run, holder) for run, holder in found if holder]
 
 
